@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
@@ -38,8 +38,8 @@ __all__ = [
     "parse_manifest",
 ]
 
-API_VERSION = "fedfleet.dev/v1alpha1"
-KIND = "FLJob"
+API_VERSION: Final = "fedfleet.dev/v1alpha1"
+KIND: Final = "FLJob"
 
 
 class _Spec(BaseModel):
@@ -187,7 +187,7 @@ class FleetSpec(_Spec):
     """Label-sorted shards per device (McMahan's pathological non-IID); 0 means IID."""
     dropout_rate: float = Field(0.08, ge=0, le=1)
     """Probability that a selected device drops out before it reports (6-10% in production)."""
-    availability: AvailabilitySpec = Field(default_factory=AvailabilitySpec)  # type: ignore[arg-type]
+    availability: AvailabilitySpec = Field(default_factory=AvailabilitySpec)
     """Daily availability curve of the simulated devices."""
     train_seconds: float = Field(20.0, gt=0)
     """Mean simulated time a device spends training and uploading."""
@@ -207,26 +207,32 @@ class ActorsSpec(_Spec):
 
     def aggregator_count(self, rounds: RoundsSpec) -> int:
         return max(
-            1, min(self.max_aggregators, math.ceil(rounds.selection_target / self.devices_per_aggregator))
+            1,
+            min(
+                self.max_aggregators,
+                math.ceil(rounds.selection_target / self.devices_per_aggregator),
+            ),
         )
 
 
 class FLJobSpec(_Spec):
-    population: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    population: str = Field(
+        min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+    )
     """Name of the device population this job trains on (devices check in with it)."""
-    model: ModelSpec = Field(default_factory=ModelSpec)  # type: ignore[arg-type]
+    model: ModelSpec = Field(default_factory=ModelSpec)
     """The model trained by the job."""
-    plan: PlanSpec = Field(default_factory=PlanSpec)  # type: ignore[arg-type]
+    plan: PlanSpec = Field(default_factory=PlanSpec)
     """How devices train each round."""
-    rounds: RoundsSpec = Field(default_factory=RoundsSpec)  # type: ignore[arg-type]
+    rounds: RoundsSpec = Field(default_factory=RoundsSpec)
     """Round policy: goal count, over-selection, minimums, timeouts, when to stop."""
-    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)  # type: ignore[arg-type]
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     """How updates are combined and applied."""
-    eligibility: EligibilitySpec = Field(default_factory=EligibilitySpec)  # type: ignore[arg-type]
+    eligibility: EligibilitySpec = Field(default_factory=EligibilitySpec)
     """Which devices may check in for work."""
-    fleet: FleetSpec = Field(default_factory=FleetSpec)  # type: ignore[arg-type]
+    fleet: FleetSpec = Field(default_factory=FleetSpec)
     """The simulated fleet (embedded runs, `fedfleet simulate`, cluster tests)."""
-    actors: ActorsSpec = Field(default_factory=ActorsSpec)  # type: ignore[arg-type]
+    actors: ActorsSpec = Field(default_factory=ActorsSpec)
     """Sizing of the server actors."""
     suspend: bool = False
     """Suspend the job: actors scale to zero; resuming continues from the last checkpoint."""
@@ -279,7 +285,9 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 def parse_manifest(doc: Any) -> FLJob:
     """Validate a decoded manifest; raise :class:`ManifestError` naming each bad field."""
     if not isinstance(doc, dict):
-        raise ManifestError(["(document): expected a mapping with apiVersion, kind, metadata, spec"])
+        raise ManifestError(
+            ["(document): expected a mapping with apiVersion, kind, metadata, spec"]
+        )
     try:
         return FLJob.model_validate(doc)
     except ValidationError as exc:

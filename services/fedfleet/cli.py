@@ -1,0 +1,250 @@
+"""The ``fedfleet`` command: run, demo and validate FLJob manifests.
+
+Subcommands live in one table, :data:`SUBCOMMANDS` (name -> :class:`Subcommand`), so the
+actor commands (``selector``, ``coordinator``, ``aggregator``, ``up``, ``simulate``,
+``operator``) are added as entries without touching the parser. Each handler returns the exit
+status: 0 success, 1 a job that ran but did not succeed, 2 a usage or manifest error. A bad
+manifest is reported as one line per offending field, never as a traceback. Heavy imports
+(the embedded runner, matplotlib) happen inside the handlers so ``fedfleet --help`` and
+``fedfleet validate`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from fedfleet import __version__
+from fedfleet.core.spec import FLJob, ManifestError, load_manifest
+
+__all__ = ["EXAMPLES", "SUBCOMMANDS", "Subcommand", "build_parser", "main"]
+
+EXAMPLES = ("digits", "mnist")
+"""Example manifests shipped as package data in ``fedfleet/examples/<name>.yaml``."""
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Subcommand:
+    """One ``fedfleet <name>`` subcommand: its help line, its arguments and its handler."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+    """Runs the command and returns the process exit status."""
+
+
+class _UsageError(Exception):
+    """A problem the user can fix (bad file, bad manifest); printed without a traceback."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+def _error(lines: list[str]) -> int:
+    # Plain print, not rich: manifest messages may contain [brackets] that rich takes as markup,
+    # and rich wraps long lines at 80 columns when stderr is not a terminal.
+    for line in lines:
+        print(line, file=sys.stderr)
+    return EXIT_USAGE
+
+
+# --- loading manifests ---------------------------------------------------------------------
+
+
+def _parse(text: str, source: str) -> FLJob:
+    try:
+        return load_manifest(text)
+    except ManifestError as exc:
+        raise _UsageError(
+            [f"error: invalid FLJob in {source}:", *(f"  - {p}" for p in exc.problems)]
+        ) from None
+
+
+def _load_file(path: Path) -> FLJob:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _UsageError([f"error: manifest not found: {path}"]) from None
+    except IsADirectoryError:
+        raise _UsageError([f"error: manifest is a directory, not a file: {path}"]) from None
+    except UnicodeDecodeError as exc:
+        raise _UsageError([f"error: manifest {path} is not UTF-8 text: {exc}"]) from None
+    except OSError as exc:
+        raise _UsageError([f"error: cannot read manifest {path}: {exc.strerror or exc}"]) from None
+    return _parse(text, str(path))
+
+
+def example_text(name: str) -> str:
+    """The text of a packaged example manifest (``digits`` or ``mnist``)."""
+    if name not in EXAMPLES:
+        raise ValueError(f"unknown example {name!r}; choose from {', '.join(EXAMPLES)}")
+    return (resources.files("fedfleet") / "examples" / f"{name}.yaml").read_text(encoding="utf-8")
+
+
+# --- run / demo ----------------------------------------------------------------------------
+
+
+def _safe_stem(name: str) -> str:
+    # metadata.name is free text; keep it from naming a path outside the output folder.
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "job"
+
+
+def _run(job: FLJob, *, out: Path | None, report: Path | None, quiet: bool) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedfleet.embedded import run_job
+    from fedfleet.progress import QuietProgress, make_progress
+    from fedfleet.report import summary_rows, write_plot, write_report
+    from fedfleet.results import JobResult
+
+    stem = _safe_stem(job.name)
+    out_dir = out if out is not None else Path("runs") / stem
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)  # fail before training, not after
+    except OSError as exc:
+        return _error([f"error: cannot create output folder {out_dir}: {exc.strerror or exc}"])
+
+    console = Console()
+    display = QuietProgress() if quiet else make_progress(job.spec.rounds.total, console)
+    try:
+        with display:
+            result: JobResult = run_job(job, progress=display)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+    files: list[tuple[str, Path]] = [
+        ("model", out_dir / f"{stem}.model"),
+        ("plot", out_dir / f"{stem}.png"),
+        ("report", out_dir / f"{stem}.json"),
+    ]
+    files[0][1].write_bytes(result.model_bytes)
+    write_plot(result, files[1][1])
+    write_report(result, files[2][1])
+    if report is not None:
+        write_report(result, report)
+        files.append(("report", report))
+
+    table = Table(title=f"FLJob {job.name}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for label, value in summary_rows(result):
+        table.add_row(label, value)
+    console.print(table)
+    for kind, path in files:
+        console.print(f"wrote {kind:<6} {path}", markup=False, highlight=False, soft_wrap=True)
+    return EXIT_OK if result.succeeded else EXIT_FAILED
+
+
+def _args_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="folder for <job>.model, <job>.png and <job>.json (default: ./runs/<job-name>)",
+    )
+    parser.add_argument(
+        "--report", type=Path, metavar="PATH", help="also write the JSON report to PATH"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no per-round progress; only the final summary"
+    )
+
+
+def _args_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", type=Path, metavar="MANIFEST", help="FLJob YAML file")
+    _args_output(parser)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    job = _load_file(args.manifest)
+    return _run(job, out=args.out, report=args.report, quiet=args.quiet)
+
+
+def _args_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--example",
+        choices=EXAMPLES,
+        default="digits",
+        help="packaged example to run (default: digits)",
+    )
+    _args_output(parser)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    name: str = args.example
+    job = _parse(example_text(name), f"packaged example {name}.yaml")
+    return _run(job, out=args.out, report=args.report, quiet=args.quiet)
+
+
+# --- validate ------------------------------------------------------------------------------
+
+
+def _args_validate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", type=Path, metavar="MANIFEST", help="FLJob YAML file")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    job = _load_file(args.manifest)
+    doc = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    # stdout stays valid YAML (the note is a comment) so it can be piped into kubectl or a file;
+    # unset optional fields (None) are left out rather than written as null.
+    sys.stdout.write(f"# {args.manifest}: valid FLJob {job.name!r}; defaults filled in\n")
+    sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
+    return EXIT_OK
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "run": Subcommand("train an FLJob manifest embedded, in this process", _args_run, _cmd_run),
+    "demo": Subcommand("train the packaged digits example embedded", _args_demo, _cmd_demo),
+    "validate": Subcommand(
+        "check a manifest and print it with defaults filled in", _args_validate, _cmd_validate
+    ),
+}
+"""Subcommand name -> definition; the actor commands are added here as they are written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with one subparser per entry of :data:`SUBCOMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="fedfleet",
+        description="Cross-device federated learning at scale (Bonawitz et al., 2019).",
+    )
+    parser.add_argument("--version", action="version", version=f"fedfleet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in SUBCOMMANDS.items():
+        child = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(child)
+        child.set_defaults(handler=command.handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedfleet`` script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except _UsageError as exc:
+        return _error(exc.lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

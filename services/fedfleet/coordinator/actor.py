@@ -1,0 +1,359 @@
+"""The Coordinator actor: round loop, quotas, pipelining, failover.
+
+Bonawitz et al. §4.2: one Coordinator per FL job holds a lease in the shared locking service;
+a standby (or the restarted pod) takes the lease when it expires. All state it needs lives in
+the store — round attempts, counters, the committed checkpoint — so a new leader resumes from
+the last committed checkpoint. Attempts that were in flight under the old leader are abandoned
+(nothing of them was committed) and the round is re-run.
+
+The actor is a state machine driven by :meth:`Coordinator.tick`; the embedded runner calls it
+with simulated time, the service calls it from a timer with wall-clock time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedfleet.core.protocol import TERMINAL, Phase, Quota, RoundState
+from fedfleet.core.roles import JobPhase, Role
+from fedfleet.core.selection import Outcome, reporting_outcome, selection_outcome, split_quota
+from fedfleet.core.spec import FLJob
+from fedfleet.store.base import FencedError, Store
+
+__all__ = ["AttemptEnd", "Coordinator", "CoordinatorSettings"]
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorSettings:
+    lease_ttl: float = 10.0
+    """Seconds a lease lives without renewal; a standby takes over after it expires."""
+    commit_timeout: float = 30.0
+    """Seconds a closing attempt may wait for the master aggregator's commit."""
+    linger: float = 5.0
+    """Seconds a finished attempt stays visible so selectors and aggregators can clean up."""
+    checkin_headroom: float = 2.0
+    """Check-ins steered towards, as a multiple of the rate the round strictly needs."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEnd:
+    """A finished attempt, as reported to observers (the runner's progress display)."""
+
+    round: int
+    attempt: int
+    selected: int
+    reported: int
+    dropped: int
+    abandoned: bool
+    reason: str
+    opened_at: float
+    ended_at: float
+    model_version: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        job: FLJob,
+        store: Store,
+        *,
+        actor_id: str,
+        settings: CoordinatorSettings | None = None,
+        on_attempt_end: Callable[[AttemptEnd], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.name = job.name
+        self.spec = job.spec
+        self.store = store
+        self.actor_id = actor_id
+        self.settings = settings or CoordinatorSettings()
+        self.on_attempt_end = on_attempt_end
+        self.token: int | None = None
+        self._next_attempt = 1
+        self._ended: set[int] = set()
+        self._quota_epoch = 0
+        self._last_quotas: dict[str, tuple[int, int, int]] = {}
+        self._round_seconds = min(
+            self.spec.rounds.selection_timeout_seconds, self.spec.rounds.reporting_timeout_seconds
+        )
+        self._last_commit_at: float | None = None
+        self._started_at: float | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.token is not None
+
+    # -- lease ----------------------------------------------------------------------------------
+    def _hold_lease(self, now: float) -> bool:
+        ttl = self.settings.lease_ttl
+        if self.token is not None:
+            if self.store.renew_lease(self.name, self.actor_id, self.token, ttl):
+                return True
+            self.token = None
+        token = self.store.acquire_lease(self.name, self.actor_id, ttl)
+        if token is None:
+            return False
+        self.token = token
+        self._resume(now)
+        return True
+
+    def _resume(self, now: float) -> None:
+        """Adopt the job after taking the lease: abandon whatever the old leader had in flight."""
+        assert self.token is not None
+        rounds = self.store.rounds(self.name)
+        self._next_attempt = max((r.attempt for r in rounds), default=0) + 1
+        prev = self.store.job_state(self.name)
+        self._next_attempt = max(self._next_attempt, int(prev.get("next_attempt", 1)))
+        self._started_at = float(prev.get("start_time", now))
+        for state in rounds:
+            if state.active:
+                self._end(state, now, abandoned=True, reason="coordinator-failover")
+        self._publish_job(now, JobPhase(prev.get("phase", JobPhase.running.value)))
+
+    def step_down(self) -> None:
+        """Release the lease (graceful shutdown) so a standby takes over at once."""
+        if self.token is not None:
+            self.store.release_lease(self.name, self.actor_id, self.token)
+            self.token = None
+
+    # -- main loop ------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        if not self._hold_lease(now):
+            return
+        try:
+            self._tick(now)
+        except FencedError:
+            self.token = None  # someone newer holds the job; become a standby again
+
+    def _tick(self, now: float) -> None:
+        state = self.store.job_state(self.name)
+        phase = JobPhase(state.get("phase", JobPhase.running.value))
+        if phase in (JobPhase.succeeded, JobPhase.failed):
+            return
+        rounds = self.store.rounds(self.name)
+        for r in rounds:
+            if r.phase in TERMINAL:
+                if now - max(r.closing_deadline, r.opened_at) >= self.settings.linger:
+                    self.store.clear_round(self.name, r.key)
+                continue
+            self._advance(r, now)
+        rounds = self.store.rounds(self.name)
+        if self._done():
+            self._finish(now, rounds)
+            return
+        self._ensure_selection(rounds, now)
+        self._push_quotas(self.store.rounds(self.name), now)
+
+    def _advance(self, r: RoundState, now: float) -> None:
+        if r.phase is Phase.selecting:
+            selected = sum(self.store.counts(self.name, r.key, "selected").values())
+            outcome = selection_outcome(r, selected, now)
+            if outcome is Outcome.proceed:
+                self._put(r.evolve(phase=Phase.waiting))
+            elif outcome is Outcome.abandon:
+                self._end(r, now, abandoned=True, reason="too-few-selected")
+        elif r.phase is Phase.waiting:
+            if not any(
+                x.phase in (Phase.reporting, Phase.closing) for x in self.store.rounds(self.name)
+            ):
+                self._configure(r, now)
+        elif r.phase is Phase.reporting:
+            selected = sum(self.store.counts(self.name, r.key, "selected").values())
+            reported = sum(self.store.counts(self.name, r.key, "reported").values())
+            dropped = sum(self.store.counts(self.name, r.key, "dropped").values())
+            outstanding = max(0, selected - reported - dropped)
+            outcome = reporting_outcome(r, reported, now, outstanding=outstanding)
+            if outcome is Outcome.close:
+                self._put(
+                    r.evolve(
+                        phase=Phase.closing, closing_deadline=now + self.settings.commit_timeout
+                    )
+                )
+            elif outcome is Outcome.abandon:
+                self._end(r, now, abandoned=True, reason="too-few-reports")
+        elif r.phase is Phase.closing:
+            if self.store.model_version(self.name) > r.model_version:
+                self._end(r, now, abandoned=False, reason="")
+            elif now >= r.closing_deadline:
+                self._end(r, now, abandoned=True, reason="no-commit")
+
+    def _configure(self, r: RoundState, now: float) -> None:
+        version = self.store.model_version(self.name)
+        self._put(
+            r.evolve(
+                phase=Phase.reporting,
+                round=version + 1,
+                model_version=version,
+                reporting_deadline=now + self.spec.rounds.reporting_timeout_seconds,
+            )
+        )
+
+    def _ensure_selection(self, rounds: list[RoundState], now: float) -> None:
+        active = [r for r in rounds if r.active]
+        if any(r.phase in (Phase.selecting, Phase.waiting) for r in active):
+            return
+        in_flight = sum(1 for r in active if r.phase in (Phase.reporting, Phase.closing))
+        if self.store.model_version(self.name) + in_flight >= self.spec.rounds.total:
+            return
+        aggregators = tuple(self.store.members(self.name, Role.aggregator))
+        if not aggregators:
+            return
+        policy = self.spec.rounds
+        attempt = self._next_attempt
+        self._next_attempt += 1
+        version = self.store.model_version(self.name)
+        self._put(
+            RoundState(
+                round=version + 1 + in_flight,
+                attempt=attempt,
+                phase=Phase.selecting,
+                target=policy.selection_target,
+                goal=policy.goal_count,
+                minimum=policy.minimum_count,
+                selection_deadline=now + policy.selection_timeout_seconds,
+                model_version=version,
+                aggregators=aggregators,
+                master=aggregators[attempt % len(aggregators)],
+                token=self._token(),
+                opened_at=now,
+            )
+        )
+        self._publish_job(now, JobPhase.running)
+
+    def _push_quotas(self, rounds: list[RoundState], now: float) -> None:
+        selectors = list(self.store.members(self.name, Role.selector))
+        if not selectors:
+            return
+        selecting = next((r for r in rounds if r.phase is Phase.selecting), None)
+        target = self.spec.rounds.selection_target
+        rate = self.settings.checkin_headroom * target / max(1.0, self._round_seconds)
+        per_rate = rate / len(selectors)
+        counted: dict[str, int] = {}
+        aggs: tuple[str, ...]
+        if selecting is None:
+            shares = dict.fromkeys(selectors, 0)
+            attempt, aggs = 0, ()
+            next_open = now + 1.0
+        else:
+            counted = self.store.counts(self.name, selecting.key, "selected")
+            shares = split_quota(selecting.target - sum(counted.values()), selectors)
+            attempt, aggs = selecting.attempt, selecting.aggregators
+            next_open = now
+        wanted = {s: (attempt, shares[s], counted.get(s, 0)) for s in selectors}
+        if wanted == self._last_quotas:
+            return
+        self._quota_epoch += 1
+        self._last_quotas = wanted
+        share = -(-target // len(selectors))
+        self.store.put_quotas(
+            self.name,
+            self._token(),
+            {
+                s: Quota(
+                    round=selecting.round if selecting else 0,
+                    attempt=attempt,
+                    count=shares[s],
+                    epoch=self._quota_epoch,
+                    checkin_rate=per_rate,
+                    next_open=next_open,
+                    aggregators=aggs,
+                    round_share=share,
+                    counted=counted.get(s, 0),
+                )
+                for s in selectors
+            },
+        )
+
+    # -- endings --------------------------------------------------------------------------------
+    def _end(self, r: RoundState, now: float, *, abandoned: bool, reason: str) -> None:
+        phase = Phase.abandoned if abandoned else Phase.committed
+        self._put(r.evolve(phase=phase, reason=reason, closing_deadline=now))
+        if r.attempt in self._ended:
+            return
+        self._ended.add(r.attempt)
+        metrics: dict[str, Any] = {}
+        version = self.store.model_version(self.name)
+        if not abandoned:
+            history = self.store.metrics(self.name)
+            metrics = dict(history[-1]) if history else {}
+            if self._last_commit_at is not None:
+                # Smoothed round duration steers the check-in rate (pace steering).
+                self._round_seconds = 0.7 * self._round_seconds + 0.3 * (now - self._last_commit_at)
+            self._last_commit_at = now
+        end = AttemptEnd(
+            round=r.round,
+            attempt=r.attempt,
+            selected=sum(self.store.counts(self.name, r.key, "selected").values()),
+            reported=sum(self.store.counts(self.name, r.key, "reported").values()),
+            dropped=sum(self.store.counts(self.name, r.key, "dropped").values()),
+            abandoned=abandoned,
+            reason=reason,
+            opened_at=r.opened_at,
+            ended_at=now,
+            model_version=version,
+            metrics=metrics,
+        )
+        self._publish_job(now, JobPhase.running, last=end)
+        if self.on_attempt_end is not None:
+            self.on_attempt_end(end)
+
+    def _done(self) -> bool:
+        version = self.store.model_version(self.name)
+        if version >= self.spec.rounds.total:
+            return True
+        target = self.spec.rounds.target_accuracy
+        if target is not None and version > 0:
+            history = self.store.metrics(self.name)
+            acc = history[-1].get("accuracy") if history else None
+            return acc is not None and float(acc) >= target
+        return False
+
+    def _finish(self, now: float, rounds: list[RoundState]) -> None:
+        for r in rounds:
+            if r.active:
+                self._end(r, now, abandoned=True, reason="job-finished")
+        version = self.store.model_version(self.name)
+        reason = "rounds" if version >= self.spec.rounds.total else "target"
+        self._publish_job(now, JobPhase.succeeded, reason=reason, completed=now)
+
+    # -- store helpers ------------------------------------------------------------------------
+    def _token(self) -> int:
+        if self.token is None:
+            raise FencedError("not the leader")
+        return self.token
+
+    def _put(self, r: RoundState) -> None:
+        self.store.put_round(self.name, self._token(), r.evolve(token=self._token()))
+
+    def _publish_job(
+        self,
+        now: float,
+        phase: JobPhase,
+        *,
+        last: AttemptEnd | None = None,
+        reason: str = "",
+        completed: float | None = None,
+    ) -> None:
+        prev = self.store.job_state(self.name)
+        state: dict[str, Any] = {
+            **prev,
+            "phase": phase.value,
+            "rounds": self.spec.rounds.total,
+            "round": self.store.model_version(self.name),
+            "model_version": self.store.model_version(self.name),
+            "start_time": prev.get("start_time", self._started_at if self._started_at else now),
+            "next_attempt": self._next_attempt,
+            "coordinator": self.actor_id,
+        }
+        if last is not None and not last.abandoned:
+            state["last_metrics"] = {
+                k: v for k, v in last.metrics.items() if isinstance(v, int | float)
+            }
+        if reason:
+            state["reason"] = reason
+        if completed is not None:
+            state["completion_time"] = completed
+        self.store.put_job_state(self.name, self._token(), state)

@@ -1,0 +1,97 @@
+"""Pace steering (Bonawitz et al. §2.3): reconnect windows that shape the check-in rate.
+
+Every device that is not needed now is told when to come back. Two regimes:
+
+* **large population** — windows are spread uniformly around a mean delay ``T`` chosen so that
+  the population cycling through this selector checks in at the rate the job needs. By Little's
+  law the cycling population is ``observed_rate x T_current``; the delay that yields the target
+  rate is ``population / target_rate``. The estimate is re-made every measurement interval and
+  smoothed geometrically, so it follows the daily swing (~4x) without oscillating.
+* **small population** — when the cycling population is below what a round needs, spreading
+  would starve every round; windows are instead concentrated just after the next selection
+  opens, so enough devices are online at the same time.
+
+Pure: time is passed in; the device draws its own time inside the window, which is what
+spreads the herd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fedfleet.core.protocol import Reconnect
+
+__all__ = ["PaceSteering"]
+
+
+@dataclass(slots=True)
+class PaceSteering:
+    min_delay: float = 2.0
+    """Shortest reconnect delay handed out (seconds)."""
+    max_delay: float = 6 * 3600.0
+    """Longest reconnect delay handed out (seconds)."""
+    interval: float = 30.0
+    """How often the observed check-in rate is re-measured (seconds)."""
+    smoothing: float = 0.5
+    """Weight of a new delay estimate in the geometric running mean (0..1]."""
+    spread: float = 0.5
+    """Large-population windows are [(1-spread)T, (1+spread)T] after now."""
+    concentrate_jitter: float = 5.0
+    """Small-population windows span this many seconds after the next selection opens."""
+    mean_delay: float = 60.0
+    """Current mean reconnect delay T (adapted)."""
+    observed_rate: float = 0.0
+    """Last measured check-ins per second at this selector."""
+    population: float = 0.0
+    """Estimated devices cycling through this selector (rate x T)."""
+    _window_start: float = math.nan
+    _count: int = 0
+
+    def observe(self, now: float, checkins: int = 1) -> None:
+        """Count check-ins; re-estimate the delay once per interval."""
+        if math.isnan(self._window_start):
+            self._window_start = now
+        self._count += checkins
+
+    def update(self, now: float, target_rate: float) -> None:
+        """Re-estimate T from the rate seen since the last update (call on a timer)."""
+        if math.isnan(self._window_start):
+            self._window_start = now
+            return
+        elapsed = now - self._window_start
+        # Devices arriving now were handed windows around the T of one delay ago; measuring
+        # over at least half a delay keeps the Little's-law estimate from chasing its own tail.
+        if elapsed < max(self.interval, 0.5 * self.mean_delay):
+            return
+        self.observed_rate = self._count / elapsed
+        self.population = self.observed_rate * self.mean_delay
+        if target_rate > 0 and self.population > 0:
+            wanted = min(self.max_delay, max(self.min_delay, self.population / target_rate))
+            a = self.smoothing
+            self.mean_delay = math.exp((1 - a) * math.log(self.mean_delay) + a * math.log(wanted))
+        self._window_start = now
+        self._count = 0
+
+    def small_population(self, round_share: int) -> bool:
+        """True when fewer devices cycle through here than one round's share needs."""
+        return self.population < max(1, round_share) * 1.5
+
+    def window(
+        self,
+        now: float,
+        *,
+        round_share: int,
+        next_open: float,
+        reason: str = "not-needed",
+    ) -> Reconnect:
+        """The reconnect window for one rejected check-in; the device picks a time inside it."""
+        if self.small_population(round_share) and next_open > now:
+            start = next_open
+            return Reconnect(start, start + self.concentrate_jitter, reason)
+        if self.small_population(round_share):
+            start = now + self.min_delay
+            return Reconnect(start, start + self.concentrate_jitter, reason)
+        lo = max(self.min_delay, (1 - self.spread) * self.mean_delay)
+        hi = max(lo + 1e-3, (1 + self.spread) * self.mean_delay)
+        return Reconnect(now + lo, now + hi, reason)

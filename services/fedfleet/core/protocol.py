@@ -1,0 +1,214 @@
+"""Messages and round state shared by devices, actors and stores.
+
+Plain frozen dataclasses with ``to_dict``/``from_dict`` so that the same values travel as JSON
+over HTTP and sit as hashes in Redis; nothing here is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "TERMINAL",
+    "Assignment",
+    "CheckIn",
+    "Phase",
+    "Quota",
+    "Reconnect",
+    "ReportEnvelope",
+    "RoundState",
+    "attempt_key",
+    "report_ticket",
+    "verify_ticket",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckIn:
+    """What a device says when it checks in: who it is and whether it may work now."""
+
+    device_id: str
+    population: str
+    charging: bool
+    unmetered: bool
+    idle: bool
+    num_examples: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """Pace steering's answer to a device that is not needed now: come back in this window."""
+
+    not_before: float
+    not_after: float
+    reason: str = "not-needed"
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A device was selected for an attempt; it reports to ``aggregator`` with ``ticket``.
+
+    The plan and checkpoint follow when the attempt is configured (after the previous round
+    commits, since selection is pipelined).
+    """
+
+    round_key: str
+    aggregator: str
+    ticket: str
+
+
+class Phase(StrEnum):
+    selecting = "selecting"
+    """Selectors are filling their quotas for this round."""
+    waiting = "waiting"
+    """Selection is done; the previous round has not committed yet (pipelining)."""
+    reporting = "reporting"
+    """Devices were configured and are training and reporting."""
+    closing = "closing"
+    """No more reports are accepted; aggregators ship partial sums to the master."""
+    committed = "committed"
+    abandoned = "abandoned"
+
+
+TERMINAL = frozenset({Phase.committed, Phase.abandoned})
+
+
+@dataclass(frozen=True, slots=True)
+class RoundState:
+    """One attempt at a round, as the coordinator publishes it in the store.
+
+    ``attempt`` is a job-wide sequence number and the attempt's identity; ``round`` is the
+    round it tries to commit, fixed when it is configured (selection for the next round starts
+    before the current one commits, so its number is provisional until then).
+    """
+
+    round: int
+    attempt: int
+    phase: Phase
+    target: int
+    goal: int
+    minimum: int
+    selection_deadline: float
+    reporting_deadline: float = 0.0
+    closing_deadline: float = 0.0
+    model_version: int = 0
+    """Version of the checkpoint devices of this round train from (set when configured)."""
+    aggregators: tuple[str, ...] = ()
+    master: str = ""
+    token: int = 0
+    """The coordinator's fencing token; a commit carrying an older token is refused."""
+    opened_at: float = 0.0
+    reason: str = ""
+
+    @property
+    def key(self) -> str:
+        return attempt_key(self.attempt)
+
+    @property
+    def active(self) -> bool:
+        return self.phase not in TERMINAL
+
+    def evolve(self, **changes: Any) -> RoundState:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["phase"] = self.phase.value
+        d["aggregators"] = list(self.aggregators)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoundState:
+        return cls(
+            round=int(d["round"]),
+            attempt=int(d["attempt"]),
+            phase=Phase(d["phase"]),
+            target=int(d["target"]),
+            goal=int(d["goal"]),
+            minimum=int(d["minimum"]),
+            selection_deadline=float(d["selection_deadline"]),
+            reporting_deadline=float(d.get("reporting_deadline", 0.0)),
+            closing_deadline=float(d.get("closing_deadline", 0.0)),
+            model_version=int(d.get("model_version", 0)),
+            aggregators=tuple(d.get("aggregators", ())),
+            master=str(d.get("master", "")),
+            token=int(d.get("token", 0)),
+            opened_at=float(d.get("opened_at", 0.0)),
+            reason=str(d.get("reason", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """How many devices one selector may still select for a round attempt.
+
+    The coordinator pushes quotas in batches; a selector decides each check-in locally against
+    the quota it holds (no store round trip per check-in).
+    """
+
+    round: int
+    attempt: int
+    count: int
+    epoch: int
+    """Bumped on every push."""
+    checkin_rate: float
+    """Check-ins per second this selector should steer towards (pace steering)."""
+    next_open: float
+    """When selection for the next round is expected to open (concentrated windows)."""
+    aggregators: tuple[str, ...] = field(default=())
+    round_share: int = 0
+    """This selector's share of a full round's target (pace steering's small-population test)."""
+    counted: int = 0
+    """Selections of this selector the coordinator had already counted when it split the
+    quota; the selector may select ``count`` more beyond that (its own total is exact, the
+    coordinator's view lags by one flush)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["aggregators"] = list(self.aggregators)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Quota:
+        return cls(
+            round=int(d["round"]),
+            attempt=int(d["attempt"]),
+            count=int(d["count"]),
+            epoch=int(d["epoch"]),
+            checkin_rate=float(d["checkin_rate"]),
+            next_open=float(d["next_open"]),
+            aggregators=tuple(d.get("aggregators", ())),
+            round_share=int(d.get("round_share", 0)),
+            counted=int(d.get("counted", 0)),
+        )
+
+
+def attempt_key(attempt: int) -> str:
+    return f"a{attempt}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportEnvelope:
+    """A device's report as it travels from the selector to its aggregator."""
+
+    device_id: str
+    round_key: str
+    ticket: str
+    num_examples: int
+    update: bytes
+    """The weights delta (local - global), encoded with fedfleet.core.serde."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def report_ticket(secret: bytes, job: str, round_key: str, device_id: str) -> str:
+    """The credential a selected device presents with its report (HMAC, stateless to check)."""
+    msg = f"{job}\x00{round_key}\x00{device_id}".encode()
+    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
+
+
+def verify_ticket(secret: bytes, job: str, round_key: str, device_id: str, ticket: str) -> bool:
+    return hmac.compare_digest(report_ticket(secret, job, round_key, device_id), ticket)

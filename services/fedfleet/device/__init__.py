@@ -1,0 +1,1 @@
+"""Device side: Example Store, FL runtime and the fleet simulator."""

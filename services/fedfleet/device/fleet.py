@@ -1,0 +1,189 @@
+"""The fleet simulator: many devices with real data, daily availability and drop-outs.
+
+Each simulated device owns a shard of a real dataset (an :class:`ArrayExamples` store) and an
+:class:`~fedfleet.device.runtime.FLRuntime`. Its conditions follow the fleet's daily
+availability curve: at time t it is charging, idle and unmetered with probability p(t), which
+swings between the curve's trough and peak. A configured device drops out with the fleet's
+drop-out rate by losing eligibility partway through its task, which the runtime notices and
+aborts on. The simulator talks to selectors through the :class:`SelectorPort` protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from fedfleet.core.protocol import Assignment, CheckIn, Reconnect, ReportEnvelope
+from fedfleet.core.spec import EligibilitySpec, FleetSpec
+from fedfleet.device.datasets import DatasetSplit
+from fedfleet.device.runtime import ArrayExamples, DeviceConditions, FLRuntime, TaskAborted
+from fedfleet.device.simloop import SimLoop
+from fedfleet.selector.actor import DeviceLink, ReportRejected, Task
+
+__all__ = ["FleetStats", "SelectorPort", "SimulatedFleet", "availability"]
+
+
+class SelectorPort(Protocol):
+    def check_in(self, msg: CheckIn, now: float, link: DeviceLink) -> Assignment | Reconnect: ...
+
+    def report(self, env: ReportEnvelope, aggregator: str) -> None: ...
+
+    def dropped(self, round_key: str, device_id: str) -> None: ...
+
+
+def availability(spec: FleetSpec, now: float) -> float:
+    """Probability that a device is eligible at ``now`` (cosine daily curve)."""
+    a = spec.availability
+    phase = 2 * math.pi * (now - a.peak_at_seconds) / a.period_seconds
+    return a.trough + (a.peak - a.trough) * (1 + math.cos(phase)) / 2
+
+
+class FleetStats:
+    def __init__(self) -> None:
+        self.checkins = 0
+        self.selected = 0
+        self.reported = 0
+        self.aborted = 0
+        self.refused = 0
+        self.connection_errors = 0
+
+
+class _Device:
+    __slots__ = ("assignment", "fleet", "runtime", "selector")
+
+    def __init__(self, fleet: SimulatedFleet, runtime: FLRuntime) -> None:
+        self.fleet = fleet
+        self.runtime = runtime
+        self.assignment: Assignment | None = None
+        self.selector: SelectorPort | None = None
+        """The selector holding this device's connection while it is selected."""
+
+    # DeviceLink ----------------------------------------------------------------------------
+    def configure(self, task: Task) -> None:
+        self.fleet._configured(self, task)
+
+    def release(self, reconnect: Reconnect) -> None:
+        self.assignment = None
+        self.selector = None
+        self.fleet._schedule_wake(self, self.runtime.on_reconnect(reconnect))
+
+
+class SimulatedFleet:
+    def __init__(
+        self,
+        spec: FleetSpec,
+        population: str,
+        data: DatasetSplit,
+        loop: SimLoop,
+        selectors: Callable[[], Sequence[SelectorPort]],
+        *,
+        policy: EligibilitySpec | None = None,
+        recheck_seconds: float = 60.0,
+    ) -> None:
+        self.spec = spec
+        self.loop = loop
+        self.selectors = selectors
+        self.recheck_seconds = recheck_seconds
+        self.rng = np.random.default_rng(spec.seed + 1)
+        self.stats = FleetStats()
+        self.devices: list[_Device] = []
+        for i, idx in enumerate(data.shards):
+            examples = ArrayExamples(data.x_train[idx], data.y_train[idx])
+            runtime = FLRuntime(
+                f"dev-{i:06d}",
+                population,
+                examples,
+                policy=policy,
+                rng=np.random.default_rng([spec.seed, i]),
+            )
+            self.devices.append(_Device(self, runtime))
+
+    def start(self, spread: float = 30.0) -> None:
+        """First check-ins spread over ``spread`` seconds."""
+        for dev, t in zip(
+            self.devices, self.rng.uniform(0, spread, len(self.devices)), strict=True
+        ):
+            self._schedule_wake(dev, float(t))
+
+    def _schedule_wake(self, dev: _Device, when: float) -> None:
+        self.loop.at(when, lambda: self._wake(dev))
+
+    def _conditions(self, now: float) -> DeviceConditions:
+        if self.rng.random() < availability(self.spec, now):
+            return DeviceConditions(True, True, True)
+        which = int(self.rng.integers(3))
+        return DeviceConditions(which != 0, which != 1, which != 2)
+
+    def _wake(self, dev: _Device) -> None:
+        now = self.loop.now
+        if dev.assignment is not None:
+            return
+        conditions = self._conditions(now)
+        if not dev.runtime.should_check_in(conditions, now):
+            self._schedule_wake(
+                dev,
+                max(
+                    now + self.recheck_seconds * self.rng.uniform(0.5, 1.5),
+                    dev.runtime.next_checkin,
+                ),
+            )
+            return
+        live = self.selectors()
+        if not live:
+            self._schedule_wake(dev, now + self.rng.uniform(5, 15))
+            return
+        selector = live[int(self.rng.integers(len(live)))]
+        self.stats.checkins += 1
+        try:
+            answer = selector.check_in(dev.runtime.checkin(conditions, now), now, dev)
+        except ConnectionError:
+            self.stats.connection_errors += 1
+            self._schedule_wake(dev, now + self.rng.uniform(5, 15))
+            return
+        if isinstance(answer, Reconnect):
+            self._schedule_wake(dev, dev.runtime.on_reconnect(answer))
+        else:
+            dev.assignment = answer
+            dev.selector = selector
+            self.stats.selected += 1
+
+    def _configured(self, dev: _Device, task: Task) -> None:
+        now = self.loop.now
+        selector, dev.selector, dev.assignment = dev.selector, None, None
+        duration = float(self.rng.lognormal(math.log(self.spec.train_seconds), 0.35))
+        drops = self.rng.random() < self.spec.dropout_rate
+        epochs = task.plan.local_epochs
+        lost_at = int(self.rng.integers(0, epochs)) if drops else epochs + 1
+        try:
+            env = dev.runtime.execute(task, now, lambda epoch: epoch < lost_at)
+        except TaskAborted:
+            self.stats.aborted += 1
+            frac = (lost_at + 0.5) / max(1, epochs)
+
+            def abort() -> None:
+                if selector is not None:
+                    try:
+                        selector.dropped(task.assignment.round_key, dev.runtime.device_id)
+                    except ConnectionError:
+                        pass
+                self._schedule_wake(dev, self.loop.now + self.recheck_seconds)
+
+            self.loop.after(duration * frac, abort)
+            return
+
+        def report() -> None:
+            if selector is None:
+                return
+            try:
+                selector.report(env, task.assignment.aggregator)
+                self.stats.reported += 1
+            except ReportRejected:
+                self.stats.refused += 1
+            except ConnectionError:
+                self.stats.connection_errors += 1
+            self._schedule_wake(dev, self.loop.now + self.rng.uniform(30, 90))
+
+        self.loop.after(duration, report)

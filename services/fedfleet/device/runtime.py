@@ -1,0 +1,140 @@
+"""The on-device FL runtime (Bonawitz et al. §3), independent of how it reaches the server.
+
+It gates check-ins on eligibility and on the reconnect window the server handed out, runs the
+plan on the device's Example Store, and aborts when eligibility is lost mid-task (the phone is
+unplugged). The transport — in-process calls in the embedded runner, HTTP in a deployment —
+lives with the caller; this module only decides and computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedfleet.core.eligibility import ineligibility_reason
+from fedfleet.core.models import TrainingAborted, delta, train_local
+from fedfleet.core.protocol import CheckIn, Reconnect, ReportEnvelope
+from fedfleet.core.serde import encode_arrays
+from fedfleet.core.spec import EligibilitySpec
+from fedfleet.selector.actor import Task
+
+__all__ = [
+    "ArrayExamples",
+    "DeviceConditions",
+    "ExampleSource",
+    "FLRuntime",
+    "TaskAborted",
+]
+
+
+class TaskAborted(Exception):
+    """The device stopped its task (eligibility lost); nothing was reported."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConditions:
+    charging: bool
+    unmetered: bool
+    idle: bool
+
+
+class ExampleSource(Protocol):
+    """What the runtime reads training data from (the Example Store's query API)."""
+
+    def count(self, now: float) -> int: ...
+
+    def query(
+        self, now: float, *, limit: int | None = None
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]: ...
+
+
+class ArrayExamples:
+    """An Example Store over arrays already in memory (a shard of a dataset, in simulation)."""
+
+    def __init__(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> None:
+        self._x, self._y = x, y
+
+    def count(self, now: float) -> int:
+        return len(self._y)
+
+    def query(
+        self, now: float, *, limit: int | None = None
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        return self._x[:limit], self._y[:limit]
+
+
+class FLRuntime:
+    def __init__(
+        self,
+        device_id: str,
+        population: str,
+        examples: ExampleSource,
+        *,
+        policy: EligibilitySpec | None = None,
+        rng: np.random.Generator,
+    ) -> None:
+        self.device_id = device_id
+        self.population = population
+        self.examples = examples
+        self.policy = policy or EligibilitySpec()
+        self.rng = rng
+        self.next_checkin = 0.0
+        """The runtime does not check in before this time (the reconnect window's pick)."""
+
+    def ineligible_because(self, conditions: DeviceConditions, now: float) -> str | None:
+        return ineligibility_reason(
+            self.policy,
+            charging=conditions.charging,
+            unmetered=conditions.unmetered,
+            idle=conditions.idle,
+            num_examples=self.examples.count(now),
+        )
+
+    def should_check_in(self, conditions: DeviceConditions, now: float) -> bool:
+        return now >= self.next_checkin and self.ineligible_because(conditions, now) is None
+
+    def checkin(self, conditions: DeviceConditions, now: float) -> CheckIn:
+        return CheckIn(
+            device_id=self.device_id,
+            population=self.population,
+            charging=conditions.charging,
+            unmetered=conditions.unmetered,
+            idle=conditions.idle,
+            num_examples=self.examples.count(now),
+        )
+
+    def on_reconnect(self, window: Reconnect) -> float:
+        """Pick a time inside the server's window (uniformly: this is what spreads the herd)."""
+        lo, hi = window.not_before, max(window.not_before, window.not_after)
+        self.next_checkin = float(self.rng.uniform(lo, hi)) if hi > lo else lo
+        return self.next_checkin
+
+    def execute(
+        self, task: Task, now: float, still_eligible: Callable[[int], bool]
+    ) -> ReportEnvelope:
+        """Run the plan; ``still_eligible(epoch)`` is asked before every epoch.
+
+        Raises :class:`TaskAborted` when eligibility is lost, before anything is reported.
+        """
+        x, y = self.examples.query(now)
+        if not still_eligible(0):
+            raise TaskAborted("eligibility lost before training")
+        try:
+            result = train_local(
+                task.model, task.plan, task.weights, x, y, self.rng, should_continue=still_eligible
+            )
+        except TrainingAborted as exc:
+            raise TaskAborted(str(exc)) from None
+        update = encode_arrays(delta(result.weights, task.weights))
+        return ReportEnvelope(
+            device_id=self.device_id,
+            round_key=task.assignment.round_key,
+            ticket=task.assignment.ticket,
+            num_examples=result.num_examples,
+            update=update,
+            metrics={"train_loss": result.loss, "train_accuracy": result.accuracy},
+        )

@@ -1,0 +1,188 @@
+"""Embedded fedfleet: the whole deployed shape in one process, on simulated time.
+
+``fedfleet run`` builds exactly the actors a deployment runs — a Coordinator with a standby,
+Selectors, Aggregators (one of them the round's master) — over the in-memory store, and a
+simulated fleet of devices holding shards of a real dataset. They talk through the same
+interfaces the services use; only the transport (method calls instead of HTTP) and the clock
+(a discrete-event loop instead of wall time) differ. A day of simulated check-ins costs only
+the training it contains.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from fedfleet.aggregator.actor import Aggregator
+from fedfleet.coordinator.actor import AttemptEnd, Coordinator, CoordinatorSettings
+from fedfleet.core.models import Weights, evaluate
+from fedfleet.core.protocol import ReportEnvelope
+from fedfleet.core.roles import JobPhase
+from fedfleet.core.spec import FLJob
+from fedfleet.device.datasets import DatasetSplit, prepare
+from fedfleet.device.fleet import SelectorPort, SimulatedFleet
+from fedfleet.device.simloop import SimLoop
+from fedfleet.results import JobResult, ProgressSink, RoundRecord
+from fedfleet.selector.actor import Selector
+from fedfleet.store.memory import MemoryStore
+
+__all__ = ["EmbeddedOptions", "Fault", "run_job"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Crash an actor at a simulated time (chaos in one process)."""
+
+    at: float
+    actor: str
+    """Actor id, e.g. ``coordinator-0``, ``selector-1``, ``aggregator-0``."""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedOptions:
+    tick_seconds: float = 1.0
+    """How often actors run their timers, in simulated seconds."""
+    standby: bool = True
+    """Run a standby coordinator that takes the lease if the active one dies."""
+    faults: Sequence[Fault] = field(default_factory=tuple)
+    settings: CoordinatorSettings = field(default_factory=CoordinatorSettings)
+
+
+def _evaluator(job: FLJob, data: DatasetSplit) -> Callable[[Weights], dict[str, float]]:
+    def run(weights: Weights) -> dict[str, float]:
+        loss, acc = evaluate(job.spec.model, weights, data.x_test, data.y_test)
+        return {"loss": loss, "accuracy": acc}
+
+    return run
+
+
+def run_job(
+    job: FLJob, *, progress: ProgressSink | None = None, options: EmbeddedOptions | None = None
+) -> JobResult:
+    """Run an FLJob to the end in this process and return what it produced."""
+    opts = options or EmbeddedOptions()
+    spec = job.spec
+    wall0 = time.perf_counter()
+    loop = SimLoop()
+    store = MemoryStore(clock=loop.clock)
+    secret = secrets.token_bytes(32)
+    data = prepare(spec.fleet)
+    evaluator = _evaluator(job, data)
+
+    aggregators = {
+        f"aggregator-{i}": Aggregator(
+            job, store, actor_id=f"aggregator-{i}", secret=secret, evaluator=evaluator
+        )
+        for i in range(spec.actors.aggregator_count(spec.rounds))
+    }
+
+    def forward(aggregator_id: str, env: ReportEnvelope) -> None:
+        agg = aggregators.get(aggregator_id)
+        if agg is None or agg.stopped:
+            raise ConnectionError(f"aggregator {aggregator_id} unreachable")
+        agg.accept(env)
+
+    selectors = [
+        Selector(job, store, actor_id=f"selector-{i}", secret=secret, forward=forward)
+        for i in range(spec.actors.selectors)
+    ]
+
+    result = JobResult(job=job.name)
+    last_wall = [time.perf_counter()]
+
+    def on_attempt_end(end: AttemptEnd) -> None:
+        now_wall = time.perf_counter()
+        acc = end.metrics.get("accuracy")
+        loss = end.metrics.get("loss")
+        record = RoundRecord(
+            round=end.round,
+            selected=end.selected,
+            reported=end.reported,
+            dropped=end.dropped,
+            abandoned=end.abandoned,
+            accuracy=None if acc is None else float(acc),
+            loss=None if loss is None else float(loss),
+            seconds=now_wall - last_wall[0],
+            sim_seconds=end.ended_at - end.opened_at,
+            model_version=end.model_version,
+            reason=end.reason,
+        )
+        last_wall[0] = now_wall
+        if end.reason == "job-finished":
+            return  # a pipelined selection cut short by the end of the job is not a round
+        result.rounds.append(record)
+        if progress is not None:
+            progress.round_ended(record)
+
+    coordinators = [
+        Coordinator(
+            job,
+            store,
+            actor_id=f"coordinator-{i}",
+            settings=opts.settings,
+            on_attempt_end=on_attempt_end,
+        )
+        for i in range(2 if opts.standby else 1)
+    ]
+    crashed: set[str] = set()
+
+    def live_selectors() -> Sequence[SelectorPort]:
+        return [s for s in selectors if not s.stopped]
+
+    fleet = SimulatedFleet(
+        spec.fleet, spec.population, data, loop, live_selectors, policy=spec.eligibility
+    )
+
+    def tick() -> None:
+        now = loop.now
+        for agg in aggregators.values():
+            agg.tick(now)
+        for c in coordinators:
+            if c.actor_id not in crashed:
+                c.tick(now)
+        for s in selectors:
+            s.tick(now)
+        loop.after(opts.tick_seconds, tick)
+
+    def crash(actor: str) -> None:
+        crashed.add(actor)
+        for s in selectors:
+            if s.actor_id == actor:
+                s.stop()
+        if actor in aggregators:
+            aggregators[actor].stop()
+
+    for fault in opts.faults:
+        loop.at(fault.at, lambda a=fault.actor: crash(a))  # type: ignore[misc]
+
+    def finished() -> bool:
+        phase = store.job_state(job.name).get("phase")
+        return phase in (JobPhase.succeeded.value, JobPhase.failed.value)
+
+    policy = spec.rounds
+    per_round = policy.selection_timeout_seconds + policy.reporting_timeout_seconds + 60
+    limit = policy.total * per_round * 10 + 86_400
+
+    loop.at(0.0, tick)
+    fleet.start()
+    loop.run_until(finished, limit=limit)
+
+    state = store.job_state(job.name)
+    history = store.metrics(job.name)
+    checkpoint = store.checkpoint(job.name)
+    result.wall_seconds = time.perf_counter() - wall0
+    result.sim_seconds = loop.now
+    result.model_version = store.model_version(job.name)
+    result.succeeded = state.get("phase") == JobPhase.succeeded.value
+    result.reason = str(state.get("reason", "time-limit" if not result.succeeded else ""))
+    if history:
+        result.final_accuracy = float(history[-1]["accuracy"])
+        result.final_loss = float(history[-1]["loss"])
+    if checkpoint is not None:
+        result.model_bytes = checkpoint.data
+    if not math.isfinite(result.sim_seconds):
+        result.sim_seconds = 0.0
+    return result

@@ -1,0 +1,216 @@
+"""The Selector actor: check-ins decided locally, configuration, report forwarding.
+
+Bonawitz et al. §4.2: Selectors accept device connections and decide locally — against a
+quota the Coordinator pushes in batches — which devices join the next round; every other
+device gets a reconnect window from pace steering. A check-in never touches the store: the
+quota, the round states and the checkpoint are refreshed on :meth:`Selector.tick`, and counts of
+selections and drop-outs go back to the store in batches on the same tick.
+
+Selected devices wait (their connection is held as a :class:`DeviceLink`) until their attempt
+is configured, which happens after the previous round commits (pipelining); then each gets a
+:class:`Task` with the plan and the checkpoint it trains from.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from fedfleet.core.eligibility import is_eligible
+from fedfleet.core.models import Weights
+from fedfleet.core.pacing import PaceSteering
+from fedfleet.core.protocol import (
+    Assignment,
+    CheckIn,
+    Phase,
+    Quota,
+    Reconnect,
+    ReportEnvelope,
+    RoundState,
+    attempt_key,
+    report_ticket,
+)
+from fedfleet.core.roles import Role
+from fedfleet.core.spec import FLJob, ModelSpec, PlanSpec
+from fedfleet.store.base import Store
+from fedfleet.store.checkpoints import CheckpointCache
+
+__all__ = ["DeviceLink", "ReportRejected", "Selector", "Task"]
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """What a configured device receives: the plan and the checkpoint to train from."""
+
+    assignment: Assignment
+    model: ModelSpec
+    plan: PlanSpec
+    model_version: int
+    weights: Weights
+
+
+class DeviceLink(Protocol):
+    """A held device connection: the selector configures or releases the device through it."""
+
+    def configure(self, task: Task) -> None: ...
+
+    def release(self, reconnect: Reconnect) -> None: ...
+
+
+class ReportRejected(Exception):
+    """A report refused; ``status`` is the HTTP status the device API answers with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+Forward = Callable[[str, ReportEnvelope], None]
+"""Deliver a report to the named aggregator; raises ReportRejected (or ConnectionError)."""
+
+
+class Selector:
+    def __init__(
+        self,
+        job: FLJob,
+        store: Store,
+        *,
+        actor_id: str,
+        secret: bytes,
+        forward: Forward,
+        address: str = "",
+        pacing: PaceSteering | None = None,
+        heartbeat_every: float = 2.0,
+        registration_ttl: float = 10.0,
+    ) -> None:
+        self.job = job
+        self.name = job.name
+        self.spec = job.spec
+        self.store = store
+        self.actor_id = actor_id
+        self.address = address
+        self._secret = secret
+        self._forward = forward
+        self.pacing = pacing or PaceSteering()
+        self._heartbeat_every = heartbeat_every
+        self._registration_ttl = registration_ttl
+        self._last_heartbeat = float("-inf")
+        self._quota: Quota | None = None
+        self._selected: dict[str, int] = defaultdict(int)
+        """Devices this selector selected per attempt (exact; the store's count lags)."""
+        self._rounds: dict[str, RoundState] = {}
+        self._waiting: dict[str, dict[str, tuple[DeviceLink, Assignment]]] = defaultdict(dict)
+        self._unflushed: dict[tuple[str, str], int] = defaultdict(int)
+        self._checkpoints = CheckpointCache(store, job)
+        self.stopped = False
+
+    # -- device API (local decisions only) -------------------------------------------------------
+    def check_in(self, msg: CheckIn, now: float, link: DeviceLink) -> Assignment | Reconnect:
+        self.pacing.observe(now)
+        quota = self._quota
+        share = quota.round_share if quota else 1
+        next_open = quota.next_open if quota else now
+        if msg.population != self.spec.population:
+            return Reconnect(now + 3600.0, now + 7200.0, "unknown-population")
+        if not is_eligible(self.spec.eligibility, msg):
+            return self.pacing.window(
+                now, round_share=share, next_open=next_open, reason="ineligible"
+            )
+        if quota is not None and quota.aggregators:
+            key = attempt_key(quota.attempt)
+            state = self._rounds.get(key)
+            if (
+                state is not None
+                and state.phase is Phase.selecting
+                and self._selected[key] - quota.counted < quota.count
+            ):
+                return self._select(msg.device_id, state, quota, link)
+        return self.pacing.window(now, round_share=share, next_open=next_open)
+
+    def _select(
+        self, device_id: str, state: RoundState, quota: Quota, link: DeviceLink
+    ) -> Assignment:
+        waiting = self._waiting[state.key]
+        if device_id in waiting:
+            return waiting[device_id][1]
+        aggs = quota.aggregators
+        aggregator = aggs[zlib.crc32(device_id.encode()) % len(aggs)]
+        ticket = report_ticket(self._secret, self.name, state.key, device_id)
+        assignment = Assignment(state.key, aggregator, ticket)
+        waiting[device_id] = (link, assignment)
+        self._selected[state.key] += 1
+        self._unflushed[(state.key, "selected")] += 1
+        return assignment
+
+    def report(self, env: ReportEnvelope, aggregator: str) -> None:
+        """Hand a device's report to its aggregator (raises ReportRejected)."""
+        if self.stopped:
+            raise ConnectionError("selector is down")
+        self._forward(aggregator, env)
+
+    def dropped(self, round_key: str, device_id: str) -> None:
+        """A selected device was lost: it aborted its task or its connection closed."""
+        self._unflushed[(round_key, "dropped")] += 1
+        self._waiting.get(round_key, {}).pop(device_id, None)
+
+    # -- timer -------------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        if self.stopped:
+            return
+        if now - self._last_heartbeat >= self._heartbeat_every:
+            self.store.register(
+                self.name, Role.selector, self.actor_id, self.address, self._registration_ttl
+            )
+            self._last_heartbeat = now
+        quota = self._quota = self.store.quota(self.name, self.actor_id)
+        self._rounds = {r.key: r for r in self.store.rounds(self.name)}
+        for key in [k for k in self._selected if k not in self._rounds]:
+            del self._selected[key]
+        self._flush()
+        self._configure_or_release(now)
+        if quota is not None:
+            self.pacing.update(now, quota.checkin_rate)
+
+    def _flush(self) -> None:
+        for (key, kind), n in self._unflushed.items():
+            if n:
+                self.store.add_count(self.name, key, kind, self.actor_id, n)
+        self._unflushed.clear()
+
+    def _configure_or_release(self, now: float) -> None:
+        for key in list(self._waiting):
+            devices = self._waiting[key]
+            state = self._rounds.get(key)
+            if state is not None and state.phase in (Phase.selecting, Phase.waiting):
+                continue
+            del self._waiting[key]
+            if state is not None and state.phase is Phase.reporting:
+                weights = self._checkpoints.weights(state.model_version)
+                for link, assignment in devices.values():
+                    link.configure(
+                        Task(
+                            assignment,
+                            self.spec.model,
+                            self.spec.plan,
+                            state.model_version,
+                            weights,
+                        )
+                    )
+            else:
+                next_open = self._quota.next_open if self._quota else now
+                window = Reconnect(max(now, next_open), max(now, next_open) + 10.0, "round-ended")
+                for link, _ in devices.values():
+                    link.release(window)
+
+    def waiting_count(self) -> int:
+        return sum(len(d) for d in self._waiting.values())
+
+    def stop(self) -> None:
+        """Crash semantics: held devices are lost with the selector's memory."""
+        self.stopped = True
+        self.store.deregister(self.name, Role.selector, self.actor_id)
+        self._waiting.clear()

@@ -1,0 +1,48 @@
+"""Read-through cache of decoded checkpoints, keyed by model version.
+
+Selectors hand the same checkpoint to every device of a round and aggregators need it once per
+commit: one store read and one decode per version, not per device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedfleet.core.checkpoint import initial_checkpoint, unpack_checkpoint
+from fedfleet.core.models import Weights
+from fedfleet.core.spec import FLJob
+from fedfleet.store.base import Store
+
+__all__ = ["CheckpointCache"]
+
+
+class CheckpointCache:
+    def __init__(self, store: Store, job: FLJob) -> None:
+        self._store = store
+        self._job = job
+        self._version = -1
+        self._weights: Weights = []
+        self._opt: dict[str, NDArray[np.generic]] = {}
+        self._raw = b""
+
+    def load(self, version: int) -> tuple[Weights, dict[str, NDArray[np.generic]]]:
+        """Weights and optimizer state at ``version`` (ValueError if the store has moved on)."""
+        if version != self._version:
+            if version == 0:
+                self._weights, self._opt = initial_checkpoint(self._job.spec.model)
+                self._raw = b""
+            else:
+                cp = self._store.checkpoint(self._job.name)
+                if cp is None or cp.version != version:
+                    have = cp.version if cp else 0
+                    raise ValueError(
+                        f"checkpoint version {version} not available (store has {have})"
+                    )
+                self._weights, self._opt = unpack_checkpoint(cp.data, self._job.spec.model)
+                self._raw = cp.data
+            self._version = version
+        return self._weights, self._opt
+
+    def weights(self, version: int) -> Weights:
+        return self.load(version)[0]

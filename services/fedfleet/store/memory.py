@@ -1,0 +1,202 @@
+"""In-memory store for embedded runs and tests: the reference for the contract suite.
+
+A lock makes every method atomic, which is the property the Redis store gets from Lua
+scripts and MULTI/EXEC. Time comes from an injected clock so the embedded runner can drive it
+with simulated time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedfleet.core.protocol import Quota, RoundState
+from fedfleet.store.base import Checkpoint, ConflictError, FencedError, Lease
+
+__all__ = ["MemoryStore"]
+
+
+@dataclass
+class _Job:
+    lease: Lease | None = None
+    last_token: int = 0
+    members: dict[str, dict[str, tuple[str, float]]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
+    rounds: dict[str, RoundState] = field(default_factory=dict)
+    quotas: dict[str, Quota] = field(default_factory=dict)
+    counts: dict[tuple[str, str], dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
+    partials: dict[str, dict[str, bytes]] = field(default_factory=lambda: defaultdict(dict))
+    checkpoint: Checkpoint | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class MemoryStore:
+    def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or time.monotonic
+        self._lock = threading.RLock()
+        self._jobs: dict[str, _Job] = defaultdict(_Job)
+
+    # -- lease ------------------------------------------------------------------------------
+    def acquire_lease(self, job: str, holder: str, ttl: float) -> int | None:
+        with self._lock:
+            j, now = self._jobs[job], self._clock()
+            if j.lease is not None and j.lease.expires_at > now:
+                return None
+            j.last_token += 1
+            j.lease = Lease(holder, j.last_token, now + ttl)
+            return j.last_token
+
+    def renew_lease(self, job: str, holder: str, token: int, ttl: float) -> bool:
+        with self._lock:
+            j, now = self._jobs[job], self._clock()
+            if j.lease is None or j.lease.holder != holder or j.lease.token != token:
+                return False
+            if j.lease.expires_at <= now:
+                return False
+            j.lease = Lease(holder, token, now + ttl)
+            return True
+
+    def release_lease(self, job: str, holder: str, token: int) -> None:
+        with self._lock:
+            j = self._jobs[job]
+            if j.lease is not None and j.lease.holder == holder and j.lease.token == token:
+                j.lease = None
+
+    def lease(self, job: str) -> Lease | None:
+        with self._lock:
+            lease = self._jobs[job].lease
+            return lease if lease is not None and lease.expires_at > self._clock() else None
+
+    def _check_token(self, j: _Job, token: int) -> None:
+        if token != j.last_token:
+            raise FencedError(f"fencing token {token} is stale (current {j.last_token})")
+
+    # -- registration ---------------------------------------------------------------------------
+    def register(self, job: str, role: str, actor_id: str, address: str, ttl: float) -> None:
+        with self._lock:
+            self._jobs[job].members[role][actor_id] = (address, self._clock() + ttl)
+
+    def deregister(self, job: str, role: str, actor_id: str) -> None:
+        with self._lock:
+            self._jobs[job].members[role].pop(actor_id, None)
+
+    def members(self, job: str, role: str) -> dict[str, str]:
+        with self._lock:
+            now = self._clock()
+            live = self._jobs[job].members[role]
+            for dead in [k for k, (_, exp) in live.items() if exp <= now]:
+                del live[dead]
+            return {k: addr for k, (addr, _) in sorted(live.items())}
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def put_round(self, job: str, token: int, state: RoundState) -> None:
+        with self._lock:
+            j = self._jobs[job]
+            self._check_token(j, token)
+            j.rounds[state.key] = state
+
+    def rounds(self, job: str) -> list[RoundState]:
+        with self._lock:
+            return sorted(self._jobs[job].rounds.values(), key=lambda s: (s.round, s.attempt))
+
+    def clear_round(self, job: str, round_key: str) -> None:
+        with self._lock:
+            j = self._jobs[job]
+            j.rounds.pop(round_key, None)
+            for key in [k for k in j.counts if k[0] == round_key]:
+                del j.counts[key]
+            j.partials.pop(round_key, None)
+
+    # -- quotas and counters ----------------------------------------------------------------------
+    def put_quotas(self, job: str, token: int, quotas: dict[str, Quota]) -> None:
+        with self._lock:
+            j = self._jobs[job]
+            self._check_token(j, token)
+            j.quotas.update(quotas)
+
+    def quota(self, job: str, selector_id: str) -> Quota | None:
+        with self._lock:
+            return self._jobs[job].quotas.get(selector_id)
+
+    def add_count(self, job: str, round_key: str, kind: str, actor_id: str, n: int) -> None:
+        with self._lock:
+            per = self._jobs[job].counts[(round_key, kind)]
+            per[actor_id] = per.get(actor_id, 0) + n
+
+    def claim_report(self, job: str, round_key: str, aggregator_id: str, goal: int) -> bool:
+        with self._lock:
+            per = self._jobs[job].counts[(round_key, "reported")]
+            if sum(per.values()) >= goal:
+                return False
+            per[aggregator_id] = per.get(aggregator_id, 0) + 1
+            return True
+
+    def counts(self, job: str, round_key: str, kind: str) -> dict[str, int]:
+        with self._lock:
+            return dict(self._jobs[job].counts.get((round_key, kind), {}))
+
+    # -- partial sums -----------------------------------------------------------------------------
+    def put_partial(self, job: str, round_key: str, aggregator_id: str, data: bytes) -> None:
+        with self._lock:
+            self._jobs[job].partials[round_key][aggregator_id] = bytes(data)
+
+    def partials(self, job: str, round_key: str) -> dict[str, bytes]:
+        with self._lock:
+            return dict(self._jobs[job].partials.get(round_key, {}))
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def commit_checkpoint(
+        self,
+        job: str,
+        token: int,
+        expected_version: int,
+        round_: int,
+        data: bytes,
+        metrics: dict[str, Any],
+    ) -> int:
+        with self._lock:
+            j = self._jobs[job]
+            self._check_token(j, token)
+            current = j.checkpoint.version if j.checkpoint else 0
+            if current != expected_version:
+                raise ConflictError(f"model version is {current}, expected {expected_version}")
+            j.checkpoint = Checkpoint(current + 1, round_, bytes(data))
+            j.metrics.append({**metrics, "round": round_, "model_version": current + 1})
+            return current + 1
+
+    def checkpoint(self, job: str) -> Checkpoint | None:
+        with self._lock:
+            return self._jobs[job].checkpoint
+
+    def model_version(self, job: str) -> int:
+        with self._lock:
+            cp = self._jobs[job].checkpoint
+            return cp.version if cp else 0
+
+    def metrics(self, job: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(m) for m in self._jobs[job].metrics]
+
+    # -- job ------------------------------------------------------------------------------
+    def put_job_state(self, job: str, token: int, state: dict[str, Any]) -> None:
+        with self._lock:
+            j = self._jobs[job]
+            self._check_token(j, token)
+            j.state = dict(state)
+
+    def job_state(self, job: str) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._jobs[job].state) if job in self._jobs else {}
+
+    def delete_job(self, job: str) -> int:
+        with self._lock:
+            return 1 if self._jobs.pop(job, None) is not None else 0
+
+    def close(self) -> None:
+        pass
