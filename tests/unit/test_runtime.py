@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 
 from fedfleet.core.models import init_weights, weight_shapes
-from fedfleet.core.protocol import Assignment, Reconnect
+from fedfleet.core.protocol import Assignment, Reconnect, Task
 from fedfleet.core.serde import decode_arrays
 from fedfleet.core.spec import EligibilitySpec, ModelSpec, PlanSpec
 from fedfleet.device.example_store import ExampleStore
 from fedfleet.device.runtime import DeviceConditions, FLRuntime, TaskAborted
-from fedfleet.selector.actor import Task
 
 pytestmark = pytest.mark.unit
 

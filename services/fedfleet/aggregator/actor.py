@@ -22,11 +22,10 @@ from fedfleet.core.aggregation import StreamingSum, UpdateRejected, validate_upd
 from fedfleet.core.checkpoint import pack_checkpoint
 from fedfleet.core.models import Weights, weight_shapes
 from fedfleet.core.optimizers import make_server_optimizer
-from fedfleet.core.protocol import Phase, ReportEnvelope, RoundState, verify_ticket
+from fedfleet.core.protocol import Phase, ReportEnvelope, ReportRejected, RoundState, verify_ticket
 from fedfleet.core.roles import Role
 from fedfleet.core.serde import SerdeError, decode_arrays
 from fedfleet.core.spec import FLJob
-from fedfleet.selector.actor import ReportRejected
 from fedfleet.store.base import ConflictError, FencedError, Store
 from fedfleet.store.checkpoints import CheckpointCache
 
@@ -109,7 +108,7 @@ class Aggregator:
         acc = self._sums.get(env.round_key)
         if acc is None:
             acc = self._sums[env.round_key] = StreamingSum(self._shapes)
-        acc.add(update, float(env.num_examples))
+        acc.add(update, float(env.num_examples), validated=True)
         seen.add(env.device_id)
 
     def partial(self, round_key: str) -> StreamingSum | None:

@@ -169,10 +169,17 @@ class StreamingSum:
             views.append(view)
         return views
 
-    def add(self, update: Sequence[NDArray[np.float32]], weight: float) -> None:
-        """Fold in ``weight * update``; on :class:`UpdateRejected` the sum is unchanged."""
+    def add(
+        self, update: Sequence[NDArray[np.float32]], weight: float, *, validated: bool = False
+    ) -> None:
+        """Fold in ``weight * update``; on :class:`UpdateRejected` the sum is unchanged.
+
+        ``validated=True`` skips :func:`validate_update` for a caller that has just run it on
+        this very update (the aggregator validates before it claims a report slot).
+        """
         w = _check_weight(weight)
-        validate_update(update, self._shapes)
+        if not validated:
+            validate_update(update, self._shapes)
         for acc, arr, scratch in zip(self._sums, update, self._small, strict=True):
             if scratch is None:
                 self._accumulate(acc.reshape(-1), arr.reshape(-1), w)

@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from fedfleet.core.models import Weights
+from fedfleet.core.spec import ModelSpec, PlanSpec
+
 __all__ = [
     "TERMINAL",
     "Assignment",
@@ -20,7 +23,9 @@ __all__ = [
     "Quota",
     "Reconnect",
     "ReportEnvelope",
+    "ReportRejected",
     "RoundState",
+    "Task",
     "attempt_key",
     "report_ticket",
     "verify_ticket",
@@ -185,6 +190,26 @@ class Quota:
             round_share=int(d.get("round_share", 0)),
             counted=int(d.get("counted", 0)),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """What a configured device receives: the plan and the checkpoint to train from."""
+
+    assignment: Assignment
+    model: ModelSpec
+    plan: PlanSpec
+    model_version: int
+    weights: Weights
+
+
+class ReportRejected(Exception):
+    """A report refused; ``status`` is the HTTP status the device API answers with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
 
 
 def attempt_key(attempt: int) -> str:

@@ -16,12 +16,19 @@ from typing import Protocol
 
 import numpy as np
 
-from fedfleet.core.protocol import Assignment, CheckIn, Reconnect, ReportEnvelope
+from fedfleet.core.protocol import (
+    Assignment,
+    CheckIn,
+    Reconnect,
+    ReportEnvelope,
+    ReportRejected,
+    Task,
+)
 from fedfleet.core.spec import EligibilitySpec, FleetSpec
 from fedfleet.device.datasets import DatasetSplit
 from fedfleet.device.runtime import ArrayExamples, DeviceConditions, FLRuntime, TaskAborted
 from fedfleet.device.simloop import SimLoop
-from fedfleet.selector.actor import DeviceLink, ReportRejected, Task
+from fedfleet.selector.actor import DeviceLink
 
 __all__ = ["FleetStats", "SelectorPort", "SimulatedFleet", "availability"]
 

@@ -17,10 +17,9 @@ from numpy.typing import NDArray
 
 from fedfleet.core.eligibility import ineligibility_reason
 from fedfleet.core.models import TrainingAborted, delta, train_local
-from fedfleet.core.protocol import CheckIn, Reconnect, ReportEnvelope
+from fedfleet.core.protocol import CheckIn, Reconnect, ReportEnvelope, Task
 from fedfleet.core.serde import encode_arrays
 from fedfleet.core.spec import EligibilitySpec
-from fedfleet.selector.actor import Task
 
 __all__ = [
     "ArrayExamples",

@@ -1,5 +1,5 @@
 """Selectors: hold device connections, decide check-ins locally, forward reports."""
 
-from fedfleet.selector.actor import DeviceLink, ReportRejected, Selector, Task
+from fedfleet.selector.actor import DeviceLink, Forward, Selector
 
-__all__ = ["DeviceLink", "ReportRejected", "Selector", "Task"]
+__all__ = ["DeviceLink", "Forward", "Selector"]

@@ -16,11 +16,9 @@ from __future__ import annotations
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from fedfleet.core.eligibility import is_eligible
-from fedfleet.core.models import Weights
 from fedfleet.core.pacing import PaceSteering
 from fedfleet.core.protocol import (
     Assignment,
@@ -30,26 +28,16 @@ from fedfleet.core.protocol import (
     Reconnect,
     ReportEnvelope,
     RoundState,
+    Task,
     attempt_key,
     report_ticket,
 )
 from fedfleet.core.roles import Role
-from fedfleet.core.spec import FLJob, ModelSpec, PlanSpec
+from fedfleet.core.spec import FLJob
 from fedfleet.store.base import Store
 from fedfleet.store.checkpoints import CheckpointCache
 
-__all__ = ["DeviceLink", "ReportRejected", "Selector", "Task"]
-
-
-@dataclass(frozen=True, slots=True)
-class Task:
-    """What a configured device receives: the plan and the checkpoint to train from."""
-
-    assignment: Assignment
-    model: ModelSpec
-    plan: PlanSpec
-    model_version: int
-    weights: Weights
+__all__ = ["DeviceLink", "Forward", "Selector"]
 
 
 class DeviceLink(Protocol):
@@ -58,15 +46,6 @@ class DeviceLink(Protocol):
     def configure(self, task: Task) -> None: ...
 
     def release(self, reconnect: Reconnect) -> None: ...
-
-
-class ReportRejected(Exception):
-    """A report refused; ``status`` is the HTTP status the device API answers with."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status}: {reason}")
-        self.status = status
-        self.reason = reason
 
 
 Forward = Callable[[str, ReportEnvelope], None]
