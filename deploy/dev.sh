@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: sets up what fedfleet needs (a virtualenv with the
-# package and its dev tools; later tiers add redis-server and the cluster binaries), cached so
+# package and its dev tools, and redis-server; later tiers add the cluster binaries), cached so
 # a second run is fast, then runs the demo job or every test tier.
 #
 #   bash deploy/dev.sh demo   # set up, then train the digits example embedded
@@ -25,6 +25,26 @@ setup_python() {
   echo "$want" >"$stamp"
 }
 
+setup_redis() {
+  # Tests and the dev runs start their own redis-server on a free loopback port, so only the
+  # binary is needed; a system service the package may start is stopped again.
+  command -v redis-server >/dev/null && return
+  echo "==> installing redis-server"
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || { echo "redis-server is missing: install it (needs root)" >&2; exit 1; }
+    sudo=(sudo)
+  fi
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  { "${sudo[@]}" service redis-server stop || true; } >/dev/null 2>&1
+}
+
+setup() {
+  setup_python
+  setup_redis
+}
+
 run_tests() {
   export PATH="$venv/bin:$PATH"
   echo "==> ruff";          ruff check .
@@ -38,7 +58,7 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   demo)  setup_python; exec "$venv/bin/fedfleet" demo "$@" ;;
-  test)  setup_python; run_tests "$@" ;;
-  setup) setup_python ;;
+  test)  setup; run_tests "$@" ;;
+  setup) setup ;;
   *) echo "usage: bash deploy/dev.sh demo|test|setup [args...]" >&2; exit 2 ;;
 esac

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedfleet import __version__
 from fedfleet.core.spec import FLJob, ManifestError, load_manifest
+from fedfleet.results import JobResult, ProgressSink
 
 __all__ = ["EXAMPLES", "SUBCOMMANDS", "Subcommand", "build_parser", "main"]
 
@@ -97,14 +98,26 @@ def _safe_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "job"
 
 
-def _run(job: FLJob, *, out: Path | None, report: Path | None, quiet: bool) -> int:
+def _embedded(job: FLJob, progress: ProgressSink) -> JobResult:
+    from fedfleet.embedded import run_job
+
+    return run_job(job, progress=progress)
+
+
+def _run(
+    job: FLJob,
+    *,
+    out: Path | None,
+    report: Path | None,
+    quiet: bool,
+    runner: Callable[[FLJob, ProgressSink], JobResult] = _embedded,
+) -> int:
+    """Run a job with ``runner`` (embedded by default) and write the model, plot and report."""
     from rich.console import Console
     from rich.table import Table
 
-    from fedfleet.embedded import run_job
     from fedfleet.progress import QuietProgress, make_progress
     from fedfleet.report import summary_rows, write_plot, write_report
-    from fedfleet.results import JobResult
 
     stem = _safe_stem(job.name)
     out_dir = out if out is not None else Path("runs") / stem
@@ -117,7 +130,7 @@ def _run(job: FLJob, *, out: Path | None, report: Path | None, quiet: bool) -> i
     display = QuietProgress() if quiet else make_progress(job.spec.rounds.total, console)
     try:
         with display:
-            result: JobResult = run_job(job, progress=display)
+            result: JobResult = runner(job, display)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -205,6 +218,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _args_service(parser: argparse.ArgumentParser) -> None:
+    from fedfleet.service.commands import add_service_arguments
+
+    add_service_arguments(parser)
+
+
+def _cmd_service(role: str, args: argparse.Namespace) -> int:
+    from fedfleet.service.commands import run_service
+
+    return run_service(role, args)
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -213,6 +238,14 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "validate": Subcommand(
         "check a manifest and print it with defaults filled in", _args_validate, _cmd_validate
     ),
+    **{
+        role: Subcommand(
+            f"run a {role} service (uvicorn) for a job",
+            _args_service,
+            lambda args, role=role: _cmd_service(role, args),  # type: ignore[misc]
+        )
+        for role in ("coordinator", "selector", "aggregator")
+    },
 }
 """Subcommand name -> definition; the actor commands are added here as they are written."""
 

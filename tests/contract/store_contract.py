@@ -192,3 +192,19 @@ class StoreContract:
         assert self.store.job_state(JOB) == {}
         assert self.store.checkpoint(JOB) is None
         assert self.store.job_state("job-b") == {"x": 1}
+
+    # -- attempt history (appended by the coordinator, read by `fedfleet up` and the operator)
+    def test_attempt_history_is_fenced_and_ordered(self) -> None:
+        t1 = self.store.acquire_lease(JOB, "c1", ttl=1.0)
+        assert t1 is not None
+        self.store.record_attempt(JOB, t1, {"attempt": 1, "abandoned": True, "reason": "x"})
+        self.store.record_attempt(JOB, t1, {"attempt": 2, "abandoned": False, "metrics": {}})
+        assert [a["attempt"] for a in self.store.attempts(JOB)] == [1, 2]
+        assert [a["attempt"] for a in self.store.attempts(JOB, 1)] == [2]
+        assert self.store.attempts(JOB)[0]["reason"] == "x"
+        self.advance(1.5)
+        t2 = self.store.acquire_lease(JOB, "c2", ttl=1.0)
+        assert t2 is not None
+        with pytest.raises(FencedError):
+            self.store.record_attempt(JOB, t1, {"attempt": 3})
+        assert len(self.store.attempts(JOB)) == 2

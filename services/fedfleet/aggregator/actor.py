@@ -14,6 +14,7 @@ report leaves the aggregate exactly as it was.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,7 @@ class Aggregator:
         self._published: set[str] = set()
         self._committed: set[str] = set()
         self._checkpoints = CheckpointCache(store, job)
+        self._lock = threading.Lock()
         self.stopped = False
         self.last_commit_error = ""
 
@@ -88,9 +90,6 @@ class Aggregator:
             raise ReportRejected(421, "this aggregator does not serve that round")
         if not verify_ticket(self._secret, self.name, env.round_key, env.device_id, env.ticket):
             raise ReportRejected(403, "invalid report ticket")
-        seen = self._seen[env.round_key]
-        if env.device_id in seen:
-            raise ReportRejected(409, "this device already reported for this round")
         if not 0 < env.num_examples <= MAX_EXAMPLES_PER_REPORT:
             raise ReportRejected(422, f"num_examples must be in 1..{MAX_EXAMPLES_PER_REPORT}")
         if len(env.update) > self._max_bytes:
@@ -102,14 +101,28 @@ class Aggregator:
             validate_update(update, self._shapes)
         except (SerdeError, UpdateRejected) as exc:
             raise ReportRejected(422, f"update refused: {exc}") from None
-        # Only a valid update may take one of the round's K slots; folding it in cannot fail.
-        if not self.store.claim_report(self.name, env.round_key, self.actor_id, state.goal):
-            raise ReportRejected(409, f"round {env.round_key} already has its reports")
-        acc = self._sums.get(env.round_key)
-        if acc is None:
-            acc = self._sums[env.round_key] = StreamingSum(self._shapes)
-        acc.add(update, float(env.num_examples), validated=True)
-        seen.add(env.device_id)
+        key, device = env.round_key, env.device_id
+        with self._lock:
+            if device in self._seen[key]:
+                raise ReportRejected(409, "this device already reported for this round")
+            self._seen[key].add(device)  # reserved: a concurrent duplicate is refused
+        try:
+            # Only a valid update may take one of the round's K slots; folding it in cannot fail.
+            claimed = self.store.claim_report(self.name, key, self.actor_id, state.goal)
+        except BaseException:
+            with self._lock:
+                self._seen[key].discard(device)
+            raise
+        with self._lock:
+            if not claimed:
+                self._seen[key].discard(device)
+                raise ReportRejected(409, f"round {key} already has its reports")
+            if key in self._published:
+                raise ReportRejected(409, f"round {key} closed while the report arrived")
+            acc = self._sums.get(key)
+            if acc is None:
+                acc = self._sums[key] = StreamingSum(self._shapes)
+            acc.add(update, float(env.num_examples), validated=True)
 
     def partial(self, round_key: str) -> StreamingSum | None:
         return self._sums.get(round_key)
@@ -123,19 +136,29 @@ class Aggregator:
                 self.name, Role.aggregator, self.actor_id, self.address, self._registration_ttl
             )
             self._last_heartbeat = now
-        self._rounds = {r.key: r for r in self.store.rounds(self.name)}
-        for key, state in self._rounds.items():
-            if state.phase is Phase.closing and self.actor_id in state.aggregators:
-                if key not in self._published:
-                    acc = self._sums.get(key) or StreamingSum(self._shapes)
-                    self.store.put_partial(self.name, key, self.actor_id, acc.to_bytes())
-                    self._published.add(key)
-                if state.master == self.actor_id and key not in self._committed:
-                    self._try_commit(state, now)
-        for key in list(self._sums):
-            st = self._rounds.get(key)
-            if st is None or not st.active:
-                self._forget(key)
+        rounds = {r.key: r for r in self.store.rounds(self.name)}
+        to_publish: list[tuple[str, bytes]] = []
+        with self._lock:
+            self._rounds = rounds
+            for key, state in rounds.items():
+                if state.phase is Phase.closing and self.actor_id in state.aggregators:
+                    if key not in self._published:
+                        acc = self._sums.get(key) or StreamingSum(self._shapes)
+                        to_publish.append((key, acc.to_bytes()))
+                        self._published.add(key)
+            for key in list(self._sums):
+                st = rounds.get(key)
+                if st is None or not st.active:
+                    self._forget(key)
+        for key, data in to_publish:
+            self.store.put_partial(self.name, key, self.actor_id, data)
+        for key, state in rounds.items():
+            if (
+                state.phase is Phase.closing
+                and state.master == self.actor_id
+                and key not in self._committed
+            ):
+                self._try_commit(state, now)
 
     def _forget(self, key: str) -> None:
         self._sums.pop(key, None)
@@ -194,4 +217,5 @@ class Aggregator:
     def stop(self) -> None:
         """Crash semantics: partial sums held in memory are lost."""
         self.stopped = True
-        self._sums.clear()
+        with self._lock:
+            self._sums.clear()

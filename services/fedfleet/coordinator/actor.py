@@ -13,7 +13,7 @@ with simulated time, the service calls it from a timer with wall-clock time.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedfleet.core.protocol import TERMINAL, Phase, Quota, RoundState
@@ -296,6 +296,7 @@ class Coordinator:
             model_version=version,
             metrics=metrics,
         )
+        self.store.record_attempt(self.name, self._token(), asdict(end))
         self._publish_job(now, JobPhase.running, last=end)
         if self.on_attempt_end is not None:
             self.on_attempt_end(end)

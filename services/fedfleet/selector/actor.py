@@ -13,12 +13,14 @@ is configured, which happens after the previous round commits (pipelining); then
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Protocol
 
 from fedfleet.core.eligibility import is_eligible
+from fedfleet.core.models import Weights
 from fedfleet.core.pacing import PaceSteering
 from fedfleet.core.protocol import (
     Assignment,
@@ -31,6 +33,7 @@ from fedfleet.core.protocol import (
     Task,
     attempt_key,
     report_ticket,
+    verify_ticket,
 )
 from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob
@@ -85,30 +88,33 @@ class Selector:
         self._waiting: dict[str, dict[str, tuple[DeviceLink, Assignment]]] = defaultdict(dict)
         self._unflushed: dict[tuple[str, str], int] = defaultdict(int)
         self._checkpoints = CheckpointCache(store, job)
+        self._lock = threading.Lock()
         self.stopped = False
 
     # -- device API (local decisions only) -------------------------------------------------------
     def check_in(self, msg: CheckIn, now: float, link: DeviceLink) -> Assignment | Reconnect:
-        self.pacing.observe(now)
-        quota = self._quota
-        share = quota.round_share if quota else 1
-        next_open = quota.next_open if quota else now
-        if msg.population != self.spec.population:
-            return Reconnect(now + 3600.0, now + 7200.0, "unknown-population")
-        if not is_eligible(self.spec.eligibility, msg):
-            return self.pacing.window(
-                now, round_share=share, next_open=next_open, reason="ineligible"
-            )
-        if quota is not None and quota.aggregators:
-            key = attempt_key(quota.attempt)
-            state = self._rounds.get(key)
-            if (
-                state is not None
-                and state.phase is Phase.selecting
-                and self._selected[key] - quota.counted < quota.count
-            ):
-                return self._select(msg.device_id, state, quota, link)
-        return self.pacing.window(now, round_share=share, next_open=next_open)
+        """Decide one check-in locally: an assignment within quota, else a reconnect window."""
+        with self._lock:
+            self.pacing.observe(now)
+            quota = self._quota
+            share = quota.round_share if quota else 1
+            next_open = quota.next_open if quota else now
+            if msg.population != self.spec.population:
+                return Reconnect(now + 3600.0, now + 7200.0, "unknown-population")
+            if not is_eligible(self.spec.eligibility, msg):
+                return self.pacing.window(
+                    now, round_share=share, next_open=next_open, reason="ineligible"
+                )
+            if quota is not None and quota.aggregators:
+                key = attempt_key(quota.attempt)
+                state = self._rounds.get(key)
+                if (
+                    state is not None
+                    and state.phase is Phase.selecting
+                    and self._selected[key] - quota.counted < quota.count
+                ):
+                    return self._select(msg.device_id, state, quota, link)
+            return self.pacing.window(now, round_share=share, next_open=next_open)
 
     def _select(
         self, device_id: str, state: RoundState, quota: Quota, link: DeviceLink
@@ -125,6 +131,9 @@ class Selector:
         self._unflushed[(state.key, "selected")] += 1
         return assignment
 
+    def ticket_ok(self, round_key: str, device_id: str, ticket: str) -> bool:
+        return verify_ticket(self._secret, self.name, round_key, device_id, ticket)
+
     def report(self, env: ReportEnvelope, aggregator: str) -> None:
         """Hand a device's report to its aggregator (raises ReportRejected)."""
         if self.stopped:
@@ -133,43 +142,73 @@ class Selector:
 
     def dropped(self, round_key: str, device_id: str) -> None:
         """A selected device was lost: it aborted its task or its connection closed."""
-        self._unflushed[(round_key, "dropped")] += 1
-        self._waiting.get(round_key, {}).pop(device_id, None)
+        with self._lock:
+            self._unflushed[(round_key, "dropped")] += 1
+            self._waiting.get(round_key, {}).pop(device_id, None)
+
+    def checkpoint(self, version: int) -> tuple[Weights, bytes]:
+        """The model at ``version`` and its encoded form (for downloads); ValueError if gone."""
+        return self._checkpoints.weights(version), self._checkpoints.encoded(version)
+
+    def round_state(self, round_key: str) -> RoundState | None:
+        return self._rounds.get(round_key)
 
     # -- timer -------------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
+        """Batch exchange with the store: heartbeat, counts out, quota and rounds in.
+
+        Store I/O happens outside the lock so check-ins never wait on the network.
+        """
         if self.stopped:
             return
-        if now - self._last_heartbeat >= self._heartbeat_every:
-            self.store.register(
-                self.name, Role.selector, self.actor_id, self.address, self._registration_ttl
-            )
-            self._last_heartbeat = now
-        quota = self._quota = self.store.quota(self.name, self.actor_id)
-        self._rounds = {r.key: r for r in self.store.rounds(self.name)}
-        for key in [k for k in self._selected if k not in self._rounds]:
-            del self._selected[key]
-        self._flush()
-        self._configure_or_release(now)
-        if quota is not None:
-            self.pacing.update(now, quota.checkin_rate)
+        with self._lock:
+            unflushed, self._unflushed = self._unflushed, defaultdict(int)
+        try:
+            if now - self._last_heartbeat >= self._heartbeat_every:
+                self.store.register(
+                    self.name, Role.selector, self.actor_id, self.address, self._registration_ttl
+                )
+                self._last_heartbeat = now
+            for (key, kind), n in unflushed.items():
+                if n:
+                    self.store.add_count(self.name, key, kind, self.actor_id, n)
+                    unflushed[(key, kind)] = 0
+            quota = self.store.quota(self.name, self.actor_id)
+            rounds = {r.key: r for r in self.store.rounds(self.name)}
+        except Exception:
+            with self._lock:  # keep what was not flushed for the next tick
+                for k, n in unflushed.items():
+                    self._unflushed[k] += n
+            raise
+        with self._lock:
+            self._quota, self._rounds = quota, rounds
+            for key in [k for k in self._selected if k not in rounds]:
+                del self._selected[key]
+            ready = self._take_settled(rounds)
+            if quota is not None:
+                self.pacing.update(now, quota.checkin_rate)
+        self._configure_or_release(ready, now)
 
-    def _flush(self) -> None:
-        for (key, kind), n in self._unflushed.items():
-            if n:
-                self.store.add_count(self.name, key, kind, self.actor_id, n)
-        self._unflushed.clear()
-
-    def _configure_or_release(self, now: float) -> None:
+    def _take_settled(
+        self, rounds: dict[str, RoundState]
+    ) -> list[tuple[RoundState | None, list[tuple[DeviceLink, Assignment]]]]:
+        ready = []
         for key in list(self._waiting):
-            devices = self._waiting[key]
-            state = self._rounds.get(key)
+            state = rounds.get(key)
             if state is not None and state.phase in (Phase.selecting, Phase.waiting):
                 continue
-            del self._waiting[key]
+            ready.append((state, list(self._waiting.pop(key).values())))
+        return ready
+
+    def _configure_or_release(
+        self,
+        ready: list[tuple[RoundState | None, list[tuple[DeviceLink, Assignment]]]],
+        now: float,
+    ) -> None:
+        for state, devices in ready:
             if state is not None and state.phase is Phase.reporting:
                 weights = self._checkpoints.weights(state.model_version)
-                for link, assignment in devices.values():
+                for link, assignment in devices:
                     link.configure(
                         Task(
                             assignment,
@@ -182,14 +221,15 @@ class Selector:
             else:
                 next_open = self._quota.next_open if self._quota else now
                 window = Reconnect(max(now, next_open), max(now, next_open) + 10.0, "round-ended")
-                for link, _ in devices.values():
+                for link, _ in devices:
                     link.release(window)
 
     def waiting_count(self) -> int:
-        return sum(len(d) for d in self._waiting.values())
+        with self._lock:
+            return sum(len(d) for d in self._waiting.values())
 
     def stop(self) -> None:
         """Crash semantics: held devices are lost with the selector's memory."""
         self.stopped = True
-        self.store.deregister(self.name, Role.selector, self.actor_id)
-        self._waiting.clear()
+        with self._lock:
+            self._waiting.clear()

@@ -146,6 +146,14 @@ class Store(Protocol):
         """Metrics of every committed round, oldest first."""
         ...
 
+    def record_attempt(self, job: str, token: int, record: dict[str, Any]) -> None:
+        """Append a finished attempt (committed or abandoned) to the job's history (fenced)."""
+        ...
+
+    def attempts(self, job: str, start: int = 0) -> list[dict[str, Any]]:
+        """Finished attempts from index ``start`` on, oldest first."""
+        ...
+
     # -- job-level --------------------------------------------------------------------------------
     def put_job_state(self, job: str, token: int, state: dict[str, Any]) -> None:
         """Small job-level record (phase, reason, timings) the operator reads (fenced)."""

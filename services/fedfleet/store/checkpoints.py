@@ -6,11 +6,14 @@ commit: one store read and one decode per version, not per device.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numpy.typing import NDArray
 
 from fedfleet.core.checkpoint import initial_checkpoint, unpack_checkpoint
 from fedfleet.core.models import Weights
+from fedfleet.core.serde import encode_arrays
 from fedfleet.core.spec import FLJob
 from fedfleet.store.base import Store
 
@@ -25,9 +28,16 @@ class CheckpointCache:
         self._weights: Weights = []
         self._opt: dict[str, NDArray[np.generic]] = {}
         self._raw = b""
+        self._encoded = b""
+        self._encoded_version = -1
+        self._lock = threading.RLock()
 
     def load(self, version: int) -> tuple[Weights, dict[str, NDArray[np.generic]]]:
         """Weights and optimizer state at ``version`` (ValueError if the store has moved on)."""
+        with self._lock:
+            return self._load(version)
+
+    def _load(self, version: int) -> tuple[Weights, dict[str, NDArray[np.generic]]]:
         if version != self._version:
             if version == 0:
                 self._weights, self._opt = initial_checkpoint(self._job.spec.model)
@@ -46,3 +56,12 @@ class CheckpointCache:
 
     def weights(self, version: int) -> Weights:
         return self.load(version)[0]
+
+    def encoded(self, version: int) -> bytes:
+        """The model alone at ``version`` as a serde array message (what devices download)."""
+        with self._lock:
+            if self._encoded_version != version:
+                weights = self.load(version)[0]
+                self._encoded = encode_arrays(weights)
+                self._encoded_version = version
+            return self._encoded

@@ -1,4 +1,7 @@
-"""Open a store from a URL: ``memory://`` or ``redis://`` / ``rediss://``."""
+"""Open a store from a URL: ``memory://`` or ``redis://`` / ``rediss://`` / ``unix://``.
+
+The Redis store is imported only when asked for, so embedded runs never load redis-py.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +14,14 @@ __all__ = ["open_store"]
 
 
 def open_store(url: str, *, clock: Callable[[], float] | None = None) -> Store:
+    """The store a URL names; ``clock`` drives the memory store (Redis keeps its own time)."""
     scheme = urlparse(url).scheme
     if scheme == "memory":
         from fedfleet.store.memory import MemoryStore
 
         return MemoryStore(clock=clock)
     if scheme in ("redis", "rediss", "unix"):
-        try:
-            from fedfleet.store.redis import RedisStore  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:  # pragma: no cover - until the Redis store lands
-            raise ValueError(f"store URL {url!r}: Redis support is not available: {exc}") from exc
-        store: Store = RedisStore.from_url(url)
-        return store
-    raise ValueError(f"store URL {url!r}: scheme must be memory://, redis:// or rediss://")
+        from fedfleet.store.redis import RedisStore
+
+        return RedisStore.from_url(url)
+    raise ValueError(f"store URL {url!r}: scheme must be memory://, redis://, rediss:// or unix://")

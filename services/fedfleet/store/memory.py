@@ -33,12 +33,13 @@ class _Job:
     partials: dict[str, dict[str, bytes]] = field(default_factory=lambda: defaultdict(dict))
     checkpoint: Checkpoint | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
 
 
 class MemoryStore:
     def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
-        self._clock = clock or time.monotonic
+        self._clock = clock or time.time  # wall clock, like Redis: deadlines cross processes
         self._lock = threading.RLock()
         self._jobs: dict[str, _Job] = defaultdict(_Job)
 
@@ -182,6 +183,16 @@ class MemoryStore:
     def metrics(self, job: str) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(m) for m in self._jobs[job].metrics]
+
+    def record_attempt(self, job: str, token: int, record: dict[str, Any]) -> None:
+        with self._lock:
+            j = self._jobs[job]
+            self._check_token(j, token)
+            j.attempts.append(dict(record))
+
+    def attempts(self, job: str, start: int = 0) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(a) for a in self._jobs[job].attempts[start:]]
 
     # -- job ------------------------------------------------------------------------------
     def put_job_state(self, job: str, token: int, state: dict[str, Any]) -> None:

@@ -1,0 +1,116 @@
+"""The Aggregator service: selectors hand it reports; it folds them in and, as a round's
+master, commits. Its API is internal (``/internal/v1``), authenticated with the job's
+internal token, and never exposed to devices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, HTTPException, Path, Request
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CollectorRegistry, Counter
+
+from fedfleet.aggregator.actor import Aggregator, Evaluator
+from fedfleet.core.protocol import ReportEnvelope, ReportRejected
+from fedfleet.core.roles import Role
+from fedfleet.core.spec import FLJob
+from fedfleet.service.keys import JobKeys
+from fedfleet.service.ops import Ticker, add_ops_routes
+from fedfleet.store.base import Store, StoreUnavailable
+
+__all__ = ["create_app", "dataset_evaluator"]
+
+log = logging.getLogger("fedfleet.aggregator")
+
+
+def dataset_evaluator(job: FLJob) -> Evaluator:
+    """Server-side evaluation on the held-out split of the job's dataset."""
+    from fedfleet.core.models import evaluate
+    from fedfleet.device.datasets import prepare
+
+    split = prepare(job.spec.fleet)
+
+    def run(weights: list[Any]) -> dict[str, float]:
+        loss, acc = evaluate(job.spec.model, weights, split.x_test, split.y_test)
+        return {"loss": loss, "accuracy": acc}
+
+    return run
+
+
+def create_app(
+    job: FLJob,
+    store: Store,
+    keys: JobKeys,
+    *,
+    actor_id: str,
+    address: str,
+    tick_seconds: float = 0.5,
+    evaluator: Evaluator | None = None,
+) -> FastAPI:
+    registry = CollectorRegistry()
+    reports = Counter(
+        "fedfleet_aggregated_reports", "Reports by HTTP status", ["status"], registry=registry
+    )
+    aggregator = Aggregator(
+        job, store, actor_id=actor_id, secret=keys.ticket_key, evaluator=evaluator, address=address
+    )
+    ticker = Ticker(f"aggregator-{actor_id}", aggregator.tick, tick_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ticker.start()
+        log.info("aggregator started", extra={"job": job.name, "address": address})
+        try:
+            yield
+        finally:
+            ticker.stop()
+            try:
+                store.deregister(job.name, Role.aggregator, actor_id)
+            except StoreUnavailable:
+                pass
+            log.info("aggregator stopped")
+
+    app = FastAPI(title="fedfleet aggregator (internal)", version="1", lifespan=lifespan)
+    app.state.aggregator = aggregator
+    app.state.ticker = ticker
+    add_ops_routes(
+        app,
+        registry,
+        ticker,
+        status=lambda: {"actor": actor_id, "last_commit_error": aggregator.last_commit_error},
+    )
+
+    @app.post("/internal/v1/reports/{round_key}", status_code=202)
+    async def accept(
+        request: Request,
+        round_key: Annotated[str, Path(pattern=r"^a[0-9]{1,18}$")],
+        authorization: Annotated[str, Header()],
+        x_fedfleet_device: Annotated[str, Header(min_length=1, max_length=128)],
+        x_fedfleet_ticket: Annotated[str, Header(min_length=1, max_length=128)],
+        x_fedfleet_examples: Annotated[int, Header(ge=1)],
+    ) -> Any:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not keys.internal_ok(token.strip()):
+            raise HTTPException(401, "invalid internal token")
+        body = await request.body()
+        env = ReportEnvelope(
+            x_fedfleet_device, round_key, x_fedfleet_ticket, x_fedfleet_examples, body
+        )
+        try:
+            await run_in_threadpool(aggregator.accept, env)
+        except ReportRejected as exc:
+            reports.labels(str(exc.status)).inc()
+            raise HTTPException(exc.status, exc.reason) from None
+        except StoreUnavailable:
+            reports.labels("503").inc()
+            raise HTTPException(
+                503, "the shared store is unreachable", {"Retry-After": "5"}
+            ) from None
+        reports.labels("202").inc()
+        return {"status": "accepted"}
+
+    return app

@@ -1,0 +1,93 @@
+"""The Coordinator service: an active coordinator or a standby waiting for the lease.
+
+It serves no device traffic — only health, readiness, metrics and a status document. Run two
+replicas: the one that holds the lease drives the rounds; the other takes over when the lease
+expires (or at once, when the active one shuts down gracefully and releases it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Gauge
+
+from fedfleet.coordinator.actor import Coordinator, CoordinatorSettings
+from fedfleet.core.spec import FLJob
+from fedfleet.service.ops import Ticker, add_ops_routes
+from fedfleet.store.base import Store, StoreUnavailable
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("fedfleet.coordinator")
+
+
+def create_app(
+    job: FLJob,
+    store: Store,
+    *,
+    actor_id: str,
+    tick_seconds: float = 0.5,
+    lease_ttl: float = 10.0,
+) -> FastAPI:
+    registry = CollectorRegistry()
+    coordinator = Coordinator(
+        job,
+        store,
+        actor_id=actor_id,
+        settings=CoordinatorSettings(
+            lease_ttl=lease_ttl, commit_timeout=max(10.0, 6 * tick_seconds)
+        ),
+        on_attempt_end=lambda end: log.info(
+            "attempt ended",
+            extra={
+                "round": end.round,
+                "attempt": end.attempt,
+                "abandoned": end.abandoned,
+                "reason": end.reason,
+                "selected": end.selected,
+                "reported": end.reported,
+                "accuracy": end.metrics.get("accuracy"),
+            },
+        ),
+    )
+    ticker = Ticker(f"coordinator-{actor_id}", coordinator.tick, tick_seconds)
+    Gauge(
+        "fedfleet_coordinator_leader", "1 while this replica holds the job lease", registry=registry
+    ).set_function(lambda: 1.0 if coordinator.is_leader else 0.0)
+
+    def status() -> dict[str, Any]:
+        return {"actor": actor_id, "leader": coordinator.is_leader}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ticker.start()
+        log.info("coordinator started", extra={"job": job.name})
+        try:
+            yield
+        finally:
+            ticker.stop()
+            try:
+                coordinator.step_down()
+            except StoreUnavailable:
+                pass
+            log.info("coordinator stopped")
+
+    app = FastAPI(title="fedfleet coordinator", version="1", lifespan=lifespan)
+    app.state.coordinator = coordinator
+    app.state.ticker = ticker
+    add_ops_routes(app, registry, ticker, status=status)
+
+    @app.get("/v1/status")
+    def job_status() -> dict[str, Any]:
+        try:
+            state = store.job_state(job.name)
+            history = store.metrics(job.name)
+        except StoreUnavailable as exc:
+            return {"error": str(exc), **status()}
+        return {**status(), "job": job.name, "state": state, "metrics": history[-5:]}
+
+    return app

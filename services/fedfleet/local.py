@@ -1,0 +1,298 @@
+"""The deployed shape on one machine: redis-server and every actor as its own process.
+
+``fedfleet up`` and the integration and chaos tests use :class:`LocalDeployment`: a Redis
+server (unless a store URL is given), two coordinators (active and standby), selectors and
+aggregators, each a real uvicorn process on its own loopback address (127.0.0.2, 127.0.0.3, …)
+and a free port. Processes can be killed one by one, which is how the chaos tests crash
+actors mid-round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import httpx
+import yaml
+
+from fedfleet.core.spec import FLJob
+from fedfleet.service.keys import JobKeys
+from fedfleet.store.base import Store
+from fedfleet.store.factory import open_store
+
+__all__ = ["ActorProcess", "LocalDeployment", "RedisProcess", "free_port", "manifest_yaml"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def manifest_yaml(job: FLJob) -> str:
+    return yaml.safe_dump(
+        job.model_dump(by_alias=True, mode="json", exclude_none=True), sort_keys=False
+    )
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with status {proc.returncode}")
+        try:
+            r = httpx.get(url, timeout=1.0)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f}s ({last})")
+
+
+class RedisProcess:
+    """A private redis-server on a loopback port with a random password; no persistence."""
+
+    def __init__(self, workdir: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found: run `bash deploy/dev.sh setup` (Debian)")
+        self.binary = binary
+        self.host = host
+        self.port = port or free_port(host)
+        self.password = secrets.token_hex(16)
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--bind",
+                self.host,
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                self.password,
+                "--dir",
+                str(self.workdir),
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), 0.2) as s,
+            ):
+                s.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
+                if b"PONG" in s.recv(64):
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"redis-server on {self.host}:{self.port} did not answer")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@dataclass
+class ActorProcess:
+    role: str
+    actor_id: str
+    host: str
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class LocalDeployment:
+    """Start a job's actors as processes; stop (or kill) them; read the job's store."""
+
+    def __init__(
+        self,
+        job: FLJob,
+        *,
+        store_url: str | None = None,
+        workdir: Path | None = None,
+        selectors: int = 2,
+        aggregators: int = 2,
+        coordinators: int = 2,
+        tick_seconds: float = 0.2,
+        lease_ttl: float = 3.0,
+        python: str = sys.executable,
+    ) -> None:
+        self.job = job
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"fedfleet-{job.name}-"))
+        self.redis: RedisProcess | None = None
+        self.store_url = store_url or ""
+        self.counts = {
+            "coordinator": coordinators,
+            "aggregator": aggregators,
+            "selector": selectors,
+        }
+        self.tick_seconds = tick_seconds
+        self.lease_ttl = lease_ttl
+        self.python = python
+        self.secret = secrets.token_bytes(32)
+        self.keys = JobKeys.from_secret(self.secret)
+        self.actors: dict[str, ActorProcess] = {}
+        self._store: Store | None = None
+        self._next_host = 2
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.store_url:
+            self.redis = RedisProcess(self.workdir / "redis")
+            self.redis.start()
+            self.store_url = self.redis.url
+        self.manifest_path = self.workdir / "fljob.yaml"
+        self.manifest_path.write_text(manifest_yaml(self.job))
+        self.secret_path = self.workdir / "job-secret"
+        self.secret_path.write_text(self.secret.hex())
+        self.secret_path.chmod(0o600)
+        for role in ("coordinator", "aggregator", "selector"):
+            for i in range(self.counts[role]):
+                self.spawn(role, f"{role}-{i}")
+        for actor in self.actors.values():
+            path = "/healthz" if actor.role == "coordinator" else "/readyz"
+            _wait_http(actor.url + path, timeout, actor.proc)
+
+    def spawn(self, role: str, actor_id: str) -> ActorProcess:
+        """Start (or restart, on the same address) one actor process."""
+        old = self.actors.get(actor_id)
+        if old is not None:
+            host, port = old.host, old.port
+        else:
+            host = f"127.0.0.{self._next_host}"
+            self._next_host += 1
+            port = free_port(host)
+        actor = ActorProcess(role, actor_id, host, port, self.workdir / f"{actor_id}.log")
+        actor.log = actor.log_path.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        actor.proc = subprocess.Popen(
+            [
+                self.python,
+                "-m",
+                "fedfleet.cli",
+                role,
+                "--manifest",
+                str(self.manifest_path),
+                "--store",
+                self.store_url,
+                "--secret-file",
+                str(self.secret_path),
+                "--id",
+                actor_id,
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--tick",
+                str(self.tick_seconds),
+                "--lease-ttl",
+                str(self.lease_ttl),
+            ],
+            stdout=actor.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.actors[actor_id] = actor
+        return actor
+
+    def kill(self, actor_id: str, sig: int = signal.SIGKILL) -> None:
+        actor = self.actors[actor_id]
+        if actor.proc is not None and actor.proc.poll() is None:
+            actor.proc.send_signal(sig)
+            actor.proc.wait(15)
+
+    def stop(self) -> None:
+        for actor in self.actors.values():
+            if actor.alive and actor.proc is not None:
+                actor.proc.send_signal(signal.SIGTERM)
+        for actor in self.actors.values():
+            if actor.proc is not None:
+                try:
+                    actor.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    actor.proc.kill()
+                    actor.proc.wait()
+            if actor.log is not None:
+                actor.log.close()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self.redis is not None:
+            self.redis.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- views ------------------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.store_url)
+        return self._store
+
+    def urls(self, role: str) -> list[str]:
+        return [a.url for a in self.actors.values() if a.role == role and a.alive]
+
+    def log_tail(self, actor_id: str, lines: int = 30) -> str:
+        text = self.actors[actor_id].log_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])

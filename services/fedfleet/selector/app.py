@@ -1,0 +1,360 @@
+"""The Selector service: the device API (``/v1``) over the Selector actor.
+
+Devices authenticate every check-in with a bearer token issued at enrollment. A check-in is
+decided in memory (no store round trip): either a reconnect window, or a selection whose plan
+the device then long-polls for at ``/v1/tasks/{round}``. The checkpoint is downloaded from
+``/v1/checkpoints/{version}`` (immutable, cacheable by version); the update is uploaded as a
+binary body to ``/v1/reports/{round}`` and handed to the device's aggregator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import httpx
+from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedfleet.core.protocol import CheckIn, Reconnect, ReportEnvelope, ReportRejected, Task
+from fedfleet.core.roles import Role
+from fedfleet.core.spec import FLJob
+from fedfleet.selector.actor import Selector
+from fedfleet.service.keys import JobKeys
+from fedfleet.service.ops import Ticker, add_ops_routes
+from fedfleet.store.base import Store, StoreUnavailable
+
+__all__ = ["CheckInRequest", "CheckInResponse", "TaskResponse", "create_app"]
+
+log = logging.getLogger("fedfleet.selector")
+
+ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+ROUND = r"^a[0-9]{1,18}$"
+
+
+class CheckInRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    device_id: str = Field(pattern=ID, description="The device's enrolled identity.")
+    population: str = Field(min_length=1, max_length=253)
+    charging: bool
+    unmetered: bool
+    idle: bool
+    num_examples: int = Field(ge=0, le=10_000_000)
+
+
+class CheckInResponse(BaseModel):
+    outcome: Literal["selected", "reconnect"]
+    round_key: str | None = None
+    ticket: str | None = Field(None, description="Present it with the task poll and the report.")
+    aggregator: str | None = None
+    reconnect_after_s: float | None = Field(None, description="Come back no sooner than this.")
+    reconnect_within_s: float | None = Field(None, description="...and no later than this.")
+    reason: str | None = None
+
+
+class TaskResponse(BaseModel):
+    round_key: str
+    model_version: int
+    checkpoint_url: str
+    model: dict[str, Any]
+    plan: dict[str, Any]
+    aggregator: str
+
+
+class AbortRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device_id: str = Field(pattern=ID)
+    reason: str = Field("eligibility-lost", max_length=200)
+
+
+class _Pending:
+    """A selected device's held connection: the tick thread configures or releases it."""
+
+    __slots__ = ("event", "last_seen", "loop", "released", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.event = asyncio.Event()
+        self.task: Task | None = None
+        self.released: Reconnect | None = None
+        self.last_seen = time.monotonic()
+
+    def configure(self, task: Task) -> None:
+        self.task = task
+        self.loop.call_soon_threadsafe(self.event.set)
+
+    def release(self, reconnect: Reconnect) -> None:
+        self.released = reconnect
+        self.loop.call_soon_threadsafe(self.event.set)
+
+
+def _reconnect_body(r: Reconnect, now: float) -> CheckInResponse:
+    return CheckInResponse(
+        outcome="reconnect",
+        reconnect_after_s=round(max(0.0, r.not_before - now), 3),
+        reconnect_within_s=round(max(0.0, r.not_after - now), 3),
+        reason=r.reason,
+    )
+
+
+def create_app(
+    job: FLJob,
+    store: Store,
+    keys: JobKeys,
+    *,
+    actor_id: str,
+    address: str,
+    tick_seconds: float = 0.5,
+    liveness_seconds: float = 30.0,
+) -> FastAPI:
+    """Build the Selector service; the tick thread starts with the app's lifespan."""
+    registry = CollectorRegistry()
+    checkins = Counter("fedfleet_checkins", "Check-ins by outcome", ["outcome"], registry=registry)
+    reports = Counter("fedfleet_reports", "Reports by HTTP status", ["status"], registry=registry)
+    aggregators: dict[str, str] = {}
+    client = httpx.Client(
+        timeout=httpx.Timeout(30.0, connect=2.0), limits=httpx.Limits(max_connections=64)
+    )
+
+    def forward(aggregator_id: str, env: ReportEnvelope) -> None:
+        addr = aggregators.get(aggregator_id)
+        if addr is None:
+            raise ConnectionError(f"aggregator {aggregator_id} is not registered")
+        headers = {
+            "authorization": f"Bearer {keys.internal_token}",
+            "x-fedfleet-device": env.device_id,
+            "x-fedfleet-ticket": env.ticket,
+            "x-fedfleet-examples": str(env.num_examples),
+            "content-type": "application/octet-stream",
+        }
+        try:
+            r = client.post(
+                f"{addr}/internal/v1/reports/{env.round_key}", content=env.update, headers=headers
+            )
+        except httpx.HTTPError as exc:
+            raise ConnectionError(f"aggregator {aggregator_id} unreachable: {exc}") from exc
+        if r.status_code != 202:
+            try:
+                detail = str(r.json().get("detail", r.text))
+            except ValueError:
+                detail = r.text
+            raise ReportRejected(r.status_code, detail)
+
+    selector = Selector(
+        job, store, actor_id=actor_id, secret=keys.ticket_key, forward=forward, address=address
+    )
+    pending: dict[tuple[str, str], _Pending] = {}
+    pending_lock = threading.Lock()
+    Gauge(
+        "fedfleet_selected_waiting", "Selected devices waiting for a plan", registry=registry
+    ).set_function(lambda: float(len(pending)))
+
+    def tick(now: float) -> None:
+        selector.tick(now)
+        aggregators.clear()
+        aggregators.update(store.members(job.name, Role.aggregator))
+        cutoff = time.monotonic() - liveness_seconds
+        with pending_lock:
+            lost = [k for k, p in pending.items() if p.last_seen < cutoff]
+            for k in lost:
+                del pending[k]
+        for round_key, device_id in lost:
+            selector.dropped(round_key, device_id)
+
+    ticker = Ticker(f"selector-{actor_id}", tick, tick_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ticker.start()
+        log.info("selector started", extra={"job": job.name, "address": address})
+        try:
+            yield
+        finally:
+            ticker.stop()
+            try:
+                store.deregister(job.name, Role.selector, actor_id)
+            except StoreUnavailable:
+                pass
+            client.close()
+            log.info("selector stopped")
+
+    app = FastAPI(
+        title="fedfleet device API",
+        version="1",
+        lifespan=lifespan,
+        description="Check-in, plan and checkpoint download, report upload (Bonawitz et al. 2019).",
+    )
+    app.state.selector = selector
+    app.state.ticker = ticker
+    add_ops_routes(
+        app, registry, ticker, status=lambda: {"actor": actor_id, "waiting": len(pending)}
+    )
+
+    def unavailable() -> JSONResponse:
+        return JSONResponse(
+            {"detail": "the shared store is unreachable; retry later"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    def authenticate(authorization: str | None, device_id: str) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not keys.device_ok(device_id, token.strip()):
+            raise HTTPException(
+                401, "missing or invalid device token", {"WWW-Authenticate": "Bearer"}
+            )
+
+    def ticketed(round_key: str, device_id: str, ticket: str) -> None:
+        if not selector.ticket_ok(round_key, device_id, ticket):
+            raise HTTPException(403, "invalid ticket for this device and round")
+
+    @app.post("/v1/checkin", response_model=CheckInResponse, response_model_exclude_none=True)
+    async def check_in(
+        body: CheckInRequest, authorization: Annotated[str | None, Header()] = None
+    ) -> Any:
+        authenticate(authorization, body.device_id)
+        if not ticker.store_ok:
+            checkins.labels("unavailable").inc()
+            return unavailable()
+        now = time.time()
+        link = _Pending(asyncio.get_running_loop())
+        answer = selector.check_in(
+            CheckIn(
+                body.device_id,
+                body.population,
+                body.charging,
+                body.unmetered,
+                body.idle,
+                body.num_examples,
+            ),
+            now,
+            link,
+        )
+        if isinstance(answer, Reconnect):
+            checkins.labels("reconnect").inc()
+            return _reconnect_body(answer, now)
+        checkins.labels("selected").inc()
+        with pending_lock:
+            pending.setdefault((answer.round_key, body.device_id), link)
+        return CheckInResponse(
+            outcome="selected",
+            round_key=answer.round_key,
+            ticket=answer.ticket,
+            aggregator=answer.aggregator,
+        )
+
+    @app.get(
+        "/v1/tasks/{round_key}",
+        response_model=TaskResponse,
+        responses={
+            202: {"description": "Not configured yet: poll again"},
+            410: {"description": "Released"},
+        },
+    )
+    async def task(
+        round_key: Annotated[str, Path(pattern=ROUND)],
+        device_id: Annotated[str, Query(pattern=ID)],
+        x_fedfleet_ticket: Annotated[str, Header()],
+        wait: Annotated[float, Query(ge=0, le=30)] = 10.0,
+    ) -> Any:
+        ticketed(round_key, device_id, x_fedfleet_ticket)
+        with pending_lock:
+            link = pending.get((round_key, device_id))
+        if link is None:
+            raise HTTPException(404, "no selection held for this device and round")
+        link.last_seen = time.monotonic()
+        if not link.event.is_set():
+            try:
+                await asyncio.wait_for(link.event.wait(), timeout=wait)
+            except TimeoutError:
+                link.last_seen = time.monotonic()
+                return JSONResponse({"detail": "waiting for the round to start"}, status_code=202)
+        with pending_lock:
+            pending.pop((round_key, device_id), None)
+        if link.task is None:
+            r = link.released or Reconnect(time.time() + 5, time.time() + 15, "round-ended")
+            return JSONResponse(
+                _reconnect_body(r, time.time()).model_dump(exclude_none=True), status_code=410
+            )
+        t = link.task
+        return TaskResponse(
+            round_key=round_key,
+            model_version=t.model_version,
+            checkpoint_url=f"/v1/checkpoints/{t.model_version}",
+            model=t.model.model_dump(by_alias=True, mode="json"),
+            plan=t.plan.model_dump(by_alias=True, mode="json"),
+            aggregator=t.assignment.aggregator,
+        )
+
+    @app.get("/v1/checkpoints/{version}", response_class=Response)
+    def checkpoint(
+        version: Annotated[int, Path(ge=0)], if_none_match: Annotated[str | None, Header()] = None
+    ) -> Response:
+        etag = f'"v{version}"'
+        headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
+        if if_none_match == etag:
+            return Response(status_code=304, headers=headers)
+        try:
+            _, data = selector.checkpoint(version)
+        except ValueError as exc:
+            raise HTTPException(404, str(exc)) from None
+        except StoreUnavailable:
+            return unavailable()
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
+    @app.post("/v1/reports/{round_key}", status_code=202)
+    async def report(
+        request: Request,
+        round_key: Annotated[str, Path(pattern=ROUND)],
+        x_fedfleet_device: Annotated[str, Header(pattern=ID)],
+        x_fedfleet_ticket: Annotated[str, Header(min_length=1, max_length=128)],
+        x_fedfleet_examples: Annotated[int, Header(ge=1)],
+        x_fedfleet_aggregator: Annotated[str, Header(pattern=ID)],
+        content_length: Annotated[int | None, Header()] = None,
+    ) -> Any:
+        limit = job.spec.aggregation.max_update_bytes
+        if content_length is not None and content_length > limit:
+            reports.labels("413").inc()
+            raise HTTPException(413, f"update exceeds {limit} bytes")
+        ticketed(round_key, x_fedfleet_device, x_fedfleet_ticket)
+        body = await request.body()
+        if len(body) > limit:
+            reports.labels("413").inc()
+            raise HTTPException(413, f"update exceeds {limit} bytes")
+        env = ReportEnvelope(
+            x_fedfleet_device, round_key, x_fedfleet_ticket, x_fedfleet_examples, body
+        )
+        try:
+            await run_in_threadpool(selector.report, env, x_fedfleet_aggregator)
+        except ReportRejected as exc:
+            reports.labels(str(exc.status)).inc()
+            raise HTTPException(exc.status, exc.reason) from None
+        except ConnectionError as exc:
+            reports.labels("503").inc()
+            raise HTTPException(
+                503, f"aggregator unavailable: {exc}", {"Retry-After": "5"}
+            ) from None
+        reports.labels("202").inc()
+        return {"status": "accepted"}
+
+    @app.post("/v1/aborts/{round_key}", status_code=202)
+    async def abort(
+        round_key: Annotated[str, Path(pattern=ROUND)],
+        body: AbortRequest,
+        x_fedfleet_ticket: Annotated[str, Header()],
+    ) -> Any:
+        ticketed(round_key, body.device_id, x_fedfleet_ticket)
+        with pending_lock:
+            pending.pop((round_key, body.device_id), None)
+        selector.dropped(round_key, body.device_id)
+        return {"status": "noted"}
+
+    return app

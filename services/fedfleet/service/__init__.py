@@ -1,0 +1,1 @@
+"""What every fedfleet service shares: settings, keys, ops routes, logging, the tick thread."""

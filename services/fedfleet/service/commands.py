@@ -1,0 +1,124 @@
+"""``fedfleet selector|aggregator|coordinator``: run one actor as a uvicorn service.
+
+Every flag has an environment fallback (``FEDFLEET_<NAME>``) so a Kubernetes Deployment can
+configure the process from a ConfigMap and Secrets without templating its command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedfleet.core.spec import ManifestError, load_manifest
+
+__all__ = ["add_service_arguments", "run_service"]
+
+log = logging.getLogger("fedfleet.service")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"FEDFLEET_{name}", default)
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--manifest", type=Path, default=_env("MANIFEST"), help="FLJob manifest (FEDFLEET_MANIFEST)"
+    )
+    parser.add_argument(
+        "--store",
+        default=_env("STORE_URL", "redis://127.0.0.1:6379/0"),
+        help="store URL, redis:// or rediss:// (FEDFLEET_STORE_URL)",
+    )
+    parser.add_argument(
+        "--secret-file",
+        default=_env("SECRET_FILE"),
+        help="file holding the job secret (FEDFLEET_SECRET_FILE; or FEDFLEET_JOB_SECRET as hex)",
+    )
+    parser.add_argument(
+        "--id", default=_env("ACTOR_ID") or _env("POD_NAME"), help="actor id (FEDFLEET_ACTOR_ID)"
+    )
+    parser.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address")
+    parser.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
+    parser.add_argument(
+        "--advertise", default=_env("ADVERTISE", ""), help="URL other actors use to reach this one"
+    )
+    parser.add_argument("--tick", type=float, default=float(_env("TICK_SECONDS", "0.5") or 0.5))
+    parser.add_argument(
+        "--lease-ttl", type=float, default=float(_env("LEASE_TTL", "10") or 10), help="coordinator"
+    )
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+
+
+def run_service(role: str, args: argparse.Namespace) -> int:
+    """Build the role's app and serve it until SIGTERM/SIGINT (graceful shutdown)."""
+    import uvicorn
+
+    from fedfleet.service.keys import JobKeys, load_secret
+    from fedfleet.service.ops import configure_logging
+    from fedfleet.store.factory import open_store
+
+    actor_id = args.id or f"{role}-{os.getpid()}"
+    configure_logging(args.log_level, actor=actor_id)
+    if args.manifest is None:
+        print("error: --manifest (or FEDFLEET_MANIFEST) is required", file=sys.stderr)
+        return 2
+    try:
+        job = load_manifest(Path(args.manifest).read_text())
+    except OSError as exc:
+        print(f"error: cannot read manifest: {exc}", file=sys.stderr)
+        return 2
+    except ManifestError as exc:
+        print(f"error: invalid FLJob in {args.manifest}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    try:
+        store = open_store(args.store)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    address = args.advertise or f"http://{args.host}:{args.port}"
+    if role == "coordinator":
+        from fedfleet.coordinator.app import create_app as coordinator_app
+
+        app = coordinator_app(
+            job, store, actor_id=actor_id, tick_seconds=args.tick, lease_ttl=args.lease_ttl
+        )
+    else:
+        try:
+            keys = JobKeys.from_secret(load_secret(args.secret_file))
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if role == "selector":
+            from fedfleet.selector.app import create_app as selector_app
+
+            app = selector_app(
+                job, store, keys, actor_id=actor_id, address=address, tick_seconds=args.tick
+            )
+        else:
+            from fedfleet.aggregator.app import create_app as aggregator_app
+            from fedfleet.aggregator.app import dataset_evaluator
+
+            app = aggregator_app(
+                job,
+                store,
+                keys,
+                actor_id=actor_id,
+                address=address,
+                tick_seconds=args.tick,
+                evaluator=dataset_evaluator(job),
+            )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
+    return 0
