@@ -92,8 +92,22 @@ env_current() {
     [[ -f $BIN_ROOT/env.sh ]] && grep -qx "export FEDFLEET_PATH=$K8S_BIN:$ETCD_BIN:$HELM_BIN" "$BIN_ROOT/env.sh"
 }
 
+# verify_all_parallel: the six version checks at once (the fast path stays well under 1 s).
+verify_all_parallel() {
+    local -a pids=() c
+    for c in kube-apiserver kube-controller-manager kube-scheduler; do
+        verify_one "$K8S_BIN/$c" "Kubernetes $K8S_VERSION" --version & pids+=($!)
+    done
+    verify_one "$K8S_BIN/kubectl" "Client Version: $K8S_VERSION" version --client & pids+=($!)
+    verify_etcd & pids+=($!)
+    verify_helm & pids+=($!)
+    local rc=0 p
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    return $rc
+}
+
 # Fast path: everything built and answering with the right versions.
-if verify_k8s 2>/dev/null && verify_etcd 2>/dev/null && verify_helm 2>/dev/null && env_current; then
+if env_current && verify_all_parallel 2>/dev/null; then
     echo "$BIN_ROOT"
     exit 0
 fi

@@ -31,12 +31,14 @@ def _random_array(rng: np.random.Generator, dtype: type) -> np.ndarray:
 
 
 def _header(code: int, shape: tuple[int, ...], count: int = 1) -> bytes:
-    return (
+    """Header of a message whose first array has ``shape``, padded so its data is aligned."""
+    head = (
         b"FFA1"
         + struct.pack("<I", count)
         + struct.pack("<BB", code, len(shape))
         + struct.pack(f"<{len(shape)}Q", *shape)
     )
+    return head + bytes(-len(head) % 16)
 
 
 @pytest.mark.parametrize("copy", [True, False])
@@ -88,6 +90,25 @@ def test_format_is_the_documented_layout() -> None:
     arr = np.array([[1, 2]], dtype=np.int32)
     expected = _header(4, (1, 2)) + np.array([1, 2], dtype="<i4").tobytes()
     assert encode_arrays([arr]) == expected
+
+
+def test_data_is_16_byte_aligned_and_zero_copy_views_are_aligned() -> None:
+    rng = np.random.default_rng(0)
+    arrays = [rng.random(s).astype(np.float32) for s in [(3,), (5, 7), (1,), (2, 3, 4)]]
+    data = encode_arrays(arrays)
+    views = decode_arrays(data, copy=False)
+    base = np.frombuffer(data, dtype=np.uint8).ctypes.data
+    for view, arr in zip(views, arrays, strict=True):
+        assert (view.ctypes.data - base) % 16 == 0
+        assert view.flags.aligned and not view.flags.writeable
+        np.testing.assert_array_equal(view, arr)
+
+
+def test_non_zero_padding_is_refused() -> None:
+    data = bytearray(encode_arrays([np.zeros(2, dtype=np.float32)]))
+    data[18] = 7  # inside the padding after the first record's 18-byte header
+    with pytest.raises(SerdeError, match="padding"):
+        decode_arrays(bytes(data))
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.bool_, np.int8, np.uint64, np.complex64])

@@ -95,8 +95,10 @@ class Aggregator:
         if len(env.update) > self._max_bytes:
             raise ReportRejected(413, f"update exceeds {self._max_bytes} bytes")
         try:
+            # Zero-copy, aligned, read-only views: the update is read twice (finiteness, then
+            # the weighted fold) and never kept, so copying it would be a third pass for nothing.
             update = decode_arrays(
-                env.update, max_bytes=self._max_bytes, expected_shapes=self._shapes
+                env.update, max_bytes=self._max_bytes, expected_shapes=self._shapes, copy=False
             )
             validate_update(update, self._shapes)
         except (SerdeError, UpdateRejected) as exc:

@@ -5,14 +5,16 @@ pickle) and must refuse a hostile header *before* it allocates memory for it. Th
 small fixed header followed by raw little-endian buffers, readable from any language::
 
     arrays := b"FFA1" u32:count  record*count
-    record := u8:dtype_code  u8:ndim  u64:dim*ndim  raw little-endian C-order data
+    record := u8:dtype_code  u8:ndim  u64:dim*ndim  zero padding  raw little-endian C-order data
 
     state  := b"FFS1" u32:count  (u16:name_length  utf-8 name)*count  arrays
 
 All integers are little-endian. Dtype codes: 1 float32, 2 float64, 3 int64, 4 int32, 5 uint8.
-``ndim`` is at most 8. Decoding returns owned, writable, aligned copies by default (a copy of a
-buffer costs about as much as one pass over it, and unaligned views into the message would slow
-every later operation); ``copy=False`` returns read-only zero-copy views into ``data`` instead.
+``ndim`` is at most 8. The padding (0 to 15 zero bytes) makes every array's data start at an
+offset from the start of the message that is a multiple of 16, so zero-copy views are aligned
+and numpy's fast paths apply to them. Decoding returns owned, writable copies by default;
+``copy=False`` returns read-only zero-copy views into ``data`` instead (aligned whenever ``data``
+itself is, as ``bytes`` objects are), which is what the aggregator's hot path uses.
 """
 
 from __future__ import annotations
@@ -71,8 +73,15 @@ def _dtype_code(dtype: np.dtype[Any]) -> int:
     return code
 
 
-def _encode_into(parts: list[Any], arrays: Sequence[NDArray[Any]]) -> None:
-    parts.append(ARRAYS_MAGIC + _U32.pack(len(arrays)))
+_ALIGN = 16
+_ZEROS = bytes(_ALIGN)
+
+
+def _encode_into(parts: list[Any], arrays: Sequence[NDArray[Any]], pos: int) -> None:
+    """Append an arrays message to ``parts``; ``pos`` is its offset in the whole message."""
+    head = ARRAYS_MAGIC + _U32.pack(len(arrays))
+    parts.append(head)
+    pos += len(head)
     for i, raw in enumerate(arrays):
         arr = np.asarray(raw)
         code = _dtype_code(arr.dtype)
@@ -80,7 +89,11 @@ def _encode_into(parts: list[Any], arrays: Sequence[NDArray[Any]]) -> None:
             raise SerdeError(f"array {i} has {arr.ndim} dimensions; at most {MAX_NDIM} allowed")
         # Not np.ascontiguousarray: it turns 0-d arrays into 1-d ones.
         arr = np.asarray(arr, dtype=_DTYPE_BY_CODE[code], order="C")
-        parts.append(_RECORD_HEAD.pack(code, arr.ndim) + struct.pack(f"<{arr.ndim}Q", *arr.shape))
+        head = _RECORD_HEAD.pack(code, arr.ndim) + struct.pack(f"<{arr.ndim}Q", *arr.shape)
+        pos += len(head)
+        pad = -pos % _ALIGN
+        parts.append(head + _ZEROS[:pad])
+        pos += pad + arr.nbytes
         # A 1-d byte view is handed to bytes.join without an intermediate copy.
         parts.append(arr.reshape(-1).view(np.uint8).data)
 
@@ -90,7 +103,7 @@ def encode_arrays(arrays: Sequence[NDArray[Any]]) -> bytes:
     if len(arrays) > 0xFFFFFFFF:
         raise SerdeError("too many arrays")
     parts: list[Any] = []
-    _encode_into(parts, arrays)
+    _encode_into(parts, arrays, 0)
     return b"".join(parts)
 
 
@@ -139,6 +152,12 @@ def _decode_from(
             raise SerdeError(f"truncated: array {i} shape ends early")
         shape = struct.unpack_from(f"<{ndim}Q", view, offset)
         offset += 8 * ndim
+        pad = -offset % _ALIGN
+        if size - offset < pad:
+            raise SerdeError(f"truncated: array {i} padding ends early")
+        if pad and view[offset : offset + pad] != _ZEROS[:pad]:
+            raise SerdeError(f"array {i} has non-zero padding")
+        offset += pad
         # Python ints cannot overflow; compare the claimed size with what is really there.
         # Zero-length dimensions do not excuse the others: numpy checks their product too.
         if math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:
@@ -196,7 +215,7 @@ def encode_state(state: Mapping[str, NDArray[Any]]) -> bytes:
         if len(raw) > 0xFFFF:
             raise SerdeError(f"state name longer than 65535 bytes: {name[:40]!r}...")
         parts.append(_U16.pack(len(raw)) + raw)
-    _encode_into(parts, list(state.values()))
+    _encode_into(parts, list(state.values()), sum(len(p) for p in parts))
     return b"".join(parts)
 
 
