@@ -218,6 +218,45 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _args_up(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", type=Path, metavar="MANIFEST", help="FLJob YAML file")
+    parser.add_argument(
+        "--store", metavar="URL", help="use this Redis (redis://...) instead of starting one"
+    )
+    parser.add_argument("--selectors", type=int, default=2, help="selector processes (2)")
+    parser.add_argument("--aggregators", type=int, default=2, help="aggregator processes (2)")
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.01,
+        help="real seconds per simulated training second of a device (0.01)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=3600.0, help="give up after this many seconds"
+    )
+    _args_output(parser)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from fedfleet.up import UpOptions, run_up
+
+    job = _load_file(args.manifest)
+    opts = UpOptions(
+        store_url=args.store,
+        selectors=args.selectors,
+        aggregators=args.aggregators,
+        time_scale=args.time_scale,
+        timeout=args.timeout,
+    )
+    return _run(
+        job,
+        out=args.out,
+        report=args.report,
+        quiet=args.quiet,
+        runner=lambda j, progress: run_up(j, progress, opts),
+    )
+
+
 def _args_service(parser: argparse.ArgumentParser) -> None:
     from fedfleet.service.commands import add_service_arguments
 
@@ -230,6 +269,53 @@ def _cmd_service(role: str, args: argparse.Namespace) -> int:
     return run_service(role, args)
 
 
+def _args_crd(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--write",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        help="write the YAML to PATH instead of stdout (repeat for several copies)",
+    )
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from fedfleet.crdgen import render_crd_yaml
+
+    text = render_crd_yaml()
+    paths: list[Path] = args.write or []
+    for path in paths:
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr)
+    if not paths:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _args_operator(parser: argparse.ArgumentParser) -> None:
+    from fedfleet_operator.main import add_arguments
+
+    add_arguments(parser)
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from fedfleet_operator.main import run
+
+    return run(args)
+
+
+def _args_fetch_model(parser: argparse.ArgumentParser) -> None:
+    from fedfleet.fetch_model import add_arguments
+
+    add_arguments(parser)
+
+
+def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from fedfleet.fetch_model import run
+
+    return run(args)
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -237,6 +323,21 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand("train the packaged digits example embedded", _args_demo, _cmd_demo),
     "validate": Subcommand(
         "check a manifest and print it with defaults filled in", _args_validate, _cmd_validate
+    ),
+    "crd": Subcommand(
+        "print the FLJob CustomResourceDefinition generated from the spec", _args_crd, _cmd_crd
+    ),
+    "operator": Subcommand("run the FLJob operator (kopf)", _args_operator, _cmd_operator),
+    "fetch-model": Subcommand(
+        "write a job's newest model checkpoint from the store to a file",
+        _args_fetch_model,
+        _cmd_fetch_model,
+    ),
+    "up": Subcommand(
+        "run a job through the deployed shape on this machine: redis-server, a coordinator and"
+        " a standby, selectors and aggregators as processes, a simulated fleet over HTTP",
+        _args_up,
+        _cmd_up,
     ),
     **{
         role: Subcommand(
@@ -246,6 +347,14 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         )
         for role in ("coordinator", "selector", "aggregator")
     },
+    # Imported lazily: fedfleet.device.simulate_cmd (the fleet itself loads only when it runs).
+    "simulate": Subcommand(
+        "drive a deployed job with a simulated fleet of devices over HTTP",
+        lambda parser: __import__(
+            "fedfleet.device.simulate_cmd", fromlist=["add_arguments"]
+        ).add_arguments(parser),
+        lambda args: int(__import__("fedfleet.device.simulate_cmd", fromlist=["run"]).run(args)),
+    ),
 }
 """Subcommand name -> definition; the actor commands are added here as they are written."""
 

@@ -159,7 +159,7 @@ def run_job(
         loop.at(fault.at, lambda a=fault.actor: crash(a))  # type: ignore[misc]
 
     def finished() -> bool:
-        phase = store.job_state(job.name).get("phase")
+        phase = store.job_state(job.key).get("phase")
         return phase in (JobPhase.succeeded.value, JobPhase.failed.value)
 
     policy = spec.rounds
@@ -170,12 +170,12 @@ def run_job(
     fleet.start()
     loop.run_until(finished, limit=limit)
 
-    state = store.job_state(job.name)
-    history = store.metrics(job.name)
-    checkpoint = store.checkpoint(job.name)
+    state = store.job_state(job.key)
+    history = store.metrics(job.key)
+    checkpoint = store.checkpoint(job.key)
     result.wall_seconds = time.perf_counter() - wall0
     result.sim_seconds = loop.now
-    result.model_version = store.model_version(job.name)
+    result.model_version = store.model_version(job.key)
     result.succeeded = state.get("phase") == JobPhase.succeeded.value
     result.reason = str(state.get("reason", "time-limit" if not result.succeeded else ""))
     if history:

@@ -65,7 +65,11 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = 
 
 
 class RedisProcess:
-    """A private redis-server on a loopback port with a random password; no persistence."""
+    """A private redis-server on a loopback port with a random password.
+
+    Durable (append-only file, fsync on every write) in its own folder, so stopping and
+    starting it again on the same port loses no committed checkpoint.
+    """
 
     def __init__(self, workdir: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
         binary = shutil.which("redis-server")

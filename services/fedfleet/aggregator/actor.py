@@ -54,7 +54,7 @@ class Aggregator:
         registration_ttl: float = 10.0,
     ) -> None:
         self.job = job
-        self.name = job.name
+        self.name = job.key
         self.spec = job.spec
         self.store = store
         self.actor_id = actor_id

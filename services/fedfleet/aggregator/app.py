@@ -69,7 +69,7 @@ def create_app(
         finally:
             ticker.stop()
             try:
-                store.deregister(job.name, Role.aggregator, actor_id)
+                store.deregister(job.key, Role.aggregator, actor_id)
             except StoreUnavailable:
                 pass
             log.info("aggregator stopped")

@@ -65,7 +65,7 @@ class Coordinator:
         on_attempt_end: Callable[[AttemptEnd], None] | None = None,
     ) -> None:
         self.job = job
-        self.name = job.name
+        self.name = job.key
         self.spec = job.spec
         self.store = store
         self.actor_id = actor_id

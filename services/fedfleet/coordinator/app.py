@@ -84,8 +84,8 @@ def create_app(
     @app.get("/v1/status")
     def job_status() -> dict[str, Any]:
         try:
-            state = store.job_state(job.name)
-            history = store.metrics(job.name)
+            state = store.job_state(job.key)
+            history = store.metrics(job.key)
         except StoreUnavailable as exc:
             return {"error": str(exc), **status()}
         return {**status(), "job": job.name, "state": state, "metrics": history[-5:]}

@@ -266,6 +266,13 @@ class FLJob(_Spec):
     def name(self) -> str:
         return self.metadata.name
 
+    @property
+    def key(self) -> str:
+        """The job's identity in the store: ``namespace/name`` when it has a namespace, so two
+        namespaces may each run a job of the same name against one Redis."""
+        ns = self.metadata.namespace
+        return f"{ns}/{self.metadata.name}" if ns else self.metadata.name
+
 
 class ManifestError(ValueError):
     """A manifest that is not a valid FLJob; the message names each offending field."""

@@ -70,7 +70,7 @@ class Selector:
         registration_ttl: float = 10.0,
     ) -> None:
         self.job = job
-        self.name = job.name
+        self.name = job.key
         self.spec = job.spec
         self.store = store
         self.actor_id = actor_id
@@ -84,6 +84,10 @@ class Selector:
         self._quota: Quota | None = None
         self._selected: dict[str, int] = defaultdict(int)
         """Devices this selector selected per attempt (exact; the store's count lags)."""
+        self._chosen: dict[str, set[str]] = defaultdict(set)
+        """Devices this selector selected, per attempt."""
+        self._settled: dict[str, set[str]] = defaultdict(set)
+        """Devices that reported or were counted as dropped, per attempt."""
         self._rounds: dict[str, RoundState] = {}
         self._waiting: dict[str, dict[str, tuple[DeviceLink, Assignment]]] = defaultdict(dict)
         self._unflushed: dict[tuple[str, str], int] = defaultdict(int)
@@ -128,6 +132,7 @@ class Selector:
         assignment = Assignment(state.key, aggregator, ticket)
         waiting[device_id] = (link, assignment)
         self._selected[state.key] += 1
+        self._chosen[state.key].add(device_id)
         self._unflushed[(state.key, "selected")] += 1
         return assignment
 
@@ -139,12 +144,25 @@ class Selector:
         if self.stopped:
             raise ConnectionError("selector is down")
         self._forward(aggregator, env)
-
-    def dropped(self, round_key: str, device_id: str) -> None:
-        """A selected device was lost: it aborted its task or its connection closed."""
         with self._lock:
+            self._settled[env.round_key].add(env.device_id)
+
+    def dropped(self, round_key: str, device_id: str) -> bool:
+        """A selected device was lost: it aborted its task or its connection closed.
+
+        Counted once per attempt and device, and only for a device this selector selected
+        that has not reported: repeating an abort cannot talk a round into abandonment.
+        """
+        with self._lock:
+            if device_id not in self._chosen.get(round_key, ()):
+                return False
+            settled = self._settled[round_key]
+            if device_id in settled:
+                return False
+            settled.add(device_id)
             self._unflushed[(round_key, "dropped")] += 1
             self._waiting.get(round_key, {}).pop(device_id, None)
+            return True
 
     def checkpoint(self, version: int) -> tuple[Weights, bytes]:
         """The model at ``version`` and its encoded form (for downloads); ValueError if gone."""
@@ -182,8 +200,9 @@ class Selector:
             raise
         with self._lock:
             self._quota, self._rounds = quota, rounds
-            for key in [k for k in self._selected if k not in rounds]:
-                del self._selected[key]
+            for per in (self._selected, self._chosen, self._settled):
+                for key in [k for k in per if k not in rounds]:
+                    del per[key]
             ready = self._take_settled(rounds)
             if quota is not None:
                 self.pacing.update(now, quota.checkin_rate)

@@ -158,9 +158,11 @@ def create_app(
     ).set_function(lambda: float(len(pending)))
 
     def tick(now: float) -> None:
+        nonlocal aggregators
         selector.tick(now)
-        aggregators.clear()
-        aggregators.update(store.members(job.name, Role.aggregator))
+        # Swap in a whole new map: a report forwarded meanwhile sees the old one, never an
+        # empty one; if the store fails, the last known map stays.
+        aggregators = dict(store.members(job.key, Role.aggregator))
         cutoff = time.monotonic() - liveness_seconds
         with pending_lock:
             lost = [k for k, p in pending.items() if p.last_seen < cutoff]
@@ -180,7 +182,7 @@ def create_app(
         finally:
             ticker.stop()
             try:
-                store.deregister(job.name, Role.selector, actor_id)
+                store.deregister(job.key, Role.selector, actor_id)
             except StoreUnavailable:
                 pass
             client.close()

@@ -62,11 +62,15 @@ def run_service(role: str, args: argparse.Namespace) -> int:
 
     actor_id = args.id or f"{role}-{os.getpid()}"
     configure_logging(args.log_level, actor=actor_id)
-    if args.manifest is None:
-        print("error: --manifest (or FEDFLEET_MANIFEST) is required", file=sys.stderr)
+    inline = _env("MANIFEST_YAML")
+    if args.manifest is None and not inline:
+        print(
+            "error: --manifest (or FEDFLEET_MANIFEST, or FEDFLEET_MANIFEST_YAML) is required",
+            file=sys.stderr,
+        )
         return 2
     try:
-        job = load_manifest(Path(args.manifest).read_text())
+        job = load_manifest(Path(args.manifest).read_text() if args.manifest else str(inline))
     except OSError as exc:
         print(f"error: cannot read manifest: {exc}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ class CheckpointCache:
                 self._weights, self._opt = initial_checkpoint(self._job.spec.model)
                 self._raw = b""
             else:
-                cp = self._store.checkpoint(self._job.name)
+                cp = self._store.checkpoint(self._job.key)
                 if cp is None or cp.version != version:
                     have = cp.version if cp else 0
                     raise ValueError(

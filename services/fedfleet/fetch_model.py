@@ -1,0 +1,91 @@
+"""``fedfleet fetch-model``: copy a job's newest model checkpoint out of the store.
+
+A job's model lives in the store under the job key ``<namespace>/<name>`` (``FLJob.key``), not
+in Kubernetes; the FLJob's ``.status.model`` prints this command. The file is the checkpoint
+exactly as committed — the model's weights and the server optimizer's state, in the format of
+:mod:`fedfleet.core.checkpoint` (no pickle); ``unpack_checkpoint(data, spec.model)`` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from fedfleet.store.base import StoreUnavailable
+from fedfleet.store.factory import open_store
+
+__all__ = ["add_arguments", "run"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("FEDFLEET_STORE_URL"),
+        metavar="URL",
+        help="store URL, redis://host:6379/0 (default $FEDFLEET_STORE_URL; the password may "
+        "also come from $FEDFLEET_REDIS_PASSWORD)",
+    )
+    parser.add_argument(
+        "--job",
+        required=True,
+        metavar="NS/NAME",
+        help="the job key: <namespace>/<name> of the FLJob (see its .status.model.key)",
+    )
+    parser.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="PATH", help="file to write"
+    )
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write next to the target and rename, so a failed fetch never leaves half a model."""
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fetch the checkpoint; 1 when the job has none (or the store is down), 2 on bad usage."""
+    if not args.store:
+        print("error: --store (or $FEDFLEET_STORE_URL) is required", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        store = open_store(args.store)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        checkpoint = store.checkpoint(args.job)
+    except StoreUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        store.close()
+    if checkpoint is None:
+        print(
+            f"error: no model for job {args.job!r} in the store (no round committed yet, a "
+            "wrong key, or the FLJob was deleted)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    try:
+        _write_atomically(args.output, checkpoint.data)
+    except OSError as exc:
+        print(f"error: cannot write {args.output}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"wrote {args.output}: model version {checkpoint.version} (round {checkpoint.round}), "
+        f"{len(checkpoint.data)} bytes",
+        file=sys.stderr,
+    )
+    return EXIT_OK

@@ -1,0 +1,34 @@
+"""The deployed shape end to end: redis-server, coordinator + standby, 2 selectors,
+2 aggregators as real uvicorn processes, and a simulated fleet over real HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedfleet.core.spec import load_manifest
+from tests.integration.deployed import run_deployed, small_job
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+
+
+def test_digits_example_through_http_and_redis_reaches_088() -> None:
+    job = load_manifest((EXAMPLES / "digits.yaml").read_text())
+    out = run_deployed(job, timeout=600)
+    assert out.finished
+    committed = [a for a in out.attempts if not a["abandoned"]]
+    assert len(committed) == 50
+    assert out.result.model_version == 50
+    assert out.result.final_accuracy is not None and out.result.final_accuracy >= 0.88
+    assert all(a["reported"] == 20 for a in committed)  # rounds close at exactly K
+
+
+def test_small_job_versions_are_consecutive() -> None:
+    out = run_deployed(small_job(), timeout=180)
+    assert out.finished
+    committed = [a for a in out.attempts if not a["abandoned"]]
+    assert [a["model_version"] for a in committed] == list(range(1, 13))
+    assert out.versions_seen == sorted(out.versions_seen)
