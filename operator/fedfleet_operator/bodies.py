@@ -1,0 +1,195 @@
+"""Typed shapes of the Kubernetes objects the operator writes.
+
+Only the fields the builders set are declared: enough for mypy to catch a misspelt key or a
+string where Kubernetes wants an int, without vendoring the whole API. The bodies are plain
+dicts at run time, which is what the Kubernetes client and :func:`kopf.adopt` take.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NotRequired, TypedDict
+
+__all__ = [
+    "ChildBody",
+    "ConfigMapBody",
+    "Container",
+    "ContainerPort",
+    "DeploymentBody",
+    "DeploymentSpec",
+    "EnvVar",
+    "EnvVarSource",
+    "FieldRef",
+    "HTTPGetAction",
+    "KeyRef",
+    "LabelSelector",
+    "ObjectMeta",
+    "PodSpec",
+    "PodTemplate",
+    "Probe",
+    "ResourceRequirements",
+    "SecretBody",
+    "SecurityContext",
+    "ServiceBody",
+    "ServicePort",
+    "ServiceSpec",
+    "TemplateMeta",
+    "Volume",
+    "VolumeMount",
+]
+
+
+class ObjectMeta(TypedDict):
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    annotations: NotRequired[dict[str, str]]
+
+
+class TemplateMeta(TypedDict):
+    labels: dict[str, str]
+    annotations: dict[str, str]
+
+
+class KeyRef(TypedDict):
+    name: str
+    key: str
+
+
+class FieldRef(TypedDict):
+    fieldPath: str
+
+
+class EnvVarSource(TypedDict, total=False):
+    configMapKeyRef: KeyRef
+    secretKeyRef: KeyRef
+    fieldRef: FieldRef
+
+
+class EnvVar(TypedDict):
+    name: str
+    value: NotRequired[str]
+    valueFrom: NotRequired[EnvVarSource]
+
+
+class HTTPGetAction(TypedDict):
+    path: str
+    port: int
+
+
+class Probe(TypedDict):
+    httpGet: HTTPGetAction
+    periodSeconds: int
+    timeoutSeconds: int
+    failureThreshold: int
+
+
+class SecurityContext(TypedDict):
+    runAsNonRoot: bool
+    runAsUser: int
+    readOnlyRootFilesystem: bool
+    allowPrivilegeEscalation: bool
+    capabilities: dict[Literal["drop", "add"], list[str]]
+
+
+class ContainerPort(TypedDict):
+    name: str
+    containerPort: int
+    protocol: Literal["TCP", "UDP"]
+
+
+class ResourceRequirements(TypedDict, total=False):
+    requests: dict[str, str]
+    limits: dict[str, str]
+
+
+class VolumeMount(TypedDict):
+    name: str
+    mountPath: str
+
+
+class Volume(TypedDict):
+    name: str
+    emptyDir: dict[str, str]
+
+
+class Container(TypedDict):
+    name: str
+    image: str
+    imagePullPolicy: str
+    command: list[str]
+    env: list[EnvVar]
+    ports: list[ContainerPort]
+    readinessProbe: Probe
+    livenessProbe: Probe
+    securityContext: SecurityContext
+    resources: ResourceRequirements
+    volumeMounts: list[VolumeMount]
+
+
+class PodSpec(TypedDict):
+    automountServiceAccountToken: bool
+    containers: list[Container]
+    volumes: list[Volume]
+
+
+class PodTemplate(TypedDict):
+    metadata: TemplateMeta
+    spec: PodSpec
+
+
+class LabelSelector(TypedDict):
+    matchLabels: dict[str, str]
+
+
+class DeploymentSpec(TypedDict):
+    replicas: int
+    revisionHistoryLimit: int
+    selector: LabelSelector
+    template: PodTemplate
+
+
+class DeploymentBody(TypedDict):
+    apiVersion: Literal["apps/v1"]
+    kind: Literal["Deployment"]
+    metadata: ObjectMeta
+    spec: DeploymentSpec
+
+
+class ServicePort(TypedDict):
+    name: str
+    port: int
+    targetPort: int
+    protocol: Literal["TCP", "UDP"]
+
+
+class ServiceSpec(TypedDict):
+    type: Literal["ClusterIP"]
+    selector: dict[str, str]
+    ports: list[ServicePort]
+
+
+class ServiceBody(TypedDict):
+    apiVersion: Literal["v1"]
+    kind: Literal["Service"]
+    metadata: ObjectMeta
+    spec: ServiceSpec
+
+
+class ConfigMapBody(TypedDict):
+    apiVersion: Literal["v1"]
+    kind: Literal["ConfigMap"]
+    metadata: ObjectMeta
+    data: dict[str, str]
+
+
+class SecretBody(TypedDict):
+    apiVersion: Literal["v1"]
+    kind: Literal["Secret"]
+    metadata: ObjectMeta
+    type: Literal["Opaque"]
+    data: dict[str, str]
+    """Values base64-encoded, as the API stores them (``stringData`` confuses field ownership
+    and reads back as ``data`` anyway)."""
+
+
+ChildBody = ConfigMapBody | SecretBody | DeploymentBody | ServiceBody

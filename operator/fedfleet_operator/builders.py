@@ -1,0 +1,318 @@
+"""Pure builders of an FLJob's children: a validated job in, Kubernetes bodies out.
+
+Nothing here talks to the API (dask-kubernetes' split): the handlers call these and send the
+result, so every name, label, env var, probe and replica count of ``operator/CONTRACT.md`` is
+unit-tested without a cluster. Owner references are not set here: the handler adds them with
+:func:`kopf.adopt`, which needs the live object's uid.
+
+Policy changes (round policy, aggregation, eligibility, plan) reach the actors through the plan
+ConfigMap, which they read only at start; the :func:`spec_hash` annotation on the pod templates
+is what restarts them. It is put on every actor Deployment, not only the coordinator's: the
+selectors hand out the plan and apply eligibility, the aggregators apply the server optimizer,
+so rolling the coordinator alone would leave those parts of a policy change unapplied.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import re
+from typing import Final
+
+import yaml
+
+from fedfleet.core.spec import API_VERSION, KIND, FLJob, FLJobSpec
+from fedfleet_operator.bodies import (
+    ConfigMapBody,
+    Container,
+    DeploymentBody,
+    EnvVar,
+    ObjectMeta,
+    Probe,
+    ResourceRequirements,
+    SecretBody,
+    SecurityContext,
+    ServiceBody,
+)
+from fedfleet_operator.naming import (
+    ANNOTATION_SPEC_HASH,
+    JOB_SECRET_KEY,
+    MANIFEST_KEY,
+    REDIS_PASSWORD_KEY,
+    ChildRole,
+    deployment_name,
+    labels,
+    plan_name,
+    secret_name,
+    selector_labels,
+    service_name,
+)
+from fedfleet_operator.settings import OperatorSettings
+
+__all__ = [
+    "ACTOR_PORT",
+    "ACTOR_ROLES",
+    "COORDINATOR_REPLICAS",
+    "DEFAULT_RESOURCES",
+    "actor_replicas",
+    "build_actor_deployment",
+    "build_aggregator_deployment",
+    "build_coordinator_deployment",
+    "build_job_secret",
+    "build_plan_configmap",
+    "build_selector_deployment",
+    "build_selector_service",
+    "is_job_secret",
+    "manifest_yaml",
+    "spec_hash",
+]
+
+ACTOR_PORT: Final = 8080
+"""Port of every actor's HTTP server (device API, health, metrics)."""
+COORDINATOR_REPLICAS: Final = 2
+"""An active coordinator and a standby that takes over when its lease lapses."""
+ACTOR_ROLES: Final = (ChildRole.coordinator, ChildRole.selector, ChildRole.aggregator)
+
+DEFAULT_RESOURCES: Final[dict[ChildRole, ResourceRequirements]] = {
+    ChildRole.coordinator: {"requests": {"cpu": "50m", "memory": "128Mi"}},
+    ChildRole.selector: {"requests": {"cpu": "100m", "memory": "128Mi"}},
+    ChildRole.aggregator: {"requests": {"cpu": "250m", "memory": "256Mi"}},
+}
+"""Requests only, no limits: they place pods sensibly, while the memory an aggregator needs
+grows with the model (``aggregation.maxUpdateBytes`` is up to 1 GiB), so a fixed limit would
+OOM-kill large jobs. Clusters that want limits set them with a LimitRange."""
+
+
+def _security_context() -> SecurityContext:
+    """Non-root (nobody), read-only root filesystem, no privilege escalation, no
+    capabilities: actors need none of them. A fresh dict per body, so bodies never share
+    mutable parts."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 65534,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+_TMP_VOLUME: Final = "tmp"
+"""An emptyDir at /tmp: the root filesystem is read-only, and Python libraries that need a
+scratch file (tempfile, caches) look there."""
+
+_HEX64: Final = re.compile(r"^[0-9a-f]{64}$")
+
+
+# -- policy hash ------------------------------------------------------------------------------
+
+
+def spec_hash(spec: FLJobSpec) -> str:
+    """sha256 of the canonical JSON of the parts of the spec actors apply per round.
+
+    Round policy, aggregation, eligibility and plan: a change to any of them must restart the
+    actors (they read the manifest at start). Sizing (``actors``), ``suspend`` and the
+    simulated ``fleet`` are left out, so resizing or suspending never rolls a pod.
+    """
+    policy = {
+        part: getattr(spec, part).model_dump(mode="json", by_alias=True)
+        for part in ("rounds", "aggregation", "eligibility", "plan")
+    }
+    canonical = json.dumps(policy, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# -- plan ConfigMap and Secret ------------------------------------------------------------------
+
+
+def _meta(name: str, namespace: str, job: str, role: ChildRole) -> ObjectMeta:
+    return {"name": name, "namespace": namespace, "labels": labels(job, role)}
+
+
+def manifest_yaml(job: FLJob, namespace: str) -> str:
+    """The manifest actors read (``FEDFLEET_MANIFEST_YAML``): name, namespace and the
+    validated spec with every default filled in, so all actors agree on it."""
+    doc = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": job.name, "namespace": namespace},
+        "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def build_plan_configmap(job: FLJob, namespace: str) -> ConfigMapBody:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(plan_name(job.name), namespace, job.name, ChildRole.plan),
+        "data": {MANIFEST_KEY: manifest_yaml(job, namespace)},
+    }
+
+
+def is_job_secret(value: str | None) -> bool:
+    """Whether a value is a usable job secret: 32 random bytes as 64 lower-case hex digits."""
+    return value is not None and bool(_HEX64.match(value))
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+def build_job_secret(
+    name: str, namespace: str, job_secret_hex: str, redis_password: str
+) -> SecretBody:
+    """The job's Secret. ``job_secret_hex`` is created once (by the handler) and kept."""
+    if not is_job_secret(job_secret_hex):
+        raise ValueError("job secret must be 64 lower-case hex characters")
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(secret_name(name), namespace, name, ChildRole.plan),
+        "type": "Opaque",
+        "data": {JOB_SECRET_KEY: _b64(job_secret_hex), REDIS_PASSWORD_KEY: _b64(redis_password)},
+    }
+
+
+# -- actor Deployments and the selectors' Service -------------------------------------------------
+
+
+def actor_replicas(spec: FLJobSpec, role: ChildRole) -> int:
+    """Replicas of a role's Deployment: zero for every role while the job is suspended."""
+    if spec.suspend:
+        return 0
+    if role is ChildRole.coordinator:
+        return COORDINATOR_REPLICAS
+    if role is ChildRole.selector:
+        return spec.actors.selectors
+    if role is ChildRole.aggregator:
+        return spec.actors.aggregator_count(spec.rounds)
+    raise ValueError(f"{role} is not an actor role")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}"
+
+
+def _actor_env(job: str, settings: OperatorSettings) -> list[EnvVar]:
+    # POD_IP comes before the variables that expand $(POD_IP): Kubernetes expands only
+    # references to variables defined earlier in the list.
+    return [
+        {
+            "name": "FEDFLEET_MANIFEST_YAML",
+            "valueFrom": {"configMapKeyRef": {"name": plan_name(job), "key": MANIFEST_KEY}},
+        },
+        {
+            "name": "FEDFLEET_JOB_SECRET",
+            "valueFrom": {"secretKeyRef": {"name": secret_name(job), "key": JOB_SECRET_KEY}},
+        },
+        {
+            "name": "FEDFLEET_REDIS_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": secret_name(job), "key": REDIS_PASSWORD_KEY}},
+        },
+        {"name": "FEDFLEET_STORE_URL", "value": settings.actor_store_url},
+        {"name": "FEDFLEET_ACTOR_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "FEDFLEET_HOST", "value": "$(POD_IP)"},
+        {"name": "FEDFLEET_PORT", "value": str(ACTOR_PORT)},
+        {"name": "FEDFLEET_ADVERTISE", "value": f"http://$(POD_IP):{ACTOR_PORT}"},
+        {"name": "FEDFLEET_TICK_SECONDS", "value": _seconds(settings.actor_tick_seconds)},
+        {"name": "FEDFLEET_LEASE_TTL", "value": _seconds(settings.lease_ttl)},
+    ]
+
+
+def _probe(path: str, period: int, failures: int) -> Probe:
+    return {
+        "httpGet": {"path": path, "port": ACTOR_PORT},
+        "periodSeconds": period,
+        "timeoutSeconds": 1,
+        "failureThreshold": failures,
+    }
+
+
+def _container(job: FLJob, role: ChildRole, settings: OperatorSettings) -> Container:
+    return {
+        "name": role.value,
+        "image": settings.actor_image or job.spec.actors.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["fedfleet", role.value],
+        "env": _actor_env(job.name, settings),
+        "ports": [{"name": "http", "containerPort": ACTOR_PORT, "protocol": "TCP"}],
+        "readinessProbe": _probe("/readyz", period=2, failures=3),
+        "livenessProbe": _probe("/healthz", period=10, failures=3),
+        "securityContext": _security_context(),
+        "resources": copy.deepcopy(DEFAULT_RESOURCES[role]),
+        "volumeMounts": [{"name": _TMP_VOLUME, "mountPath": "/tmp"}],
+    }
+
+
+def build_actor_deployment(
+    job: FLJob,
+    namespace: str,
+    settings: OperatorSettings,
+    spec_hash: str,
+    role: ChildRole,
+) -> DeploymentBody:
+    """The Deployment of one actor role (see the role-named wrappers below)."""
+    if role not in ACTOR_ROLES:
+        raise ValueError(f"{role} is not an actor role")
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(deployment_name(job.name, role), namespace, job.name, role),
+        "spec": {
+            "replicas": actor_replicas(job.spec, role),
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector_labels(job.name, role)},
+            "template": {
+                "metadata": {
+                    "labels": labels(job.name, role),
+                    "annotations": {ANNOTATION_SPEC_HASH: spec_hash},
+                },
+                "spec": {
+                    # Actors never call the Kubernetes API: no token in their pods.
+                    "automountServiceAccountToken": False,
+                    "containers": [_container(job, role, settings)],
+                    "volumes": [{"name": _TMP_VOLUME, "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def build_coordinator_deployment(
+    job: FLJob, namespace: str, settings: OperatorSettings, spec_hash: str
+) -> DeploymentBody:
+    """Two coordinators (active + standby); zero while suspended."""
+    return build_actor_deployment(job, namespace, settings, spec_hash, ChildRole.coordinator)
+
+
+def build_selector_deployment(
+    job: FLJob, namespace: str, settings: OperatorSettings, spec_hash: str
+) -> DeploymentBody:
+    """``spec.actors.selectors`` selectors; zero while suspended."""
+    return build_actor_deployment(job, namespace, settings, spec_hash, ChildRole.selector)
+
+
+def build_aggregator_deployment(
+    job: FLJob, namespace: str, settings: OperatorSettings, spec_hash: str
+) -> DeploymentBody:
+    """``ActorsSpec.aggregator_count(rounds)`` aggregators; zero while suspended."""
+    return build_actor_deployment(job, namespace, settings, spec_hash, ChildRole.aggregator)
+
+
+def build_selector_service(job: FLJob, namespace: str) -> ServiceBody:
+    """The device API: a ClusterIP Service over the selectors, port 8080 ``http``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(service_name(job.name), namespace, job.name, ChildRole.selector),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(job.name, ChildRole.selector),
+            "ports": [
+                {"name": "http", "port": ACTOR_PORT, "targetPort": ACTOR_PORT, "protocol": "TCP"}
+            ],
+        },
+    }

@@ -1,0 +1,138 @@
+"""The few Kubernetes API calls the handlers make, behind a small Protocol.
+
+Handlers need three things: make a child look like its body (create it, or patch it if it
+exists), delete a child, and read the job Secret back (its job secret is created once and kept).
+:class:`ChildClient` names exactly those; :class:`KubeClient` implements them with the official
+client, and unit tests pass a recording fake instead of a cluster.
+
+Calls are synchronous: kopf runs sync handlers in its thread pool, and the official client's
+synchronous API is the one stable across the versions fedfleet supports. Each call carries a
+timeout (``FEDFLEET_API_TIMEOUT``) so a stuck API server fails the handler, which kopf retries.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any, Final, Protocol
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+__all__ = ["FIELD_MANAGER", "ChildClient", "KubeClient", "load_api_client"]
+
+FIELD_MANAGER: Final = "fedfleet-operator"
+"""Field manager recorded in managedFields for everything the operator writes."""
+
+_CONFLICT, _NOT_FOUND = 409, 404
+
+_API_OF_KIND: Final = {
+    "ConfigMap": ("core", "config_map"),
+    "Secret": ("core", "secret"),
+    "Service": ("core", "service"),
+    "Deployment": ("apps", "deployment"),
+}
+"""Kind -> (API group client, method suffix): ``create_namespaced_<suffix>`` and friends."""
+
+
+class ChildClient(Protocol):
+    """What the handlers do to an FLJob's children."""
+
+    def apply(self, body: Mapping[str, Any]) -> None:
+        """Create the object, or patch it to the body if it exists (idempotent)."""
+        ...
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete an object; False when it was already gone."""
+        ...
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data, decoded; ``None`` when it does not exist."""
+        ...
+
+
+def load_api_client() -> client.ApiClient:
+    """An API client from the pod's service account, else from the kubeconfig (development,
+    the test cluster). kopf logs in separately with the same sources."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except ConfigException:
+        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return client.ApiClient(configuration)
+
+
+class KubeClient:
+    """:class:`ChildClient` over the official client's CoreV1Api and AppsV1Api."""
+
+    def __init__(self, api_client: client.ApiClient, *, timeout: float) -> None:
+        self._apis: dict[str, Any] = {
+            "core": client.CoreV1Api(api_client),
+            "apps": client.AppsV1Api(api_client),
+        }
+        self._timeout = timeout
+
+    def _method(self, verb: str, kind: str) -> Any:
+        try:
+            group, suffix = _API_OF_KIND[kind]
+        except KeyError:
+            raise ValueError(f"the operator does not manage {kind} objects") from None
+        return getattr(self._apis[group], f"{verb}_namespaced_{suffix}")
+
+    def apply(self, body: Mapping[str, Any]) -> None:
+        kind, meta = str(body["kind"]), body["metadata"]
+        name, namespace = str(meta["name"]), str(meta["namespace"])
+        try:
+            self._method("create", kind)(
+                namespace=namespace,
+                body=dict(body),
+                field_manager=FIELD_MANAGER,
+                _request_timeout=self._timeout,
+            )
+            return
+        except ApiException as exc:
+            if exc.status != _CONFLICT:
+                raise
+        # It exists: a strategic-merge patch to the same body (merge by name for containers,
+        # env and ports) converges it without a read, and rolls the pods only if the pod
+        # template changed.
+        self._method("patch", kind)(
+            name=name,
+            namespace=namespace,
+            body=dict(body),
+            field_manager=FIELD_MANAGER,
+            _request_timeout=self._timeout,
+        )
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        try:
+            self._method("delete", kind)(
+                name=name,
+                namespace=namespace,
+                propagation_policy="Background",
+                _request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            if exc.status == _NOT_FOUND:
+                return False
+            raise
+        return True
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            secret = self._apis["core"].read_namespaced_secret(
+                name=name, namespace=namespace, _request_timeout=self._timeout
+            )
+        except ApiException as exc:
+            if exc.status == _NOT_FOUND:
+                return None
+            raise
+        out: dict[str, str] = {}
+        for key, value in (getattr(secret, "data", None) or {}).items():
+            try:
+                out[str(key)] = base64.b64decode(value).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                continue  # not ours to interpret; the caller replaces what it needs
+        return out

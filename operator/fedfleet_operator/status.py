@@ -1,0 +1,328 @@
+"""Pure computation of an FLJob's ``.status``: from the store's records, or from its spec.
+
+Pods never write the Kubernetes API; the coordinator writes a small job record to the store
+(``job_state``: phase, round, rounds, model version, start and completion times, the reason it
+finished) and every commit appends the round's metrics (``metrics``: accuracy, loss, reports).
+The operator's status timer reads both and this module maps them onto the status of
+``operator/CONTRACT.md``; the create and update handlers use :func:`spec_status` for what they
+know before the coordinator reports. Everything takes ``now`` as an argument, so tests pin it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, NotRequired, TypedDict, cast
+
+from fedfleet.core.roles import JobPhase
+from fedfleet_operator.conditions import (
+    COMPLETE,
+    INVALID,
+    READY,
+    SUSPENDED,
+    Condition,
+    ConditionSpec,
+    Reason,
+    condition,
+    find_condition,
+    merge_conditions,
+    rfc3339,
+)
+from fedfleet_operator.settings import redact_store_url
+
+__all__ = [
+    "TERMINAL_PHASES",
+    "FLJobStatus",
+    "LastRound",
+    "ModelLocation",
+    "changed_fields",
+    "fetch_command",
+    "model_location",
+    "phase_from_store",
+    "spec_status",
+    "status_from_store",
+    "store_unavailable_status",
+]
+
+TERMINAL_PHASES = frozenset({JobPhase.succeeded.value, JobPhase.failed.value})
+"""Phases after which nothing about the job changes any more."""
+
+_DIGITS = 4
+"""Accuracy and loss are rounded for ``kubectl get``; the store keeps full precision."""
+
+
+class LastRound(TypedDict):
+    round: int
+    accuracy: NotRequired[float]
+    loss: NotRequired[float]
+    reports: NotRequired[int]
+
+
+class ModelLocation(TypedDict):
+    """Where the newest model is kept, and the command that fetches it."""
+
+    store: str
+    key: str
+    version: int
+    fetch: str
+
+
+class FLJobStatus(TypedDict, total=False):
+    phase: str
+    round: int
+    rounds: int
+    modelVersion: int
+    accuracy: float
+    lastRound: LastRound
+    startTime: str
+    completionTime: str
+    observedGeneration: int
+    conditions: list[Condition]
+    model: ModelLocation
+
+
+# -- model location -----------------------------------------------------------------------------
+
+
+def fetch_command(store_url: str, key: str, output: str = "model.bin") -> str:
+    return f"fedfleet fetch-model --store {redact_store_url(store_url)} --job {key} -o {output}"
+
+
+def model_location(key: str, store_url: str, version: int) -> ModelLocation:
+    """The model is in the store under the job key; the URL is shown without a password."""
+    return {
+        "store": redact_store_url(store_url),
+        "key": key,
+        "version": version,
+        "fetch": fetch_command(store_url, key),
+    }
+
+
+# -- from the store -------------------------------------------------------------------------------
+
+
+def phase_from_store(job_state: Mapping[str, Any], *, suspended: bool) -> JobPhase:
+    """Pending until the coordinator reports; the store's phase after; Suspended while the
+    spec says so, unless the job already finished (a finished job stays finished)."""
+    try:
+        reported: JobPhase | None = JobPhase(str(job_state.get("phase")))
+    except ValueError:
+        reported = None
+    if reported in (JobPhase.succeeded, JobPhase.failed):
+        return reported
+    if suspended:
+        return JobPhase.suspended
+    return reported or JobPhase.pending
+
+
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return round(float(value), _DIGITS)
+
+
+def _last_round(last: Mapping[str, Any], round_: int) -> LastRound:
+    out: LastRound = {"round": _int(last.get("round"), round_)}
+    accuracy, loss = _number(last.get("accuracy")), _number(last.get("loss"))
+    if accuracy is not None:
+        out["accuracy"] = accuracy
+    if loss is not None:
+        out["loss"] = loss
+    if isinstance(last.get("reports"), int):
+        out["reports"] = int(last["reports"])
+    return out
+
+
+def _ready(
+    phase: JobPhase, *, round_: int, rounds: int | None, invalid: str | None
+) -> ConditionSpec:
+    of = f" of {rounds}" if rounds else ""
+    if phase is JobPhase.running:
+        return condition(READY, True, Reason.RUNNING, f"the coordinator reports round {round_}{of}")
+    if phase is JobPhase.suspended:
+        return condition(READY, False, Reason.SUSPEND_REQUESTED, "actors are scaled to zero")
+    if phase is JobPhase.succeeded:
+        return condition(READY, False, Reason.SUCCEEDED, "the job finished; its actors are gone")
+    if phase is JobPhase.failed:
+        return condition(READY, False, Reason.FAILED, "the job failed")
+    if invalid is not None:
+        return condition(READY, False, Reason.INVALID_SPEC, "the spec is invalid; see Invalid")
+    return condition(
+        READY, False, Reason.WAITING_FOR_COORDINATOR, "waiting for the coordinator to report"
+    )
+
+
+def _complete(phase: JobPhase, job_state: Mapping[str, Any], round_: int) -> ConditionSpec:
+    if phase is JobPhase.succeeded:
+        if job_state.get("reason") == "target":
+            return condition(
+                COMPLETE,
+                True,
+                Reason.TARGET_ACCURACY_REACHED,
+                f"target accuracy reached after {round_} rounds",
+            )
+        return condition(COMPLETE, True, Reason.ROUNDS_COMPLETED, f"{round_} rounds committed")
+    if phase is JobPhase.failed:
+        reason = str(job_state.get("reason") or "the coordinator reported failure")
+        return condition(COMPLETE, False, Reason.FAILED, reason)
+    return condition(COMPLETE, False, Reason.IN_PROGRESS, "")
+
+
+def _invalid(invalid: str | None) -> ConditionSpec:
+    if invalid is None:
+        return condition(INVALID, False, Reason.VALID_SPEC, "")
+    return condition(INVALID, True, Reason.INVALID_SPEC, invalid)
+
+
+def _suspended(suspended: bool) -> ConditionSpec:
+    if suspended:
+        return condition(SUSPENDED, True, Reason.SUSPEND_REQUESTED, "spec.suspend is true")
+    return condition(SUSPENDED, False, Reason.NOT_SUSPENDED, "")
+
+
+def status_from_store(
+    job_state: Mapping[str, Any],
+    metrics: Sequence[Mapping[str, Any]],
+    *,
+    key: str,
+    store_url: str,
+    generation: int | None,
+    now: datetime,
+    previous: Mapping[str, Any] | None = None,
+    suspended: bool = False,
+    invalid: str | None = None,
+    rounds_total: int | None = None,
+) -> FLJobStatus:
+    """The whole status from the store's job record and metrics history.
+
+    ``previous`` is the current ``.status`` (its conditions keep their transition times);
+    ``suspended``, ``invalid`` (the validation message, if any) and ``rounds_total`` come from
+    the current spec, the latter used until the coordinator reports the rounds it runs.
+    """
+    last: Mapping[str, Any] = metrics[-1] if metrics else (job_state.get("last_metrics") or {})
+    version = max(_int(job_state.get("model_version")), _int(last.get("model_version")))
+    round_ = max(_int(job_state.get("round")), _int(last.get("round")), version)
+    rounds = _int(job_state.get("rounds")) or rounds_total
+    phase = phase_from_store(job_state, suspended=suspended)
+
+    status: FLJobStatus = {"phase": phase.value, "round": round_, "modelVersion": version}
+    if rounds:
+        status["rounds"] = rounds
+    if generation is not None:
+        status["observedGeneration"] = generation
+    if last:
+        status["lastRound"] = _last_round(last, round_)
+        accuracy = _number(last.get("accuracy"))
+        if accuracy is not None:
+            status["accuracy"] = accuracy
+    if isinstance(job_state.get("start_time"), int | float):
+        status["startTime"] = rfc3339(float(job_state["start_time"]))
+    if phase.value in TERMINAL_PHASES and isinstance(job_state.get("completion_time"), int | float):
+        status["completionTime"] = rfc3339(float(job_state["completion_time"]))
+    if version > 0:
+        status["model"] = model_location(key, store_url, version)
+    status["conditions"] = merge_conditions(
+        (previous or {}).get("conditions"),
+        [
+            _ready(phase, round_=round_, rounds=rounds, invalid=invalid),
+            _invalid(invalid),
+            _suspended(suspended),
+            _complete(phase, job_state, round_),
+        ],
+        now=now,
+    )
+    return status
+
+
+def store_unavailable_status(
+    previous: Mapping[str, Any] | None, message: str, *, now: datetime
+) -> FLJobStatus:
+    """The previous status, unchanged but for ``Ready``: False, ``StoreUnavailable``.
+
+    Progress cannot be read, so nothing else is guessed: the phase, round and accuracy keep
+    their last known values until the store answers again.
+    """
+    status = cast(FLJobStatus, dict(previous or {}))
+    status["conditions"] = merge_conditions(
+        (previous or {}).get("conditions"),
+        [condition(READY, False, Reason.STORE_UNAVAILABLE, message)],
+        now=now,
+    )
+    return status
+
+
+# -- from the spec -------------------------------------------------------------------------------
+
+
+def spec_status(
+    previous: Mapping[str, Any] | None,
+    *,
+    generation: int | None,
+    now: datetime,
+    invalid: str | None = None,
+    suspended: bool = False,
+    rounds_total: int | None = None,
+) -> FLJobStatus:
+    """What the create and update handlers know before the store does.
+
+    A new job is Pending; suspending a job that has not finished makes it Suspended at once,
+    resuming makes it Pending until the coordinator reports again. An invalid spec leaves the
+    phase as it was (a running job keeps running its last valid spec) and sets ``Invalid``.
+    """
+    prev = previous or {}
+    prev_phase = str(prev.get("phase") or "")
+    if prev_phase in TERMINAL_PHASES:
+        phase = prev_phase
+    elif invalid is not None:
+        phase = prev_phase or JobPhase.pending.value
+    elif suspended:
+        phase = JobPhase.suspended.value
+    elif prev_phase in ("", JobPhase.suspended.value):
+        phase = JobPhase.pending.value
+    else:
+        phase = prev_phase
+    status: FLJobStatus = {"phase": phase}
+    if generation is not None:
+        status["observedGeneration"] = generation
+    if invalid is None and rounds_total is not None and "rounds" not in prev:
+        status["rounds"] = rounds_total
+    if "round" not in prev:
+        status["round"] = 0
+    updates = [_invalid(invalid)]
+    if invalid is None:
+        updates.append(_suspended(suspended))
+    conditions = prev.get("conditions") or []
+    if phase not in TERMINAL_PHASES:
+        # Ready only when the phase moved, was never said, or is Pending (whose reason says
+        # whether the spec is invalid): otherwise it is the status timer's, whose message names
+        # the round, and rewriting it here would make it flap.
+        if (
+            phase != prev_phase
+            or phase == JobPhase.pending.value
+            or find_condition(conditions, READY) is None
+        ):
+            ready = _ready(
+                JobPhase(phase), round_=_int(prev.get("round")), rounds=None, invalid=invalid
+            )
+            updates.append(ready)
+        if find_condition(conditions, COMPLETE) is None:
+            updates.append(_complete(JobPhase(phase), {}, 0))
+    status["conditions"] = merge_conditions(prev.get("conditions"), updates, now=now)
+    return status
+
+
+def changed_fields(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level fields of ``new`` that differ from ``previous``: the status merge patch.
+
+    Writing only what changed keeps an idle job from costing an API write (and a watch event
+    for every client) on every timer tick.
+    """
+    prev = previous or {}
+    return {k: v for k, v in new.items() if prev.get(k) != v}
