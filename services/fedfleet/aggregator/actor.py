@@ -82,6 +82,10 @@ class Aggregator:
         if self.stopped:
             raise ConnectionError("aggregator is down")
         state = self._rounds.get(env.round_key)
+        if state is None or state.phase in (Phase.selecting, Phase.waiting):
+            # A device can train and report before this aggregator's next tick has seen its
+            # round configured: look again in the store before refusing (miss path only).
+            state = self._refresh_round(env.round_key)
         if state is None:
             raise ReportRejected(404, f"unknown round {env.round_key!r}")
         if state.phase is not Phase.reporting or env.round_key in self._published:
@@ -125,6 +129,12 @@ class Aggregator:
             if acc is None:
                 acc = self._sums[key] = StreamingSum(self._shapes)
             acc.add(update, float(env.num_examples), validated=True)
+
+    def _refresh_round(self, round_key: str) -> RoundState | None:
+        fresh = {r.key: r for r in self.store.rounds(self.name)}
+        with self._lock:
+            self._rounds = fresh
+        return fresh.get(round_key)
 
     def partial(self, round_key: str) -> StreamingSum | None:
         return self._sums.get(round_key)
