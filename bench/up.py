@@ -5,7 +5,9 @@ its standby, two selectors and two aggregators, each its own uvicorn process, an
 simulated fleet talking real HTTP to the selectors. Its wall time runs from starting the
 first process to the job's Succeeded in the store, so it includes starting every process,
 as Flower's includes starting Ray. Flower runs its Simulation Engine once, as in
-``bench/embedded.py``. Target: fedfleet faster than Flower.
+``bench/embedded.py``. Target: fedfleet faster than Flower. The fleet simulator makes each
+device take ``fleet.trainSeconds`` of simulated time on top of the real training; Flower's
+clients have no such delay, so it is scaled down to 20 ms here (``--time-scale``).
 
     .venv/bin/python bench/up.py [--skip-flower] [--rounds N] [--time-scale X]
 """
@@ -74,8 +76,11 @@ def main() -> None:
     parser.add_argument(
         "--time-scale",
         type=float,
-        default=0.01,
-        help="real seconds per simulated second of device training (0.01)",
+        default=0.001,
+        help=(
+            "real seconds per simulated second of device training (0.001: the simulator's"
+            " 20 s of device time becomes 20 ms; Flower's clients sleep for none)"
+        ),
     )
     args = parser.parse_args()
     print(f"load average at start: {load_average()}")
