@@ -1,0 +1,405 @@
+"""fedfleet on a real control plane: helm install, kubectl apply FLJobs, watch them train.
+
+The chart is installed with the real helm into the test cluster; the operator and the bundled
+Redis run as pods through the node agent; FLJobs are applied with the real kubectl; a
+simulated fleet checks in through the selector pods over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedfleet.core.spec import FLJob, parse_manifest
+from fedfleet.device.http_fleet import HttpFleet
+from fedfleet.service.keys import JobKeys
+from fedfleet.store.factory import open_store
+from fedfleet.up import UpOptions
+from tests.cluster.conftest import Cluster
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "fedfleet"
+
+
+@dataclass
+class Installed:
+    namespace: str
+    redis_url: str
+
+
+def _secret(cluster: Cluster, ns: str, name: str, key: str) -> str:
+    obj = cluster.get("secret", name, ns)
+    assert obj is not None, f"secret {ns}/{name} missing"
+    return base64.b64decode(obj["data"][key]).decode()
+
+
+def _ready_pods(cluster: Cluster, ns: str, selector: str) -> list[dict[str, Any]]:
+    pods = cluster.list("pods", ns, selector)
+    return [
+        p
+        for p in pods
+        if p.get("metadata", {}).get("deletionTimestamp") is None
+        and any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in p.get("status", {}).get("conditions", [])
+        )
+    ]
+
+
+@pytest.fixture(scope="module")
+def fedfleet(cluster: Cluster) -> Iterator[Installed]:
+    lint = cluster.helm("lint", str(CHART), "--strict", check=True)
+    assert "0 chart(s) failed" in lint.stdout
+    ns = cluster.create_namespace("fedfleet-system")
+    cluster.helm(
+        "install",
+        "fedfleet",
+        str(CHART),
+        "-n",
+        ns,
+        "--set",
+        "redis.bindPodIP=true",
+        "--wait",
+        "--timeout",
+        "300s",
+        check=True,
+        timeout=360,
+    )
+    operator = cluster.wait_for(
+        lambda: _ready_pods(cluster, ns, "app.kubernetes.io/component=operator"),
+        timeout=120,
+        what="operator pod ready",
+        namespace=ns,
+    )
+    assert operator[0]["spec"]["securityContext"].get("runAsNonRoot") or operator[0]["spec"][
+        "containers"
+    ][0]["securityContext"].get("runAsNonRoot")
+    redis = cluster.wait_for(
+        lambda: _ready_pods(cluster, ns, "app.kubernetes.io/component=redis"),
+        timeout=120,
+        what="redis pod ready",
+        namespace=ns,
+    )
+    password = _secret(cluster, ns, "fedfleet-redis", "redis-password")
+    url = f"redis://:{password}@{redis[0]['status']['podIP']}:6379/0"
+    test = cluster.helm("test", "fedfleet", "-n", ns, "--timeout", "180s", timeout=240)
+    assert test.returncode == 0, test.stdout + test.stderr
+    try:
+        yield Installed(ns, url)
+    finally:
+        cluster.helm("uninstall", "fedfleet", "-n", ns, timeout=120)
+
+
+def _example(name: str = "digits", **spec_overrides: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(
+        (REPO / "deploy" / "examples" / f"{name}.yaml").read_text()
+    )
+    for key, value in spec_overrides.items():
+        doc["spec"][key] = (
+            {**doc["spec"].get(key, {}), **value} if isinstance(value, dict) else value
+        )
+    return doc
+
+
+def _fljob(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    obj = cluster.get("fljob", name, ns)
+    assert obj is not None
+    return obj
+
+
+def _drive(
+    cluster: Cluster,
+    ns: str,
+    doc: dict[str, Any],
+    until: Callable[[dict[str, Any]], bool],
+    *,
+    timeout: float,
+    during: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run a simulated fleet against the job's selector pods until ``until(fljob)`` holds."""
+    name = doc["metadata"]["name"]
+    job: FLJob = parse_manifest({**doc, "metadata": {"name": name, "namespace": ns}})
+    cluster.wait_for(
+        lambda: _ready_pods(cluster, ns, f"fedfleet.dev/job={name},fedfleet.dev/role=selector"),
+        timeout=180,
+        what="selector pods ready",
+        namespace=ns,
+    )
+    keys = JobKeys.from_secret(bytes.fromhex(_secret(cluster, ns, f"{name}-secret", "job-secret")))
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+
+    async def main() -> dict[str, Any]:
+        nonlocal last
+        while time.monotonic() < deadline:
+            pods = _ready_pods(cluster, ns, f"fedfleet.dev/job={name},fedfleet.dev/role=selector")
+            urls = [f"http://{p['status']['podIP']}:8080" for p in pods]
+            if not urls:
+                await asyncio.sleep(1)
+                continue
+            fleet = HttpFleet(
+                job, urls, keys, time_scale=0.01, rest_seconds=UpOptions().rest_seconds
+            )
+            stop = asyncio.Event()
+            task = asyncio.create_task(fleet.run(until=stop))
+            try:
+                known = {p["metadata"]["name"] for p in pods}
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(1.0)
+                    last = await asyncio.to_thread(_fljob, cluster, ns, name)
+                    if until(last):
+                        return last
+                    if during is not None:
+                        during(last)
+                    now = {
+                        p["metadata"]["name"]
+                        for p in _ready_pods(
+                            cluster, ns, f"fedfleet.dev/job={name},fedfleet.dev/role=selector"
+                        )
+                    }
+                    if now != known:
+                        break  # selector pods changed: restart the fleet on the new set
+            finally:
+                stop.set()
+                await task
+        return last
+
+    final = asyncio.run(main())
+    if not until(final):
+        pytest.fail(
+            f"FLJob {ns}/{name} never got there: {json.dumps(final.get('status'))}\n"
+            f"{cluster.diagnostics(ns)}"
+        )
+    return final
+
+
+@pytest.mark.timeout(1200)
+def test_digits_reaches_succeeded_with_accuracy_in_status(
+    cluster: Cluster, fedfleet: Installed, namespace: str
+) -> None:
+    doc = _example()
+    cluster.apply(doc, namespace)
+    final = _drive(
+        cluster,
+        namespace,
+        doc,
+        lambda j: j.get("status", {}).get("phase") == "Succeeded",
+        timeout=600,
+    )
+    status = final["status"]
+    assert status["round"] == 50 and status["rounds"] == 50
+    assert status["modelVersion"] == 50
+    assert status["accuracy"] >= 0.88
+    assert status["completionTime"] and status["startTime"]
+    assert status["observedGeneration"] == final["metadata"]["generation"]
+    assert any(c["type"] == "Complete" and c["status"] == "True" for c in status["conditions"])
+    assert "digits" in status["model"]["key"]
+    table = cluster.kubectl("get", "fljobs", "-n", namespace, check=True).stdout
+    header = table.splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "ROUND", "ROUNDS", "ACCURACY", "AGE"]
+    assert "Succeeded" in table
+    # Completion tears the actors down and keeps the plan, the secret and the model.
+    cluster.wait_for(
+        lambda: not cluster.list("deployments", namespace, "fedfleet.dev/job=digits"),
+        timeout=60,
+        what="actor deployments removed",
+        namespace=namespace,
+    )
+    assert cluster.get("configmap", "digits-plan", namespace) is not None
+    store = open_store(fedfleet.redis_url)
+    assert store.model_version(f"{namespace}/digits") == 50
+    # Delete: children by garbage collection, Redis keys by the finalizer.
+    cluster.kubectl("delete", "fljob", "digits", "-n", namespace, "--timeout=60s", check=True)
+    cluster.wait_for(
+        lambda: (
+            cluster.get("configmap", "digits-plan", namespace) is None
+            and cluster.get("secret", "digits-secret", namespace) is None
+        ),
+        timeout=60,
+        what="children garbage-collected",
+        namespace=namespace,
+    )
+    assert store.model_version(f"{namespace}/digits") == 0
+    assert store.job_state(f"{namespace}/digits") == {}
+    store.close()
+
+
+@pytest.mark.timeout(1200)
+def test_scale_and_suspend_resume_a_running_job(
+    cluster: Cluster, fedfleet: Installed, namespace: str
+) -> None:
+    doc = _example(rounds={"total": 400})
+    doc["metadata"] = {"name": "elastic"}
+    cluster.apply(doc, namespace)
+    _drive(
+        cluster,
+        namespace,
+        doc,
+        lambda j: j.get("status", {}).get("modelVersion", 0) >= 3,
+        timeout=300,
+    )
+    cluster.kubectl(
+        "patch",
+        "fljob",
+        "elastic",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"actors": {"selectors": 3}}}),
+        check=True,
+    )
+    cluster.wait_for(
+        lambda: (
+            (cluster.get("deployment", "elastic-selector", namespace) or {})
+            .get("status", {})
+            .get("readyReplicas")
+            == 3
+        ),
+        timeout=120,
+        what="3 ready selectors",
+        namespace=namespace,
+    )
+    cluster.kubectl(
+        "patch",
+        "fljob",
+        "elastic",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": true}}',
+        check=True,
+    )
+    cluster.wait_for(
+        lambda: (
+            _fljob(cluster, namespace, "elastic").get("status", {}).get("phase") == "Suspended"
+            and not cluster.list("pods", namespace, "fedfleet.dev/job=elastic")
+        ),
+        timeout=120,
+        what="suspended with no actor pods",
+        namespace=namespace,
+    )
+    store = open_store(fedfleet.redis_url)
+    kept = store.model_version(f"{namespace}/elastic")
+    assert kept >= 3
+    cluster.kubectl(
+        "patch",
+        "fljob",
+        "elastic",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": false}}',
+        check=True,
+    )
+    final = _drive(
+        cluster,
+        namespace,
+        doc,
+        lambda j: j.get("status", {}).get("modelVersion", 0) >= kept + 3,
+        timeout=300,
+    )
+    assert final["status"]["phase"] == "Running"
+    assert store.model_version(f"{namespace}/elastic") >= kept + 3  # continued, not restarted
+    store.close()
+
+
+@pytest.mark.timeout(1200)
+def test_coordinator_pod_deleted_mid_job_finishes_without_losing_a_version(
+    cluster: Cluster, fedfleet: Installed, namespace: str
+) -> None:
+    doc = _example(rounds={"total": 20})
+    doc["metadata"] = {"name": "resilient"}
+    cluster.apply(doc, namespace)
+    store = open_store(fedfleet.redis_url)
+    seen: list[int] = []
+    deleted: list[str] = []
+
+    def chaos(job: dict[str, Any]) -> None:
+        seen.append(store.model_version(f"{namespace}/resilient"))
+        if not deleted and seen[-1] >= 5:
+            lease = store.lease(f"{namespace}/resilient")
+            assert lease is not None
+            cluster.kubectl(
+                "delete", "pod", lease.holder, "-n", namespace, "--wait=false", check=True
+            )
+            deleted.append(lease.holder)
+
+    final = _drive(
+        cluster,
+        namespace,
+        doc,
+        lambda j: j.get("status", {}).get("phase") == "Succeeded",
+        timeout=600,
+        during=chaos,
+    )
+    assert deleted, "the active coordinator was never deleted"
+    assert final["status"]["modelVersion"] == 20
+    assert seen == sorted(seen), f"a committed version went backwards: {seen}"
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"aggregation": {"algorithm": "fedsgd"}}, "spec.aggregation.algorithm"),
+        ({"rounds": {"goalCount": -5}}, "spec.rounds.goalCount"),
+        ({"population": None}, "spec.population"),
+    ],
+)
+def test_invalid_manifests_are_refused_by_the_api_server_naming_the_field(
+    cluster: Cluster, fedfleet: Installed, namespace: str, patch: dict[str, Any], field: str
+) -> None:
+    doc = _example()
+    for key, value in patch.items():
+        if value is None:
+            doc["spec"].pop(key)
+        else:
+            doc["spec"][key] = {**doc["spec"][key], **value}
+    proc = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    assert proc.returncode != 0
+    assert field in proc.stderr, proc.stderr
+    assert cluster.get("fljob", "digits", namespace) is None
+
+
+def test_cross_field_invalid_spec_gets_an_invalid_condition_and_no_children(
+    cluster: Cluster, fedfleet: Installed, namespace: str
+) -> None:
+    doc = _example(rounds={"goalCount": 500})  # more than fleet.devices (200)
+    doc["metadata"] = {"name": "impossible"}
+    cluster.apply(doc, namespace)
+    job = cluster.wait_for(
+        lambda: next(
+            (
+                c
+                for c in _fljob(cluster, namespace, "impossible")
+                .get("status", {})
+                .get("conditions", [])
+                if c["type"] == "Invalid" and c["status"] == "True"
+            ),
+            None,
+        ),
+        timeout=60,
+        what="Invalid condition",
+        namespace=namespace,
+    )
+    assert "goalCount" in job["message"]
+    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True).stdout
+    assert any(
+        e["type"] == "Warning" and e["involvedObject"]["name"] == "impossible"
+        for e in json.loads(events)["items"]
+    )
+    assert not cluster.list("deployments", namespace, "fedfleet.dev/job=impossible")
