@@ -43,9 +43,11 @@ Where this differs from a kubelet (containers share the host's filesystem):
   restartPolicy Never the pod fails (phase Failed, reason ``NoCommand``); otherwise the
   container stays Waiting with reason ``NoCommand`` (a Failed pod would make its ReplicaSet
   create replacements at ~10 pods/s).
-* A mountPath that would hide what containers run from (the repo, its venv, the Python it
-  points into) is a CreateContainerConfigError naming the path. Missing mount points are
-  created on the host and removed again (if still empty) when the agent exits.
+* What containers run from (the repo, its venv, the Python it points into) stays visible: a
+  volume mounted above it (an emptyDir at /tmp over a checkout in /tmp) gets those paths
+  bound back on top; a mountPath equal to one of them is a CreateContainerConfigError.
+  Missing mount points are created on the host and removed again (if still empty) when the
+  agent exits.
 * Non-root containers: directories others cannot traverse on the way to the interpreter
   (e.g. /root holding pyenv's Python) are covered with an empty tmpfs in the container's mount
   namespace and only the needed subtree is bind-mounted back.
@@ -1488,21 +1490,28 @@ class PodRuntime:
                 if not source.exists():
                     source.mkdir(parents=True, exist_ok=True)
             target = os.path.normpath(vm["mountPath"])
-            hidden = [
-                p for p in self.agent.needed_paths if p == target or p.startswith(target + "/")
-            ]
-            if hidden:
+            if target in self.agent.needed_paths:
                 raise ConfigError(
-                    f"volumeMount {vm['name']!r} at {target} would hide {hidden[0]}, which the "
+                    f"volumeMount {vm['name']!r} at {target} would replace {target}, which the "
                     "node agent's containers run from (it runs them on the host's filesystem); "
                     "choose another mountPath"
                 )
+            # Paths the containers run from (the repo, its venv, the Python installation) that
+            # live below the mount, e.g. a checkout under /tmp and an emptyDir at /tmp: they
+            # are bound back on top of the volume, outermost only.
+            below = sorted(p for p in self.agent.needed_paths if p.startswith(target + "/"))
+            keep = [p for p in below if not any(p.startswith(q + "/") for q in below)]
             nested = any(target.startswith(t.rstrip("/") + "/") for t in targets)
             if not nested:
                 self.agent.ensure_target(target, is_dir=source.is_dir())
             targets.append(target)
             mounts.append(
-                {"source": str(source), "target": target, "read_only": bool(vm.get("readOnly"))}
+                {
+                    "source": str(source),
+                    "target": target,
+                    "read_only": bool(vm.get("readOnly")),
+                    "keep": keep,
+                }
             )
         if not any(t == "/etc/hosts" for t in targets):
             mounts.append(

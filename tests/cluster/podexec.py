@@ -15,7 +15,8 @@ container's environment. Any failure before exec prints one line to stderr and e
 
 Spec keys: ``path`` (resolved executable), ``argv``, ``env`` (dict), ``cwd``, ``uid``, ``gid``,
 ``groups``, ``hostname``, ``mounts`` ([{source, target, read_only}]), ``expose``
-([{cover, keep: [paths]}]: private directories to cover with a tmpfs, re-exposing only ``keep``),
+([{cover, keep: [paths]}]: private directories to cover with a tmpfs, re-exposing only ``keep``;
+each mount may also carry ``keep``: paths below its target bound back on top of it),
 ``read_only_root`` (remount ``/`` read-only after the volume mounts), ``no_new_privs``
 (allowPrivilegeEscalation: false), ``join_pid``, ``agent_pid``.
 """
@@ -100,6 +101,8 @@ def _sandbox(spec: dict[str, object]) -> None:
     # Open every source first: a volume mounted over e.g. /tmp must not hide the sources of the
     # mounts after it (they live in the agent's state dir).
     fds = [os.open(str(m["source"]), os.O_PATH) for m in mounts]
+    # ...and so must the paths a volume would hide that the container runs from (bound back).
+    kept = [[(str(k), os.open(str(k), os.O_PATH)) for k in m.get("keep") or []] for m in mounts]
     expose = spec.get("expose") or []
     assert isinstance(expose, list)
     _expose(expose)
@@ -107,7 +110,7 @@ def _sandbox(spec: dict[str, object]) -> None:
     if hostname:
         raw = hostname.encode()
         _check(_libc.sethostname(raw, len(raw)), "sethostname")
-    for m, fd in zip(mounts, fds, strict=True):
+    for m, fd, keep in zip(mounts, fds, kept, strict=True):
         source, target = f"/proc/self/fd/{fd}", str(m["target"])
         if not os.path.lexists(target):  # e.g. nested inside another volume
             if os.path.isdir(source):
@@ -119,6 +122,10 @@ def _sandbox(spec: dict[str, object]) -> None:
         if m.get("read_only"):
             _mount(None, target, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(fd)
+        for path, kfd in keep:
+            os.makedirs(path, exist_ok=True)
+            _mount(f"/proc/self/fd/{kfd}", path, MS_BIND | MS_REC)
+            os.close(kfd)
     if spec.get("read_only_root"):  # securityContext.readOnlyRootFilesystem; volumes stay as set
         _mount(None, "/", MS_REMOUNT | MS_BIND | MS_RDONLY)
 

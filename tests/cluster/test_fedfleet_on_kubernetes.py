@@ -403,3 +403,10 @@ def test_cross_field_invalid_spec_gets_an_invalid_condition_and_no_children(
         for e in json.loads(events)["items"]
     )
     assert not cluster.list("deployments", namespace, "fedfleet.dev/job=impossible")
+
+
+def test_kubectl_explain_documents_the_spec(cluster: Cluster, fedfleet: Installed) -> None:
+    out = cluster.kubectl("explain", "fljob.spec.rounds.goalCount", check=True).stdout
+    assert "Reports needed to close a round" in out
+    out = cluster.kubectl("explain", "fljob.spec.aggregation", check=True).stdout
+    assert "algorithm" in out and "fedyogi" in out

@@ -557,6 +557,26 @@ def test_report_with_nan_is_refused(live: Round) -> None:
     assert live.count() == before
 
 
+def test_report_with_infinity_is_refused(live: Round) -> None:
+    before = live.count()
+    shapes = weight_shapes(BAD_JOB.spec.model)
+    arrays = [np.zeros(s, np.float32) for s in shapes]
+    arrays[-1][0] = -np.inf
+    r = live.report("bad-2", encode_arrays(arrays))
+    assert r.status_code == 422, r.text
+    assert live.count() == before
+
+
+def test_report_of_the_wrong_dtype_is_refused(live: Round) -> None:
+    before = live.count()
+    shapes = weight_shapes(BAD_JOB.spec.model)
+    # int32: the same size as float32, so the size limit cannot be what refuses it
+    r = live.report("bad-2", encode_arrays([np.zeros(s, np.int32) for s in shapes]))
+    assert r.status_code == 422, r.text
+    assert "int32, expected float32" in r.json()["detail"]
+    assert live.count() == before
+
+
 def test_report_that_is_not_serde_is_refused(live: Round) -> None:
     before = live.count()
     r = live.report("bad-2", b"PK\x03\x04 definitely not an update")
@@ -609,3 +629,19 @@ def test_task_poll_with_a_bad_ticket_is_403(live: Round) -> None:
 def test_checkpoint_of_a_future_version_is_404(live: Round) -> None:
     r = httpx.get(f"{live.d.selector_url}/v1/checkpoints/{live.model_version + 7}", timeout=10)
     assert r.status_code == 404
+
+
+def test_a_report_after_the_round_has_its_goal_is_refused_as_a_straggler(live: Round) -> None:
+    """Runs last: it closes the shared round. Goal 3, four devices selected."""
+    store = live.d.store
+    for dev in ("bad-1", "bad-2"):
+        r = live.report(dev, _good_update())
+        assert r.status_code == 202, r.text
+    late = live.report("bad-3", _good_update())
+    assert late.status_code == 409, late.text
+    deadline = time.monotonic() + 20
+    while store.model_version(BAD_JOB.key) <= live.model_version:
+        assert time.monotonic() < deadline, "the full round never committed"
+        time.sleep(0.05)
+    history = store.metrics(BAD_JOB.key)
+    assert history[-1]["reports"] == 3  # exactly the goal; the straggler is not in it
