@@ -29,6 +29,7 @@ from fedfleet.core.serde import SerdeError, decode_arrays
 from fedfleet.core.spec import FLJob
 from fedfleet.store.base import ConflictError, FencedError, Store
 from fedfleet.store.checkpoints import CheckpointCache
+from fedfleet.store.registration import Registration
 
 __all__ = ["MAX_EXAMPLES_PER_REPORT", "Aggregator", "Evaluator"]
 
@@ -63,9 +64,15 @@ class Aggregator:
         self._evaluator = evaluator
         self._shapes = weight_shapes(job.spec.model)
         self._max_bytes = job.spec.aggregation.max_update_bytes
-        self._heartbeat_every = heartbeat_every
-        self._registration_ttl = registration_ttl
-        self._last_heartbeat = float("-inf")
+        self._registration = Registration(
+            store,
+            self.name,
+            Role.aggregator,
+            actor_id,
+            address,
+            every=heartbeat_every,
+            ttl=registration_ttl,
+        )
         self._rounds: dict[str, RoundState] = {}
         self._sums: dict[str, StreamingSum] = {}
         self._seen: dict[str, set[str]] = defaultdict(set)
@@ -143,11 +150,7 @@ class Aggregator:
     def tick(self, now: float) -> None:
         if self.stopped:
             return
-        if now - self._last_heartbeat >= self._heartbeat_every:
-            self.store.register(
-                self.name, Role.aggregator, self.actor_id, self.address, self._registration_ttl
-            )
-            self._last_heartbeat = now
+        self._registration.beat(now)
         rounds = {r.key: r for r in self.store.rounds(self.name)}
         to_publish: list[tuple[str, bytes]] = []
         with self._lock:

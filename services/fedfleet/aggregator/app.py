@@ -6,8 +6,6 @@ internal token, and never exposed to devices.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, HTTPException, Path, Request
@@ -19,7 +17,7 @@ from fedfleet.core.protocol import ReportEnvelope, ReportRejected
 from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob
 from fedfleet.service.keys import JobKeys
-from fedfleet.service.ops import Ticker, add_ops_routes
+from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
 from fedfleet.store.base import Store, StoreUnavailable
 
 __all__ = ["create_app", "dataset_evaluator"]
@@ -60,19 +58,14 @@ def create_app(
     )
     ticker = Ticker(f"aggregator-{actor_id}", aggregator.tick, tick_seconds)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ticker.start()
-        log.info("aggregator started", extra={"job": job.name, "address": address})
-        try:
-            yield
-        finally:
-            ticker.stop()
-            try:
-                store.deregister(job.key, Role.aggregator, actor_id)
-            except StoreUnavailable:
-                pass
-            log.info("aggregator stopped")
+    lifespan = ticking_lifespan(
+        ticker,
+        log,
+        "aggregator",
+        lambda: store.deregister(job.key, Role.aggregator, actor_id),
+        job=job.key,
+        address=address,
+    )
 
     app = FastAPI(title="fedfleet aggregator (internal)", version="1", lifespan=lifespan)
     app.state.aggregator = aggregator

@@ -8,8 +8,6 @@ expires (or at once, when the active one shuts down gracefully and releases it).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -17,7 +15,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from fedfleet.coordinator.actor import Coordinator, CoordinatorSettings
 from fedfleet.core.spec import FLJob
-from fedfleet.service.ops import Ticker, add_ops_routes
+from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
 from fedfleet.store.base import Store, StoreUnavailable
 
 __all__ = ["create_app"]
@@ -62,19 +60,7 @@ def create_app(
     def status() -> dict[str, Any]:
         return {"actor": actor_id, "leader": coordinator.is_leader}
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ticker.start()
-        log.info("coordinator started", extra={"job": job.name})
-        try:
-            yield
-        finally:
-            ticker.stop()
-            try:
-                coordinator.step_down()
-            except StoreUnavailable:
-                pass
-            log.info("coordinator stopped")
+    lifespan = ticking_lifespan(ticker, log, "coordinator", coordinator.step_down, job=job.key)
 
     app = FastAPI(title="fedfleet coordinator", version="1", lifespan=lifespan)
     app.state.coordinator = coordinator

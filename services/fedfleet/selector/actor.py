@@ -39,6 +39,7 @@ from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob
 from fedfleet.store.base import Store
 from fedfleet.store.checkpoints import CheckpointCache
+from fedfleet.store.registration import Registration
 
 __all__ = ["DeviceLink", "Forward", "Selector"]
 
@@ -78,9 +79,15 @@ class Selector:
         self._secret = secret
         self._forward = forward
         self.pacing = pacing or PaceSteering()
-        self._heartbeat_every = heartbeat_every
-        self._registration_ttl = registration_ttl
-        self._last_heartbeat = float("-inf")
+        self._registration = Registration(
+            store,
+            self.name,
+            Role.selector,
+            actor_id,
+            address,
+            every=heartbeat_every,
+            ttl=registration_ttl,
+        )
         self._quota: Quota | None = None
         self._selected: dict[str, int] = defaultdict(int)
         """Devices this selector selected per attempt (exact; the store's count lags)."""
@@ -182,11 +189,7 @@ class Selector:
         with self._lock:
             unflushed, self._unflushed = self._unflushed, defaultdict(int)
         try:
-            if now - self._last_heartbeat >= self._heartbeat_every:
-                self.store.register(
-                    self.name, Role.selector, self.actor_id, self.address, self._registration_ttl
-                )
-                self._last_heartbeat = now
+            self._registration.beat(now)
             for (key, kind), n in unflushed.items():
                 if n:
                     self.store.add_count(self.name, key, kind, self.actor_id, n)

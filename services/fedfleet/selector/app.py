@@ -13,8 +13,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -30,7 +28,7 @@ from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob
 from fedfleet.selector.actor import Selector
 from fedfleet.service.keys import JobKeys
-from fedfleet.service.ops import Ticker, add_ops_routes
+from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
 from fedfleet.store.base import Store, StoreUnavailable
 
 __all__ = ["CheckInRequest", "CheckInResponse", "TaskResponse", "create_app"]
@@ -174,20 +172,13 @@ def create_app(
 
     ticker = Ticker(f"selector-{actor_id}", tick, tick_seconds)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ticker.start()
-        log.info("selector started", extra={"job": job.name, "address": address})
+    def leave() -> None:
         try:
-            yield
+            store.deregister(job.key, Role.selector, actor_id)
         finally:
-            ticker.stop()
-            try:
-                store.deregister(job.key, Role.selector, actor_id)
-            except StoreUnavailable:
-                pass
             client.close()
-            log.info("selector stopped")
+
+    lifespan = ticking_lifespan(ticker, log, "selector", leave, job=job.key, address=address)
 
     app = FastAPI(
         title="fedfleet device API",

@@ -12,7 +12,8 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -22,7 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from fedfleet.store.base import StoreUnavailable
 
-__all__ = ["JsonFormatter", "Ticker", "add_ops_routes", "configure_logging"]
+__all__ = ["JsonFormatter", "Ticker", "add_ops_routes", "configure_logging", "ticking_lifespan"]
 
 log = logging.getLogger("fedfleet.service")
 
@@ -140,3 +141,30 @@ def add_ops_routes(
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def ticking_lifespan(
+    ticker: Ticker,
+    logger: logging.Logger,
+    what: str,
+    cleanup: Callable[[], None],
+    **extra: Any,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """An app lifespan: start the tick thread; on shutdown stop it, then ``cleanup()`` (leave
+    the store: deregister, release a lease), which may find the store gone and says so."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ticker.start()
+        logger.info(f"{what} started", extra=extra)
+        try:
+            yield
+        finally:
+            ticker.stop()
+            try:
+                cleanup()
+            except StoreUnavailable:
+                logger.warning(f"{what}: store unreachable while shutting down")
+            logger.info(f"{what} stopped")
+
+    return lifespan
