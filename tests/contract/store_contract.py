@@ -122,7 +122,6 @@ class StoreContract:
             round=1,
             attempt=1,
             count=7,
-            epoch=1,
             checkin_rate=0.5,
             next_open=10.0,
             aggregators=("agg-0",),

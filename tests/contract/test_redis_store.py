@@ -152,7 +152,7 @@ def test_every_key_is_under_the_job_prefix_and_delete_job_removes_them(
             selection_deadline=1.0, token=token,
         )  # fmt: skip
         store.put_round(job, token, state)
-        store.put_quotas(job, token, {"s0": Quota(1, 1, 3, 1, 0.5, 10.0)})
+        store.put_quotas(job, token, {"s0": Quota(1, 1, 3, 0.5, 10.0)})
         store.add_count(job, state.key, "selected", "s0", 3)
         assert store.claim_report(job, state.key, "agg-0", goal=2)
         store.put_partial(job, state.key, "agg-0", b"\x00" * 16)

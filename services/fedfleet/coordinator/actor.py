@@ -74,7 +74,6 @@ class Coordinator:
         self.token: int | None = None
         self._next_attempt = 1
         self._ended: set[int] = set()
-        self._quota_epoch = 0
         self._last_quotas: dict[str, tuple[int, int, int]] = {}
         self._round_seconds = min(
             self.spec.rounds.selection_timeout_seconds, self.spec.rounds.reporting_timeout_seconds
@@ -245,7 +244,6 @@ class Coordinator:
         wanted = {s: (attempt, shares[s], counted.get(s, 0)) for s in selectors}
         if wanted == self._last_quotas:
             return
-        self._quota_epoch += 1
         self._last_quotas = wanted
         share = -(-target // len(selectors))
         self.store.put_quotas(
@@ -256,7 +254,6 @@ class Coordinator:
                     round=selecting.round if selecting else 0,
                     attempt=attempt,
                     count=shares[s],
-                    epoch=self._quota_epoch,
                     checkin_rate=per_rate,
                     next_open=next_open,
                     aggregators=aggs,

@@ -158,8 +158,6 @@ class Quota:
     round: int
     attempt: int
     count: int
-    epoch: int
-    """Bumped on every push."""
     checkin_rate: float
     """Check-ins per second this selector should steer towards (pace steering)."""
     next_open: float
@@ -183,7 +181,6 @@ class Quota:
             round=int(d["round"]),
             attempt=int(d["attempt"]),
             count=int(d["count"]),
-            epoch=int(d["epoch"]),
             checkin_rate=float(d["checkin_rate"]),
             next_open=float(d["next_open"]),
             aggregators=tuple(d.get("aggregators", ())),

@@ -246,10 +246,6 @@ class Selector:
                 for link, _ in devices:
                     link.release(window)
 
-    def waiting_count(self) -> int:
-        with self._lock:
-            return sum(len(d) for d in self._waiting.values())
-
     def stop(self) -> None:
         """Crash semantics: held devices are lost with the selector's memory."""
         self.stopped = True
