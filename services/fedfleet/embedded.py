@@ -15,6 +15,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedfleet.aggregator.actor import Aggregator
 from fedfleet.coordinator.actor import AttemptEnd, Coordinator, CoordinatorSettings
@@ -85,8 +86,23 @@ def run_job(
             raise ConnectionError(f"aggregator {aggregator_id} unreachable")
         agg.accept(env)
 
+    def forward_secagg(
+        aggregator_id: str, round_key: str, device_id: str, ticket: str, step: str, body: bytes
+    ) -> dict[str, Any] | None:
+        agg = aggregators.get(aggregator_id)
+        if agg is None or agg.stopped:
+            raise ConnectionError(f"aggregator {aggregator_id} unreachable")
+        return agg.secagg(round_key, device_id, ticket, step, body)
+
     selectors = [
-        Selector(job, store, actor_id=f"selector-{i}", secret=secret, forward=forward)
+        Selector(
+            job,
+            store,
+            actor_id=f"selector-{i}",
+            secret=secret,
+            forward=forward,
+            forward_secagg=forward_secagg,
+        )
         for i in range(spec.actors.selectors)
     ]
 
@@ -97,6 +113,7 @@ def run_job(
         now_wall = time.perf_counter()
         acc = end.metrics.get("accuracy")
         loss = end.metrics.get("loss")
+        eps = end.metrics.get("epsilon")
         record = RoundRecord(
             round=end.round,
             selected=end.selected,
@@ -109,6 +126,7 @@ def run_job(
             sim_seconds=end.ended_at - end.opened_at,
             model_version=end.model_version,
             reason=end.reason,
+            epsilon=None if eps is None else float(eps),
         )
         last_wall[0] = now_wall
         if end.reason == "job-finished":
@@ -181,6 +199,9 @@ def run_job(
     if history:
         result.final_accuracy = float(history[-1]["accuracy"])
         result.final_loss = float(history[-1]["loss"])
+        eps, delta = history[-1].get("epsilon"), history[-1].get("delta")
+        result.epsilon = None if eps is None else float(eps)
+        result.delta = None if delta is None else float(delta)
     if checkpoint is not None:
         result.model_bytes = checkpoint.data
     if not math.isfinite(result.sim_seconds):

@@ -94,7 +94,11 @@ def _plot_metric(
 def summary_rows(result: JobResult) -> list[tuple[str, str]]:
     """(label, value) rows of the end-of-job summary table, values already formatted."""
     report = result.to_report()["totals"]
+    privacy: list[tuple[str, str]] = []
+    if result.epsilon is not None:
+        privacy = [("Privacy (epsilon, delta)", f"({result.epsilon:.3f}, {result.delta or 0:g})")]
     return [
+        *privacy,
         ("Rounds committed", str(report["rounds"])),
         ("Attempts", str(report["attempts"])),
         ("Abandoned", str(report["abandoned"])),
@@ -117,6 +121,10 @@ def _number(value: float | None) -> str:
 
 def _outcome(result: JobResult) -> str:
     if result.succeeded:
-        why = {"rounds": "all rounds done", "target": "target accuracy reached"}
+        why = {
+            "rounds": "all rounds done",
+            "target": "target accuracy reached",
+            "epsilon-budget": "privacy budget spent",
+        }
         return f"succeeded ({why.get(result.reason, result.reason or 'done')})"
     return f"failed ({result.reason or 'no reason given'})"

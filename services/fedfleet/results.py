@@ -31,6 +31,8 @@ class RoundRecord:
     model_version: int = 0
     reason: str = ""
     """Why the attempt was abandoned, empty when it committed."""
+    epsilon: float | None = None
+    """With differential privacy on: the job's epsilon after this round committed."""
 
 
 @dataclass(slots=True)
@@ -44,7 +46,11 @@ class JobResult:
     final_loss: float | None = None
     succeeded: bool = False
     reason: str = ""
-    """Why the job ended: 'rounds' (all rounds done) or 'target' (target accuracy reached)."""
+    """Why the job ended: 'rounds' (all rounds done), 'target' (target accuracy reached) or
+    'epsilon-budget' (another round would exceed the privacy budget)."""
+    epsilon: float | None = None
+    """With differential privacy on: epsilon spent by the final model (at the job's delta)."""
+    delta: float | None = None
     model_bytes: bytes = b""
     """The final global model, serialized with fedfleet.core.serde (no pickle)."""
 
@@ -65,6 +71,8 @@ class JobResult:
                 "sim_seconds": self.sim_seconds,
                 "succeeded": self.succeeded,
                 "reason": self.reason,
+                "epsilon": self.epsilon,
+                "delta": self.delta,
             },
         }
 

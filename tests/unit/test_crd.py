@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import enum
 import io
+import typing
 from collections.abc import Iterator, Mapping
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -293,16 +294,20 @@ def test_crd_defaults_equal_pydantic_defaults(spec: Schema) -> None:
 
 
 def test_enums_equal_the_str_enums(spec: Schema) -> None:
-    seen = 0
+    seen = literals = 0
     for path, field, node in _fields(FLJobSpec, spec, "spec"):
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, enum.StrEnum):
             assert node["enum"] == [member.value for member in annotation], path
             assert node["type"] == "string", path
             seen += 1
+        elif typing.get_origin(annotation) is typing.Literal:
+            assert node["enum"] == list(typing.get_args(annotation)), path
+            literals += 1
         else:
             assert "enum" not in node, path
     assert seen == 3  # model.kind, aggregation.algorithm, fleet.dataset
+    assert literals == 2  # secureAggregation.ringBits, differentialPrivacy.accountant
     props = spec["properties"]
     assert props["aggregation"]["properties"]["algorithm"]["enum"] == [a.value for a in Algorithm]
     assert props["fleet"]["properties"]["dataset"]["enum"] == [d.value for d in Dataset]

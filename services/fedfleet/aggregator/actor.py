@@ -10,10 +10,24 @@ Every update is checked before it can touch a sum — the device's ticket (HMAC 
 and device), the attempt's phase (late reports are stragglers and refused), one report per
 device, the size limit, the encoding, shapes, dtype and finiteness — so a hostile or broken
 report leaves the aggregate exactly as it was.
+
+Privacy (``aggregation.secureAggregation`` / ``aggregation.differentialPrivacy``):
+
+* With Secure Aggregation on, plain reports are refused. Each aggregator runs one session of
+  :mod:`fedfleet.core.secagg` per round over the devices that advertised keys to it (each
+  advertisement takes one of the round's K report slots). When the round closes, the session
+  walks its remaining phases — each ends when every member answered or after
+  ``phaseTimeoutSeconds`` — and its unmasked group sum becomes this aggregator's partial sum.
+  A group that fails (below its threshold) publishes a failure marker and the master commits
+  nothing for that round, which the coordinator then abandons.
+* With DP on, a report's weight is capped and (without secure aggregation) its update is
+  clipped on receipt; the master adds Gaussian noise of standard deviation z x S to the merged
+  sum before averaging and records the accountant's epsilon with the commit.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -21,17 +35,38 @@ from typing import Any
 
 from fedfleet.core.aggregation import StreamingSum, UpdateRejected, validate_update
 from fedfleet.core.checkpoint import pack_checkpoint
+from fedfleet.core.dp import PrivacyAccountant, capped_weight, clip_update, noise_rng, noise_stddev
 from fedfleet.core.models import Weights, weight_shapes
 from fedfleet.core.optimizers import make_server_optimizer
-from fedfleet.core.protocol import Phase, ReportEnvelope, ReportRejected, RoundState, verify_ticket
+from fedfleet.core.privacy import secagg_params, sum_from_secagg
+from fedfleet.core.protocol import (
+    SECAGG_STEPS,
+    Phase,
+    PrivacyPlan,
+    ReportEnvelope,
+    ReportRejected,
+    RoundState,
+    secagg_group_id,
+    verify_ticket,
+)
 from fedfleet.core.roles import Role
+from fedfleet.core.secagg import (
+    KeyAdvert,
+    MaskedInput,
+    SecAggFailed,
+    SecAggRejected,
+    SecAggServer,
+    ServerPhase,
+    ShareKeys,
+    UnmaskShares,
+)
 from fedfleet.core.serde import SerdeError, decode_arrays
 from fedfleet.core.spec import FLJob
 from fedfleet.store.base import ConflictError, FencedError, Store
 from fedfleet.store.checkpoints import CheckpointCache
 from fedfleet.store.registration import Registration
 
-__all__ = ["MAX_EXAMPLES_PER_REPORT", "Aggregator", "Evaluator"]
+__all__ = ["FAILED_PARTIAL", "MAX_EXAMPLES_PER_REPORT", "Aggregator", "Evaluator"]
 
 Evaluator = Callable[[Weights], dict[str, float]]
 """Server-side evaluation of a candidate model: returns metrics such as accuracy and loss."""
@@ -39,6 +74,29 @@ Evaluator = Callable[[Weights], dict[str, float]]
 MAX_EXAMPLES_PER_REPORT = 1_000_000
 """A report's weight is its example count; larger claims are refused so one device cannot
 dominate the average by lying about its data."""
+
+FAILED_PARTIAL = b"FFSECAGG-FAILED\n"
+"""Prefix of the partial an aggregator publishes when its Secure Aggregation group failed; the
+reason follows. The master commits nothing for a round with a failed group."""
+
+_SECAGG_OVERHEAD = 1 << 20
+"""Bytes a secure-aggregation message may carry beyond the model's masked vector (keys,
+encrypted shares of a large group)."""
+
+
+class _Session:
+    """One aggregator group's Secure Aggregation session; its lock orders every step."""
+
+    __slots__ = ("deadline", "error", "lock", "partial", "server")
+
+    def __init__(self, server: SecAggServer) -> None:
+        self.server = server
+        self.lock = threading.Lock()
+        self.deadline = 0.0
+        """When the current phase after key advertisement must close."""
+        self.partial: bytes | None = None
+        """What to publish once the session ended (the sum, or a failure marker)."""
+        self.error = ""
 
 
 class Aggregator:
@@ -82,6 +140,26 @@ class Aggregator:
         self._lock = threading.Lock()
         self.stopped = False
         self.last_commit_error = ""
+        agg = job.spec.aggregation
+        self._private = agg.private
+        self._weight_cap = agg.example_weight_cap
+        self._secagg = agg.secure_aggregation
+        self._dp = agg.differential_privacy
+        self._clip = self._dp.clip_norm if self._dp.enabled else None
+        self._sessions: dict[str, _Session] = {}
+        self._now = 0.0
+        """The time of the last tick: the clock of session deadlines set between ticks."""
+        self._accountant = (
+            PrivacyAccountant(
+                noise_multiplier=self._dp.noise_multiplier,
+                sampling_probability=job.spec.dp_sampling_probability,
+                delta=self._dp.delta,
+                method=self._dp.accountant,
+            )
+            if self._dp.enabled
+            else None
+        )
+        self._noise = noise_rng() if self._dp.enabled else None
 
     # -- reports ---------------------------------------------------------------------------------
     def accept(self, env: ReportEnvelope) -> None:
@@ -101,6 +179,10 @@ class Aggregator:
             raise ReportRejected(421, "this aggregator does not serve that round")
         if not verify_ticket(self._secret, self.name, env.round_key, env.device_id, env.ticket):
             raise ReportRejected(403, "invalid report ticket")
+        if self._secagg.enabled:
+            raise ReportRejected(
+                409, "this job uses secure aggregation: updates are accepted only masked"
+            )
         if not 0 < env.num_examples <= MAX_EXAMPLES_PER_REPORT:
             raise ReportRejected(422, f"num_examples must be in 1..{MAX_EXAMPLES_PER_REPORT}")
         if len(env.update) > self._max_bytes:
@@ -135,7 +217,179 @@ class Aggregator:
             acc = self._sums.get(key)
             if acc is None:
                 acc = self._sums[key] = StreamingSum(self._shapes)
-            acc.add(update, float(env.num_examples), validated=True)
+            if self._private:
+                if self._clip is not None:
+                    update, _ = clip_update(update, self._clip)
+                acc.add(update, capped_weight(env.num_examples, self._weight_cap), validated=True)
+            else:
+                acc.add(update, float(env.num_examples), validated=True)
+
+    def _serving(self, round_key: str) -> RoundState:
+        """The round a device message is for, refused unless it is reporting here."""
+        state = self._rounds.get(round_key)
+        if state is None or state.phase in (Phase.selecting, Phase.waiting):
+            state = self._refresh_round(round_key)
+        if state is None:
+            raise ReportRejected(404, f"unknown round {round_key!r}")
+        if state.phase is not Phase.reporting or round_key in self._published:
+            raise ReportRejected(409, f"round {round_key} is closed ({state.phase.value})")
+        if self.actor_id not in state.aggregators:
+            raise ReportRejected(421, "this aggregator does not serve that round")
+        return state
+
+    # -- secure aggregation ------------------------------------------------------------------
+    def secagg(
+        self, round_key: str, device_id: str, ticket: str, step: str, body: bytes
+    ) -> dict[str, Any] | None:
+        """One device call of a Secure Aggregation session.
+
+        Sends (``advertise``, ``shares``, ``masked``, ``unmask``) return ``{}`` once taken;
+        polls (``roster``, ``inbox``, ``survivors``) return the published message, or ``None``
+        while it is not published yet. Refusals raise :class:`ReportRejected`: 410 when the
+        device is no longer part of the session (it missed a phase, or the group failed).
+        """
+        if self.stopped:
+            raise ConnectionError("aggregator is down")
+        if not self._secagg.enabled:
+            raise ReportRejected(404, "secure aggregation is off for this job")
+        if step not in SECAGG_STEPS:
+            raise ReportRejected(404, f"unknown secure aggregation step {step!r}")
+        if not verify_ticket(self._secret, self.name, round_key, device_id, ticket):
+            raise ReportRejected(403, "invalid report ticket")
+        limit = self._max_bytes + _SECAGG_OVERHEAD
+        if len(body) > limit:
+            raise ReportRejected(413, f"message exceeds {limit} bytes")
+        if step == "advertise":
+            self._advertise(round_key, device_id, body)
+            return {}
+        session = self._sessions.get(round_key)
+        if session is None:
+            raise ReportRejected(410, f"no secure aggregation session for {round_key} here")
+        with session.lock:
+            srv = session.server
+            if srv.phase is ServerPhase.failed:
+                raise ReportRejected(410, f"the group failed: {session.error}")
+            try:
+                if step == "roster":
+                    roster = srv.roster()
+                    if roster is None:
+                        return None
+                    if device_id not in {entry[0] for entry in roster.devices}:
+                        raise ReportRejected(410, "this device is not in the group's roster")
+                    return roster.to_dict()
+                if step == "inbox":
+                    if srv.phase in (ServerPhase.advertise, ServerPhase.share):
+                        return None
+                    return srv.inbox(device_id).to_dict()
+                if step == "survivors":
+                    survivors = srv.survivors()
+                    return None if survivors is None else survivors.to_dict()
+                if step == "masked":
+                    srv.receive_masked(MaskedInput(device_id, body))
+                else:
+                    doc = _json_object(body)
+                    if step == "shares":
+                        shares = ShareKeys.from_dict(doc)
+                        _same_device(shares.sender, device_id)
+                        srv.receive_shares(shares)
+                    else:
+                        unmask = UnmaskShares.from_dict(doc)
+                        _same_device(unmask.device_id, device_id)
+                        srv.receive_unmask(unmask)
+            except KeyError:
+                raise ReportRejected(410, "this device is not part of that phase") from None
+            except SecAggRejected as exc:
+                status = 409 if exc.reason in ("phase", "duplicate") else 422
+                if exc.reason in ("member", "unknown"):
+                    status = 410
+                raise ReportRejected(status, f"secure aggregation: {exc}") from None
+            self._drive(session, self._now)
+        return {}
+
+    def _advertise(self, round_key: str, device_id: str, body: bytes) -> None:
+        state = self._serving(round_key)
+        try:
+            advert = KeyAdvert.from_dict(_json_object(body))
+        except SecAggRejected as exc:
+            raise ReportRejected(422, f"secure aggregation: {exc}") from None
+        _same_device(advert.device_id, device_id)
+        key = round_key
+        with self._lock:
+            if device_id in self._seen[key]:
+                raise ReportRejected(409, "this device already reported for this round")
+            self._seen[key].add(device_id)
+            session = self._sessions.get(key)
+            if session is None:
+                plan = PrivacyPlan.for_group(
+                    self.spec.aggregation, secagg_group_id(self.name, key, self.actor_id)
+                )
+                assert plan is not None
+                session = self._sessions[key] = _Session(
+                    SecAggServer(secagg_params(plan, self._shapes))
+                )
+        try:
+            claimed = self.store.claim_report(self.name, key, self.actor_id, state.goal)
+        except BaseException:
+            with self._lock:
+                self._seen[key].discard(device_id)
+            raise
+        if not claimed:
+            with self._lock:
+                self._seen[key].discard(device_id)
+            raise ReportRejected(409, f"round {key} already has its reports")
+        # The slot is taken before the keys are checked: a device whose advertisement is then
+        # refused (a replayed key) loses its own slot, like a device that dropped out.
+        with session.lock:
+            try:
+                session.server.receive_advert(advert)
+            except SecAggRejected as exc:
+                status = 409 if exc.reason == "phase" else 422
+                raise ReportRejected(status, f"secure aggregation: {exc}") from None
+
+    def _drive(self, session: _Session, now: float) -> None:
+        """Close every phase that is due (all members answered, or its deadline passed) and
+        record the outcome once the session ends. Caller holds ``session.lock``."""
+        srv = session.server
+        timeout = self._secagg.phase_timeout_seconds
+        try:
+            while True:
+                phase = srv.phase
+                if phase in (ServerPhase.done, ServerPhase.failed, ServerPhase.advertise):
+                    return
+                if srv.pending() > 0 and now < session.deadline:
+                    return
+                if phase is ServerPhase.share:
+                    srv.close_share()
+                elif phase is ServerPhase.collect:
+                    srv.close_collect()
+                else:
+                    result = srv.finish()
+                    count = len(result.survivors)
+                    session.partial = sum_from_secagg(result.total, self._shapes, count).to_bytes()
+                    return
+                session.deadline = now + timeout
+        except SecAggFailed as exc:
+            self._fail(session, str(exc))
+
+    def _fail(self, session: _Session, reason: str) -> None:
+        session.error = reason
+        session.partial = FAILED_PARTIAL + reason.encode()[:1000]
+
+    def _secagg_partial(self, key: str, now: float) -> bytes | None:
+        """The partial sum of a closed round's session, once it has one (None: not yet)."""
+        session = self._sessions.get(key)
+        if session is None:
+            return StreamingSum(self._shapes).to_bytes()  # nobody advertised to this group
+        with session.lock:
+            if session.server.phase is ServerPhase.advertise:
+                try:
+                    session.server.close_advertise()
+                    session.deadline = now + self._secagg.phase_timeout_seconds
+                except SecAggFailed as exc:
+                    self._fail(session, str(exc))
+            if session.partial is None:
+                self._drive(session, now)
+            return session.partial
 
     def _refresh_round(self, round_key: str) -> RoundState | None:
         fresh = {r.key: r for r in self.store.rounds(self.name)}
@@ -151,17 +405,24 @@ class Aggregator:
         if self.stopped:
             return
         self._registration.beat(now)
+        self._now = now
         rounds = {r.key: r for r in self.store.rounds(self.name)}
         to_publish: list[tuple[str, bytes]] = []
         with self._lock:
             self._rounds = rounds
             for key, state in rounds.items():
                 if state.phase is Phase.closing and self.actor_id in state.aggregators:
-                    if key not in self._published:
-                        acc = self._sums.get(key) or StreamingSum(self._shapes)
-                        to_publish.append((key, acc.to_bytes()))
-                        self._published.add(key)
-            for key in list(self._sums):
+                    if key in self._published:
+                        continue
+                    if self._secagg.enabled:
+                        data = self._secagg_partial(key, now)
+                        if data is None:
+                            continue  # the session is still in its later phases
+                    else:
+                        data = (self._sums.get(key) or StreamingSum(self._shapes)).to_bytes()
+                    to_publish.append((key, data))
+                    self._published.add(key)
+            for key in {*self._sums, *self._sessions, *self._seen}:
                 st = rounds.get(key)
                 if st is None or not st.active:
                     self._forget(key)
@@ -177,6 +438,7 @@ class Aggregator:
 
     def _forget(self, key: str) -> None:
         self._sums.pop(key, None)
+        self._sessions.pop(key, None)
         self._seen.pop(key, None)
         self._published.discard(key)
         self._committed.discard(key)
@@ -188,6 +450,15 @@ class Aggregator:
         expected = [a for a in state.aggregators if a in live]
         grace_over = now >= state.closing_deadline - self._commit_grace(state)
         if any(a not in partials for a in expected) and not grace_over:
+            return
+        failed = [
+            f"{agg}: {data[len(FAILED_PARTIAL) :].decode(errors='replace')}"
+            for agg, data in partials.items()
+            if data.startswith(FAILED_PARTIAL)
+        ]
+        if failed:
+            self._committed.add(state.key)
+            self.last_commit_error = "secure aggregation group failed: " + "; ".join(failed)
             return
         total = StreamingSum(self._shapes)
         for data in partials.values():
@@ -204,7 +475,12 @@ class Aggregator:
             self.last_commit_error = str(exc)
 
     def _commit_grace(self, state: RoundState) -> float:
-        """Wait at most half the commit window for partial sums of aggregators that vanished."""
+        """Wait at most half the commit window for partial sums of aggregators that vanished.
+
+        Secure aggregation groups publish only after their last phase, so the master waits
+        for them until just before the coordinator's commit deadline."""
+        if self._secagg.enabled:
+            return max(1.0, 0.1 * self._secagg.phase_timeout_seconds)
         return (
             (state.closing_deadline - state.reporting_deadline) / 2
             if state.reporting_deadline
@@ -216,8 +492,22 @@ class Aggregator:
         optimizer = make_server_optimizer(self.spec.aggregation, self._shapes)
         if opt_state:
             optimizer.load_state(opt_state)
-        new = optimizer.step(weights, total.mean())
-        metrics: dict[str, Any] = {"reports": total.count, "examples": total.total_weight}
+        metrics: dict[str, Any] = {"reports": total.count}
+        if self._private:
+            metrics["weight"] = total.total_weight  # capped weights, not example counts
+        else:
+            metrics["examples"] = total.total_weight
+        denominator: float | None = None
+        if self._accountant is not None and self._noise is not None:
+            total.add_noise(
+                noise_stddev(self._dp.noise_multiplier, self._dp.clip_norm), self._noise
+            )
+            # McMahan's fixed-denominator estimator: the noisy sum over the expected weight of
+            # a round (goal count; exact when weights are 1), never the realised weight sum.
+            denominator = float(self.spec.rounds.goal_count)
+            metrics["epsilon"] = self._accountant.epsilon(state.round)
+            metrics["delta"] = self._dp.delta
+        new = optimizer.step(weights, total.mean(denominator))
         if self._evaluator is not None:
             metrics.update(self._evaluator(new))
         self.store.commit_checkpoint(
@@ -230,7 +520,23 @@ class Aggregator:
         )
 
     def stop(self) -> None:
-        """Crash semantics: partial sums held in memory are lost."""
+        """Crash semantics: partial sums and secure aggregation sessions are lost."""
         self.stopped = True
         with self._lock:
             self._sums.clear()
+            self._sessions.clear()
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ReportRejected(422, "secure aggregation message is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ReportRejected(422, "secure aggregation message must be a JSON object")
+    return doc
+
+
+def _same_device(claimed: str, device_id: str) -> None:
+    if claimed != device_id:
+        raise ReportRejected(403, "the message names another device than its sender")

@@ -10,10 +10,11 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter
 
 from fedfleet.aggregator.actor import Aggregator, Evaluator
-from fedfleet.core.protocol import ReportEnvelope, ReportRejected
+from fedfleet.core.protocol import SECAGG_STEPS, ReportEnvelope, ReportRejected
 from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob
 from fedfleet.service.keys import JobKeys
@@ -23,6 +24,8 @@ from fedfleet.store.base import Store, StoreUnavailable
 __all__ = ["create_app", "dataset_evaluator"]
 
 log = logging.getLogger("fedfleet.aggregator")
+
+SECAGG_STEP = "^(" + "|".join(SECAGG_STEPS) + ")$"
 
 
 def dataset_evaluator(job: FLJob) -> Evaluator:
@@ -105,5 +108,35 @@ def create_app(
             ) from None
         reports.labels("202").inc()
         return {"status": "accepted"}
+
+    @app.post(
+        "/internal/v1/secagg/{round_key}/{step}",
+        responses={202: {"description": "Not published yet: poll again"}},
+    )
+    async def secagg(
+        request: Request,
+        round_key: Annotated[str, Path(pattern=r"^a[0-9]{1,18}$")],
+        step: Annotated[str, Path(pattern=SECAGG_STEP)],
+        authorization: Annotated[str, Header()],
+        x_fedfleet_device: Annotated[str, Header(min_length=1, max_length=128)],
+        x_fedfleet_ticket: Annotated[str, Header(min_length=1, max_length=128)],
+    ) -> Any:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not keys.internal_ok(token.strip()):
+            raise HTTPException(401, "invalid internal token")
+        body = await request.body()
+        try:
+            answer = await run_in_threadpool(
+                aggregator.secagg, round_key, x_fedfleet_device, x_fedfleet_ticket, step, body
+            )
+        except ReportRejected as exc:
+            raise HTTPException(exc.status, exc.reason) from None
+        except StoreUnavailable:
+            raise HTTPException(
+                503, "the shared store is unreachable", {"Retry-After": "5"}
+            ) from None
+        if answer is None:
+            return JSONResponse({"detail": "not published yet"}, status_code=202)
+        return answer
 
     return app

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedfleet.core.dp import PrivacyAccountant
 from fedfleet.core.protocol import TERMINAL, Phase, Quota, RoundState
 from fedfleet.core.roles import JobPhase, Role
 from fedfleet.core.selection import Outcome, reporting_outcome, selection_outcome, split_quota
@@ -80,6 +81,23 @@ class Coordinator:
         )
         self._last_commit_at: float | None = None
         self._started_at: float | None = None
+        sa = self.spec.aggregation.secure_aggregation
+        # Secure aggregation runs three more phases after a round closes, each up to its
+        # timeout, before the groups' sums reach the master.
+        self._closing_seconds = self.settings.commit_timeout + (
+            3 * sa.phase_timeout_seconds if sa.enabled else 0.0
+        )
+        self._total_rounds = self.spec.rounds.total
+        """Rounds the job runs: the spec's total, or fewer when the epsilon budget says so."""
+        dp = self.spec.aggregation.differential_privacy
+        if dp.enabled and dp.epsilon_budget is not None:
+            accountant = PrivacyAccountant(
+                noise_multiplier=dp.noise_multiplier,
+                sampling_probability=self.spec.dp_sampling_probability,
+                delta=dp.delta,
+                method=dp.accountant,
+            )
+            self._total_rounds = accountant.max_rounds(dp.epsilon_budget, self.spec.rounds.total)
 
     @property
     def is_leader(self) -> bool:
@@ -167,9 +185,7 @@ class Coordinator:
             outcome = reporting_outcome(r, reported, now, outstanding=outstanding)
             if outcome is Outcome.close:
                 self._put(
-                    r.evolve(
-                        phase=Phase.closing, closing_deadline=now + self.settings.commit_timeout
-                    )
+                    r.evolve(phase=Phase.closing, closing_deadline=now + self._closing_seconds)
                 )
             elif outcome is Outcome.abandon:
                 self._end(r, now, abandoned=True, reason="too-few-reports")
@@ -195,7 +211,7 @@ class Coordinator:
         if any(r.phase in (Phase.selecting, Phase.waiting) for r in active):
             return
         in_flight = sum(1 for r in active if r.phase in (Phase.reporting, Phase.closing))
-        if self.store.model_version(self.name) + in_flight >= self.spec.rounds.total:
+        if self.store.model_version(self.name) + in_flight >= self._total_rounds:
             return
         aggregators = tuple(self.store.members(self.name, Role.aggregator))
         if not aggregators:
@@ -300,7 +316,7 @@ class Coordinator:
 
     def _done(self) -> bool:
         version = self.store.model_version(self.name)
-        if version >= self.spec.rounds.total:
+        if version >= self._total_rounds:
             return True
         target = self.spec.rounds.target_accuracy
         if target is not None and version > 0:
@@ -314,7 +330,12 @@ class Coordinator:
             if r.active:
                 self._end(r, now, abandoned=True, reason="job-finished")
         version = self.store.model_version(self.name)
-        reason = "rounds" if version >= self.spec.rounds.total else "target"
+        if version >= self.spec.rounds.total:
+            reason = "rounds"
+        elif version >= self._total_rounds:
+            reason = "epsilon-budget"
+        else:
+            reason = "target"
         self._publish_job(now, JobPhase.succeeded, reason=reason, completed=now)
 
     # -- store helpers ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
+from fedfleet.core.dp import add_gaussian_noise
 from fedfleet.core.models import Weights
 from fedfleet.core.serde import SerdeError, decode_arrays, encode_arrays
 
@@ -207,11 +208,43 @@ class StreamingSum:
         self._count += other._count
         self._total_weight += other._total_weight
 
-    def mean(self) -> Weights:
-        """The weighted mean as float32 arrays; ``ValueError`` when nothing was added."""
+    @classmethod
+    def from_sums(
+        cls,
+        shapes: Sequence[tuple[int, ...]],
+        sums: Sequence[NDArray[np.float64]],
+        *,
+        count: int,
+        total_weight: float,
+    ) -> StreamingSum:
+        """A partial sum computed elsewhere (a secure-aggregation group's unmasked total)."""
+        result = cls(shapes)
+        if [tuple(a.shape) for a in sums] != result._shapes:
+            raise UpdateRejected(REASON_SHAPE, "sums do not match the model's shapes")
+        if any(a.dtype != np.float64 or not np.isfinite(a).all() for a in sums):
+            raise UpdateRejected(REASON_NON_FINITE, "sums must be finite float64")
+        if count < 0 or not math.isfinite(total_weight) or total_weight < 0:
+            raise UpdateRejected(REASON_WEIGHT, f"bad count {count} / weight {total_weight}")
+        result._sums = [np.array(a, dtype=np.float64) for a in sums]
+        result._count = count
+        result._total_weight = float(total_weight)
+        return result
+
+    def add_noise(self, stddev: float, rng: np.random.Generator) -> None:
+        """Add independent N(0, stddev^2) noise to every coordinate of the sums (DP-FedAvg's
+        Gaussian mechanism, applied by the master to the merged sum)."""
+        add_gaussian_noise(self._sums, stddev, rng)
+
+    def mean(self, denominator: float | None = None) -> Weights:
+        """The weighted mean as float32 arrays; ``ValueError`` when nothing was added.
+
+        ``denominator`` replaces the realised total weight by a fixed one (DP-FedAvg divides
+        the noisy sum by a constant, so the average reveals nothing beyond the noisy sum)."""
         if self._count == 0:
             raise ValueError("no updates to average")
-        total = self._total_weight
+        total = self._total_weight if denominator is None else float(denominator)
+        if not (math.isfinite(total) and total > 0):
+            raise ValueError(f"denominator must be finite and positive, got {total}")
         return [
             np.divide(acc, total, out=np.empty(acc.shape, dtype=np.float32), casting="same_kind")
             for acc in self._sums

@@ -13,13 +13,15 @@ from enum import StrEnum
 from typing import Any
 
 from fedfleet.core.models import Weights
-from fedfleet.core.spec import ModelSpec, PlanSpec
+from fedfleet.core.spec import AggregationSpec, ModelSpec, PlanSpec
 
 __all__ = [
+    "SECAGG_STEPS",
     "TERMINAL",
     "Assignment",
     "CheckIn",
     "Phase",
+    "PrivacyPlan",
     "Quota",
     "Reconnect",
     "ReportEnvelope",
@@ -28,6 +30,7 @@ __all__ = [
     "Task",
     "attempt_key",
     "report_ticket",
+    "secagg_group_id",
     "verify_ticket",
 ]
 
@@ -190,6 +193,78 @@ class Quota:
 
 
 @dataclass(frozen=True, slots=True)
+class PrivacyPlan:
+    """What a configured device does to its update before anything leaves the device.
+
+    ``weight_cap`` > 0 folds the capped weight min(examples / cap, 1) into the update;
+    ``clip_norm`` clips the update's L2 norm (DP-FedAvg); ``secure_aggregation`` sends it only
+    masked, through the Secure Aggregation protocol of the group ``group_id``.
+    """
+
+    weight_cap: int
+    clip_norm: float | None = None
+    secure_aggregation: bool = False
+    group_id: str = ""
+    min_group_size: int = 2
+    threshold_fraction: float = 0.5
+    clip_range: float = 1.0
+    ring_bits: int = 32
+
+    @classmethod
+    def for_group(cls, spec: AggregationSpec, group_id: str) -> PrivacyPlan | None:
+        """The plan of a job's aggregation spec (None when neither feature is on)."""
+        if not spec.private:
+            return None
+        sa, dp = spec.secure_aggregation, spec.differential_privacy
+        return cls(
+            weight_cap=spec.example_weight_cap,
+            clip_norm=dp.clip_norm if dp.enabled else None,
+            secure_aggregation=sa.enabled,
+            group_id=group_id if sa.enabled else "",
+            min_group_size=sa.min_group_size,
+            threshold_fraction=sa.threshold_fraction,
+            clip_range=sa.clip_range,
+            ring_bits=sa.ring_bits,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrivacyPlan:
+        """Strict: a device must not silently skip a privacy step it did not understand."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown privacy plan fields: {sorted(unknown)}")
+        clip = d.get("clip_norm")
+        ring = int(d.get("ring_bits", 32))
+        if ring not in (32, 64):
+            raise ValueError(f"ring_bits must be 32 or 64, got {ring}")
+        plan = cls(
+            weight_cap=int(d["weight_cap"]),
+            clip_norm=None if clip is None else float(clip),
+            secure_aggregation=bool(d.get("secure_aggregation", False)),
+            group_id=str(d.get("group_id", "")),
+            min_group_size=int(d.get("min_group_size", 2)),
+            threshold_fraction=float(d.get("threshold_fraction", 0.5)),
+            clip_range=float(d.get("clip_range", 1.0)),
+            ring_bits=ring,
+        )
+        if plan.weight_cap < 1 or (plan.clip_norm is not None and not plan.clip_norm > 0):
+            raise ValueError("weight_cap must be >= 1 and clip_norm positive")
+        if plan.secure_aggregation and not plan.group_id:
+            raise ValueError("secure aggregation needs a group_id")
+        return plan
+
+
+SECAGG_STEPS = ("advertise", "roster", "shares", "inbox", "masked", "survivors", "unmask")
+"""The device's calls of one Secure Aggregation session, in order: each message it sends
+(advertise, shares, masked, unmask) follows a poll for what the server published (roster,
+inbox, survivors)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
     """What a configured device receives: the plan and the checkpoint to train from."""
 
@@ -198,6 +273,7 @@ class Task:
     plan: PlanSpec
     model_version: int
     weights: Weights
+    privacy: PrivacyPlan | None = None
 
 
 class ReportRejected(Exception):
@@ -234,3 +310,9 @@ def report_ticket(secret: bytes, job: str, round_key: str, device_id: str) -> st
 
 def verify_ticket(secret: bytes, job: str, round_key: str, device_id: str, ticket: str) -> bool:
     return hmac.compare_digest(report_ticket(secret, job, round_key, device_id), ticket)
+
+
+def secagg_group_id(job: str, round_key: str, aggregator: str) -> str:
+    """The identity of one Secure Aggregation session, bound into all of its keys: a message
+    of one job, attempt or aggregator group is useless in any other."""
+    return f"{job}/{round_key}/{aggregator}"

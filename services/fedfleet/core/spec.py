@@ -24,6 +24,7 @@ __all__ = [
     "Algorithm",
     "AvailabilitySpec",
     "Dataset",
+    "DifferentialPrivacySpec",
     "EligibilitySpec",
     "FLJob",
     "FLJobSpec",
@@ -34,6 +35,7 @@ __all__ = [
     "ModelSpec",
     "PlanSpec",
     "RoundsSpec",
+    "SecureAggregationSpec",
     "load_manifest",
     "parse_manifest",
 ]
@@ -131,6 +133,48 @@ class RoundsSpec(_Spec):
         return max(1, math.ceil(self.goal_count * self.min_report_fraction - 1e-9))
 
 
+class SecureAggregationSpec(_Spec):
+    enabled: bool = False
+    """Run Secure Aggregation (Bonawitz et al., CCS 2017) in every aggregator group: the
+    aggregators only ever see masked updates and learn nothing but each group's sum."""
+    min_group_size: int = Field(5, ge=2, le=100_000)
+    """Fewest devices a group may sum over (k); a smaller group fails and the round is
+    abandoned. Each aggregator's share of the goal count must reach it."""
+    threshold_fraction: float = Field(0.5, ge=0.5, lt=1.0)
+    """Shamir threshold as a fraction of the group: t = floor(fraction x n) + 1 (a strict
+    majority at 0.5). Up to n - t devices may drop out after any phase; fewer than t left
+    fails the group."""
+    clip_range: float = Field(1.0, gt=0, le=1_000_000)
+    """Fixed-point range: each coordinate of a device's weighted update is clipped to
+    [-clipRange, clipRange] before quantization (with differential privacy on, the L2 clip
+    norm bounds every coordinate and is used instead when smaller)."""
+    ring_bits: Literal[32, 64] = 32
+    """Bits of the modular ring Z_2^b the masked updates live in (32 halves the upload)."""
+    phase_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    """How long each of the protocol's phases after key advertisement waits for devices."""
+
+
+class DifferentialPrivacySpec(_Spec):
+    enabled: bool = False
+    """DP-FedAvg (McMahan et al., 2018): devices clip their update's L2 norm and the master
+    aggregator adds Gaussian noise to the sum before it is averaged."""
+    clip_norm: float = Field(1.0, gt=0, le=1_000_000)
+    """L2 norm every device's (weighted) update is clipped to (S)."""
+    noise_multiplier: float = Field(1.0, gt=0, le=1000)
+    """Noise standard deviation as a multiple of the clip norm (z); sigma = z x S."""
+    delta: float = Field(1e-5, gt=0, lt=1)
+    """The delta of the (epsilon, delta) guarantee; must be below 1 / populationSize."""
+    epsilon_budget: float | None = Field(None, gt=0, le=1000)
+    """Optional: the job succeeds (reason epsilon-budget) before a round would push epsilon
+    past this value."""
+    population_size: int | None = Field(None, ge=1, le=10_000_000_000)
+    """Devices in the population, for the sampling probability q = goalCount / populationSize
+    used by the accountant; defaults to fleet.devices (the simulated fleet)."""
+    accountant: Literal["rdp", "pld"] = "rdp"
+    """Privacy accountant of the dp-accounting package: Renyi DP or privacy loss
+    distributions."""
+
+
 class AggregationSpec(_Spec):
     algorithm: Algorithm = Algorithm.fedavg
     """Server optimizer applied to the averaged update: fedavg, fedavgm, fedadam, fedyogi."""
@@ -146,6 +190,21 @@ class AggregationSpec(_Spec):
     """Adaptivity (epsilon) of fedadam and fedyogi (Reddi et al., 2021)."""
     max_update_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     """Updates larger than this are refused before they are parsed."""
+    example_weight_cap: int = Field(100, ge=1, le=1_000_000)
+    """With secure aggregation or differential privacy on, a device's weight is
+    min(examples / cap, 1) (McMahan et al., 2018), which bounds what one device contributes;
+    otherwise updates are weighted by their example counts. With differential privacy the
+    noisy sum is divided by the goal count (a fixed denominator), which is exact when weights
+    are 1: set the cap at or below a typical device's example count."""
+    secure_aggregation: SecureAggregationSpec = Field(default_factory=SecureAggregationSpec)
+    """Secure Aggregation per aggregator group."""
+    differential_privacy: DifferentialPrivacySpec = Field(default_factory=DifferentialPrivacySpec)
+    """Differentially private FedAvg with (epsilon, delta) accounting."""
+
+    @property
+    def private(self) -> bool:
+        """Whether updates are weighted by capped weights (secure aggregation or DP on)."""
+        return self.secure_aggregation.enabled or self.differential_privacy.enabled
 
 
 class EligibilitySpec(_Spec):
@@ -244,7 +303,56 @@ class FLJobSpec(_Spec):
                 f"rounds.goalCount ({self.rounds.goal_count}) exceeds fleet.devices "
                 f"({self.fleet.devices}): no round could ever close"
             )
+        sa = self.aggregation.secure_aggregation
+        if sa.enabled:
+            groups = self.actors.aggregator_count(self.rounds)
+            per_group = self.rounds.goal_count // groups
+            if per_group < sa.min_group_size:
+                raise ValueError(
+                    f"aggregation.secureAggregation.minGroupSize ({sa.min_group_size}) exceeds "
+                    f"the devices each of the {groups} aggregator group(s) gets from "
+                    f"rounds.goalCount ({self.rounds.goal_count}): {per_group}"
+                )
+        dp = self.aggregation.differential_privacy
+        if dp.enabled:
+            population = self.dp_population
+            if self.rounds.goal_count > population:
+                raise ValueError(
+                    f"rounds.goalCount ({self.rounds.goal_count}) exceeds "
+                    f"aggregation.differentialPrivacy.populationSize ({population})"
+                )
+            if dp.delta >= 1.0 / population:
+                raise ValueError(
+                    f"aggregation.differentialPrivacy.delta ({dp.delta:g}) must be below "
+                    f"1 / populationSize ({1.0 / population:g}): a larger delta permits "
+                    "releasing some device's data outright"
+                )
+            if dp.epsilon_budget is not None:
+                from fedfleet.core.dp import PrivacyAccountant  # dp_accounting loads scipy
+
+                first = PrivacyAccountant(
+                    noise_multiplier=dp.noise_multiplier,
+                    sampling_probability=self.dp_sampling_probability,
+                    delta=dp.delta,
+                    method=dp.accountant,
+                ).epsilon(1)
+                if first > dp.epsilon_budget:
+                    raise ValueError(
+                        f"aggregation.differentialPrivacy.epsilonBudget ({dp.epsilon_budget:g}) "
+                        f"is spent before the first round: one round costs epsilon {first:.3g} "
+                        "(raise noiseMultiplier or the budget)"
+                    )
         return self
+
+    @property
+    def dp_population(self) -> int:
+        """The population size the privacy accountant samples from."""
+        return self.aggregation.differential_privacy.population_size or self.fleet.devices
+
+    @property
+    def dp_sampling_probability(self) -> float:
+        """q: the chance a given device takes part in a round (goal count / population)."""
+        return min(1.0, self.rounds.goal_count / self.dp_population)
 
 
 class Metadata(_Spec):

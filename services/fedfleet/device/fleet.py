@@ -6,13 +6,19 @@ availability curve: at time t it is charging, idle and unmetered with probabilit
 swings between the curve's trough and peak. A configured device drops out with the fleet's
 drop-out rate by losing eligibility partway through its task, which the runtime notices and
 aborts on. The simulator talks to selectors through the :class:`SelectorPort` protocol.
+
+With Secure Aggregation on, a trained device then walks the protocol's calls through its
+selector (:class:`~fedfleet.device.secure.SecureSession`), polling every ``poll_seconds``; a
+device that drops out does so at a uniformly chosen point: during training, or after its key
+advertisement, its shares or its masked input — exactly the drop-outs the protocol recovers
+from.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,9 +30,17 @@ from fedfleet.core.protocol import (
     ReportRejected,
     Task,
 )
+from fedfleet.core.secagg import SecAggError
 from fedfleet.core.spec import EligibilitySpec, FleetSpec
 from fedfleet.device.datasets import DatasetSplit
-from fedfleet.device.runtime import ArrayExamples, DeviceConditions, FLRuntime, TaskAborted
+from fedfleet.device.runtime import (
+    ArrayExamples,
+    DeviceConditions,
+    FLRuntime,
+    SecureContribution,
+    TaskAborted,
+)
+from fedfleet.device.secure import SecureSession
 from fedfleet.device.simloop import SimLoop
 from fedfleet.selector.actor import DeviceLink
 
@@ -39,6 +53,10 @@ class SelectorPort(Protocol):
     def report(self, env: ReportEnvelope, aggregator: str) -> None: ...
 
     def dropped(self, round_key: str, device_id: str) -> bool: ...
+
+    def secagg(
+        self, aggregator: str, round_key: str, device_id: str, ticket: str, step: str, body: bytes
+    ) -> dict[str, Any] | None: ...
 
 
 def availability(spec: FleetSpec, now: float) -> float:
@@ -56,6 +74,8 @@ class FleetStats:
         self.aborted = 0
         self.refused = 0
         self.connection_errors = 0
+        self.secagg_aborts = 0
+        """Secure aggregation sessions a device refused to continue (a bad roster or share)."""
 
 
 class _Device:
@@ -89,9 +109,11 @@ class SimulatedFleet:
         *,
         policy: EligibilitySpec | None = None,
         recheck_seconds: float = 60.0,
+        poll_seconds: float = 1.0,
     ) -> None:
         self.spec = spec
         self.loop = loop
+        self.poll_seconds = poll_seconds
         self.selectors = selectors
         self.recheck_seconds = recheck_seconds
         self.rng = np.random.default_rng(spec.seed + 1)
@@ -164,6 +186,14 @@ class SimulatedFleet:
         drops = self.rng.random() < self.spec.dropout_rate
         epochs = task.plan.local_epochs
         lost_at = int(self.rng.integers(0, epochs)) if drops else epochs + 1
+        secure = task.privacy is not None and task.privacy.secure_aggregation
+        # Under secure aggregation a drop-out falls in training or after one of the first
+        # three messages (advertise, shares, masked input), each equally likely.
+        stop_after = 99
+        if drops and secure:
+            stage = int(self.rng.integers(0, 4))
+            if stage > 0:
+                lost_at, stop_after = epochs + 1, stage
         try:
             env = dev.runtime.execute(task, now, lambda epoch: epoch < lost_at)
         except TaskAborted:
@@ -181,11 +211,18 @@ class SimulatedFleet:
             self.loop.after(duration * frac, abort)
             return
 
+        if isinstance(env, SecureContribution):
+            contribution = env
+            self.loop.after(duration, lambda: self._secure(dev, selector, contribution, stop_after))
+            return
+
+        report_env = env
+
         def report() -> None:
             if selector is None:
                 return
             try:
-                selector.report(env, task.assignment.aggregator)
+                selector.report(report_env, task.assignment.aggregator)
                 self.stats.reported += 1
             except ReportRejected:
                 self.stats.refused += 1
@@ -194,3 +231,72 @@ class SimulatedFleet:
             self._schedule_wake(dev, self.loop.now + self.rng.uniform(30, 90))
 
         self.loop.after(duration, report)
+
+    def _secure(
+        self,
+        dev: _Device,
+        selector: SelectorPort | None,
+        contribution: SecureContribution,
+        stop_after: int,
+        max_polls: int = 3600,
+    ) -> None:
+        """Walk one device through its Secure Aggregation session on simulated time."""
+        c = contribution
+        session = SecureSession(c)
+        sent = 0
+        polls = 0
+
+        def finish() -> None:
+            self._schedule_wake(dev, self.loop.now + self.rng.uniform(30, 90))
+
+        def call(step: str, body: bytes) -> dict[str, Any] | None:
+            assert selector is not None
+            return selector.secagg(c.aggregator, c.round_key, c.device_id, c.ticket, step, body)
+
+        def send(step: str, body: bytes) -> None:
+            nonlocal sent
+            try:
+                call(step, body)
+            except ReportRejected:
+                self.stats.refused += 1
+                finish()
+                return
+            except ConnectionError:
+                self.stats.connection_errors += 1
+                finish()
+                return
+            session.sent(step)
+            sent += 1
+            if step == "advertise":
+                self.stats.reported += 1
+            if session.done or sent >= stop_after:
+                finish()
+                return
+            self.loop.after(self.poll_seconds, poll)
+
+        def poll() -> None:
+            nonlocal polls
+            polls += 1
+            assert session.poll is not None
+            try:
+                published = call(session.poll, b"")
+            except (ReportRejected, ConnectionError):
+                finish()  # the session ended without this device (it missed a phase)
+                return
+            if published is None:
+                if polls < max_polls:
+                    self.loop.after(self.poll_seconds, poll)
+                else:
+                    finish()
+                return
+            try:
+                step, body = session.answer(published)
+            except SecAggError:
+                self.stats.secagg_aborts += 1
+                finish()
+                return
+            send(step, body)
+
+        if selector is None:
+            return
+        send(*session.start())

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from fedfleet.core.protocol import Assignment, Reconnect, ReportEnvelope
+from fedfleet.core.secagg import SecAggError
 from fedfleet.core.spec import FLJob
 from fedfleet.device.datasets import DatasetSplit, prepare
 from fedfleet.device.fleet import availability
@@ -54,7 +55,14 @@ from fedfleet.device.http_transport import (
     Unreachable,
     WeightsCache,
 )
-from fedfleet.device.runtime import ArrayExamples, DeviceConditions, FLRuntime, TaskAborted
+from fedfleet.device.runtime import (
+    ArrayExamples,
+    DeviceConditions,
+    FLRuntime,
+    SecureContribution,
+    TaskAborted,
+)
+from fedfleet.device.secure import SecureSession
 from fedfleet.service.keys import JobKeys
 
 __all__ = ["HttpFleet", "HttpFleetStats"]
@@ -78,6 +86,11 @@ class HttpFleetStats:
     """Selected devices that received their plan and checkpoint."""
     released: int = 0
     """Selected devices sent away before they were configured (the round ended, 410/404)."""
+    secagg_completed: int = 0
+    """Secure aggregation sessions a device walked to the end (its unmasking shares sent)."""
+    secagg_left: int = 0
+    """Secure aggregation sessions a device left early: it dropped out on purpose, missed a
+    phase (410), or refused a bad roster or share."""
     reported: int = 0
     """Reports accepted (202)."""
     aborted: int = 0
@@ -182,6 +195,8 @@ class HttpFleet:
         client_timeout: float = 30.0,
         poll_wait: float = 10.0,
         max_long_polls: int = 512,
+        secagg_poll_seconds: float = 0.2,
+        secagg_give_up_seconds: float = 600.0,
     ) -> None:
         if not selectors:
             raise ValueError("at least one selector URL is needed")
@@ -205,6 +220,8 @@ class HttpFleet:
         self.client_timeout = client_timeout
         self.poll_wait = poll_wait
         self.max_long_polls = max_long_polls
+        self.secagg_poll_seconds = secagg_poll_seconds
+        self.secagg_give_up_seconds = secagg_give_up_seconds
         self.stats = HttpFleetStats()
         self.weights = WeightsCache()
         self.rng = np.random.default_rng(self.fleet.seed + 1)
@@ -547,6 +564,11 @@ class HttpFleet:
         epochs = task.plan.local_epochs
         drops = bool(self.rng.random() < self.fleet.dropout_rate)
         lost_at = int(self.rng.integers(0, epochs)) if drops else epochs + 1
+        stop_after = 99  # secure aggregation: drop out after this many messages (as embedded)
+        if drops and task.privacy is not None and task.privacy.secure_aggregation:
+            stage = int(self.rng.integers(0, 4))
+            if stage > 0:
+                lost_at, stop_after = epochs + 1, stage
         assert self._executor is not None
         try:
             env = await loop.run_in_executor(
@@ -565,8 +587,65 @@ class HttpFleet:
             self._later(dev, 0.5 * r, 1.5 * r)
             return
         await asyncio.sleep(max(0.0, started + duration - loop.time()))
-        await self._report(dev, sel, env, task.assignment.aggregator)
+        if isinstance(env, SecureContribution):
+            await self._secure(dev, sel, env, stop_after)
+        else:
+            await self._report(dev, sel, env, task.assignment.aggregator)
         self._later(dev, *self.rest_seconds)
+
+    async def _secure(
+        self, dev: _Device, sel: _Selector, contribution: SecureContribution, stop_after: int
+    ) -> None:
+        """Walk the Secure Aggregation session through the selector that selected the device
+        (each step is relayed to the device's aggregator, whose session lives in memory)."""
+        c = contribution
+        session = SecureSession(c)
+        give_up = time.monotonic() + self.secagg_give_up_seconds
+        sent = 0
+        try:
+            step, body = session.start()
+            while True:
+                await sel.client.secagg(
+                    c.round_key, c.device_id, c.ticket, c.aggregator, step, body
+                )
+                session.sent(step)
+                sent += 1
+                if step == "advertise":
+                    self.stats.reported += 1
+                if session.done:
+                    self.stats.secagg_completed += 1
+                    return
+                if sent >= stop_after:
+                    self.stats.secagg_left += 1
+                    return
+                assert session.poll is not None
+                while True:
+                    published = await sel.client.secagg(
+                        c.round_key, c.device_id, c.ticket, c.aggregator, session.poll
+                    )
+                    if published is not None:
+                        break
+                    if time.monotonic() > give_up:
+                        self.stats.secagg_left += 1
+                        return
+                    await asyncio.sleep(self.secagg_poll_seconds)
+                step, body = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, session.answer, published
+                )
+        except Refused as exc:
+            if exc.status != 410:
+                self._refused(exc, f"secure aggregation of {dev.device_id}")
+            self.stats.secagg_left += 1
+        except SecAggError as exc:
+            log.warning("device %s left secure aggregation: %s", dev.device_id, exc)
+            self.stats.secagg_left += 1
+        except Unreachable as exc:
+            self._unreachable(sel, exc)
+            self.stats.secagg_left += 1
+        except (ServerBusy, ProtocolError):
+            self.stats.secagg_left += 1
+        finally:
+            dev.assignment = dev.selector = None
 
     async def _report(
         self, dev: _Device, home: _Selector, env: ReportEnvelope, aggregator: str

@@ -42,7 +42,14 @@ import numpy as np
 from pydantic import ValidationError
 
 from fedfleet.core.models import Weights, weight_shapes
-from fedfleet.core.protocol import Assignment, CheckIn, Reconnect, ReportEnvelope, Task
+from fedfleet.core.protocol import (
+    Assignment,
+    CheckIn,
+    PrivacyPlan,
+    Reconnect,
+    ReportEnvelope,
+    Task,
+)
 from fedfleet.core.serde import SerdeError, decode_arrays
 from fedfleet.core.spec import ModelSpec, PlanSpec
 
@@ -102,6 +109,7 @@ class TaskInfo:
     model: ModelSpec
     plan: PlanSpec
     aggregator: str
+    privacy: PrivacyPlan | None = None
 
 
 def _retry_after(response: httpx.Response) -> float:
@@ -364,6 +372,9 @@ class SelectorClient:
                 model=ModelSpec.model_validate(body["model"]),
                 plan=PlanSpec.model_validate(body["plan"]),
                 aggregator=str(body["aggregator"]),
+                privacy=(
+                    None if body.get("privacy") is None else PrivacyPlan.from_dict(body["privacy"])
+                ),
             )
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             raise ProtocolError(f"bad task description: {exc}") from None
@@ -398,6 +409,7 @@ class SelectorClient:
             info.plan,
             info.model_version,
             weights,
+            info.privacy,
         )
 
     async def report(self, env: ReportEnvelope, aggregator: str) -> None:
@@ -417,6 +429,37 @@ class SelectorClient:
         )
         if r.status_code not in (200, 202):
             raise _fail(r)
+
+    async def secagg(
+        self,
+        round_key: str,
+        device_id: str,
+        ticket: str,
+        aggregator: str,
+        step: str,
+        body: bytes = b"",
+    ) -> dict[str, Any] | None:
+        """One Secure Aggregation step: a send (``None`` back) or a poll (the published
+        message, or ``None`` while it is not published). Refusals raise :class:`Refused`
+        (410: this device is no longer part of the session)."""
+        r = await self._send(
+            "POST",
+            f"/v1/secagg/{round_key}/{step}",
+            key=device_id,
+            content=body,
+            headers={
+                "content-type": "application/octet-stream",
+                "x-fedfleet-device": device_id,
+                "x-fedfleet-ticket": ticket,
+                "x-fedfleet-aggregator": aggregator,
+            },
+        )
+        if r.status_code == 202:
+            return None
+        if r.status_code != 200:
+            raise _fail(r)
+        answer = _json(r)
+        return answer if answer else None
 
     async def abort(
         self, round_key: str, device_id: str, ticket: str, reason: str = "eligibility-lost"

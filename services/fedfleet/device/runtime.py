@@ -15,9 +15,12 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from fedfleet.core.dp import clip_update
 from fedfleet.core.eligibility import ineligibility_reason
-from fedfleet.core.models import TrainingAborted, delta, train_local
+from fedfleet.core.models import TrainingAborted, delta, train_local, weight_shapes
+from fedfleet.core.privacy import secagg_params, secagg_vector
 from fedfleet.core.protocol import CheckIn, Reconnect, ReportEnvelope, Task
+from fedfleet.core.secagg import SecAggParams
 from fedfleet.core.serde import encode_arrays
 from fedfleet.core.spec import EligibilitySpec
 
@@ -26,12 +29,30 @@ __all__ = [
     "DeviceConditions",
     "ExampleSource",
     "FLRuntime",
+    "SecureContribution",
     "TaskAborted",
 ]
 
 
 class TaskAborted(Exception):
     """The device stopped its task (eligibility lost); nothing was reported."""
+
+
+@dataclass(frozen=True, slots=True)
+class SecureContribution:
+    """A trained update that leaves the device only masked, through Secure Aggregation.
+
+    ``vector`` is ``[w * clip(delta), w]`` (see :mod:`fedfleet.core.privacy`); it stays on the
+    device, and only the protocol's messages derived from it are sent.
+    """
+
+    device_id: str
+    round_key: str
+    aggregator: str
+    ticket: str
+    params: SecAggParams
+    vector: NDArray[np.float64]
+    metrics: dict[str, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +135,13 @@ class FLRuntime:
 
     def execute(
         self, task: Task, now: float, still_eligible: Callable[[int], bool]
-    ) -> ReportEnvelope:
+    ) -> ReportEnvelope | SecureContribution:
         """Run the plan; ``still_eligible(epoch)`` is asked before every epoch.
 
-        Raises :class:`TaskAborted` when eligibility is lost, before anything is reported.
+        Returns the report to upload, or — when the task's privacy plan asks for Secure
+        Aggregation — the contribution to feed into the protocol. With DP on, the update is
+        clipped to the plan's L2 norm first. Raises :class:`TaskAborted` when eligibility is
+        lost, before anything is reported.
         """
         x, y = self.examples.query(now)
         if not still_eligible(0):
@@ -128,12 +152,26 @@ class FLRuntime:
             )
         except TrainingAborted as exc:
             raise TaskAborted(str(exc)) from None
-        update = encode_arrays(delta(result.weights, task.weights))
+        diff = delta(result.weights, task.weights)
+        metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy}
+        privacy = task.privacy
+        if privacy is not None and privacy.secure_aggregation:
+            return SecureContribution(
+                device_id=self.device_id,
+                round_key=task.assignment.round_key,
+                aggregator=task.assignment.aggregator,
+                ticket=task.assignment.ticket,
+                params=secagg_params(privacy, weight_shapes(task.model)),
+                vector=secagg_vector(privacy, diff, result.num_examples),
+                metrics=metrics,
+            )
+        if privacy is not None and privacy.clip_norm is not None:
+            diff, _ = clip_update(diff, privacy.clip_norm)
         return ReportEnvelope(
             device_id=self.device_id,
             round_key=task.assignment.round_key,
             ticket=task.assignment.ticket,
             num_examples=result.num_examples,
-            update=update,
-            metrics={"train_loss": result.loss, "train_accuracy": result.accuracy},
+            update=encode_arrays(diff),
+            metrics=metrics,
         )

@@ -17,7 +17,7 @@ import threading
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from fedfleet.core.eligibility import is_eligible
 from fedfleet.core.models import Weights
@@ -26,13 +26,16 @@ from fedfleet.core.protocol import (
     Assignment,
     CheckIn,
     Phase,
+    PrivacyPlan,
     Quota,
     Reconnect,
     ReportEnvelope,
+    ReportRejected,
     RoundState,
     Task,
     attempt_key,
     report_ticket,
+    secagg_group_id,
     verify_ticket,
 )
 from fedfleet.core.roles import Role
@@ -41,7 +44,7 @@ from fedfleet.store.base import Store
 from fedfleet.store.checkpoints import CheckpointCache
 from fedfleet.store.registration import Registration
 
-__all__ = ["DeviceLink", "Forward", "Selector"]
+__all__ = ["DeviceLink", "Forward", "ForwardSecAgg", "Selector"]
 
 
 class DeviceLink(Protocol):
@@ -55,6 +58,10 @@ class DeviceLink(Protocol):
 Forward = Callable[[str, ReportEnvelope], None]
 """Deliver a report to the named aggregator; raises ReportRejected (or ConnectionError)."""
 
+ForwardSecAgg = Callable[[str, str, str, str, str, bytes], dict[str, Any] | None]
+"""Deliver one Secure Aggregation call ``(aggregator, round_key, device_id, ticket, step, body)``
+to the named aggregator and return its answer (see :meth:`Aggregator.secagg`)."""
+
 
 class Selector:
     def __init__(
@@ -65,6 +72,7 @@ class Selector:
         actor_id: str,
         secret: bytes,
         forward: Forward,
+        forward_secagg: ForwardSecAgg | None = None,
         address: str = "",
         pacing: PaceSteering | None = None,
         heartbeat_every: float = 2.0,
@@ -78,6 +86,7 @@ class Selector:
         self.address = address
         self._secret = secret
         self._forward = forward
+        self._forward_secagg = forward_secagg
         self.pacing = pacing or PaceSteering()
         self._registration = Registration(
             store,
@@ -153,6 +162,23 @@ class Selector:
         self._forward(aggregator, env)
         with self._lock:
             self._settled[env.round_key].add(env.device_id)
+
+    def secagg(
+        self, aggregator: str, round_key: str, device_id: str, ticket: str, step: str, body: bytes
+    ) -> dict[str, Any] | None:
+        """Relay one Secure Aggregation call to the device's aggregator (tickets are checked
+        here first, so a forged call never reaches it)."""
+        if self.stopped:
+            raise ConnectionError("selector is down")
+        if self._forward_secagg is None:
+            raise ReportRejected(404, "this selector does not relay secure aggregation")
+        if not self.ticket_ok(round_key, device_id, ticket):
+            raise ReportRejected(403, "invalid ticket for this device and round")
+        answer = self._forward_secagg(aggregator, round_key, device_id, ticket, step, body)
+        if step == "advertise":
+            with self._lock:
+                self._settled[round_key].add(device_id)
+        return answer
 
     def dropped(self, round_key: str, device_id: str) -> bool:
         """A selected device was lost: it aborted its task or its connection closed.
@@ -231,6 +257,7 @@ class Selector:
             if state is not None and state.phase is Phase.reporting:
                 weights = self._checkpoints.weights(state.model_version)
                 for link, assignment in devices:
+                    group = secagg_group_id(self.name, assignment.round_key, assignment.aggregator)
                     link.configure(
                         Task(
                             assignment,
@@ -238,6 +265,7 @@ class Selector:
                             self.spec.plan,
                             state.model_version,
                             weights,
+                            PrivacyPlan.for_group(self.spec.aggregation, group),
                         )
                     )
             else:

@@ -4,7 +4,9 @@ Devices authenticate every check-in with a bearer token issued at enrollment. A 
 decided in memory (no store round trip): either a reconnect window, or a selection whose plan
 the device then long-polls for at ``/v1/tasks/{round}``. The checkpoint is downloaded from
 ``/v1/checkpoints/{version}`` (immutable, cacheable by version); the update is uploaded as a
-binary body to ``/v1/reports/{round}`` and handed to the device's aggregator.
+binary body to ``/v1/reports/{round}`` and handed to the device's aggregator. Under Secure
+Aggregation the update never travels as such: the device walks the protocol's steps at
+``/v1/secagg/{round}/{step}``, which the selector relays to the device's aggregator.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_json
 
-from fedfleet.core.protocol import CheckIn, Reconnect, ReportEnvelope, ReportRejected, Task
+from fedfleet.core.protocol import (
+    SECAGG_STEPS,
+    CheckIn,
+    Reconnect,
+    ReportEnvelope,
+    ReportRejected,
+    Task,
+)
 from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob
 from fedfleet.selector.actor import Selector
@@ -37,6 +46,9 @@ log = logging.getLogger("fedfleet.selector")
 
 ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 ROUND = r"^a[0-9]{1,18}$"
+SECAGG_STEP = "^(" + "|".join(SECAGG_STEPS) + ")$"
+SECAGG_OVERHEAD = 1 << 20
+"""Bytes a secure-aggregation message may carry beyond the model's masked vector."""
 
 
 class CheckInRequest(BaseModel):
@@ -66,6 +78,11 @@ class TaskResponse(BaseModel):
     model: dict[str, Any]
     plan: dict[str, Any]
     aggregator: str
+    privacy: dict[str, Any] | None = Field(
+        None,
+        description="What the device does to its update before it leaves the device "
+        "(capped weight, DP clipping, Secure Aggregation group); absent when neither is on.",
+    )
 
 
 class AbortRequest(BaseModel):
@@ -147,8 +164,43 @@ def create_app(
                 detail = r.text
             raise ReportRejected(r.status_code, detail)
 
+    def forward_secagg(
+        aggregator_id: str, round_key: str, device_id: str, ticket: str, step: str, body: bytes
+    ) -> dict[str, Any] | None:
+        addr = aggregators.get(aggregator_id)
+        if addr is None:
+            raise ConnectionError(f"aggregator {aggregator_id} is not registered")
+        headers = {
+            "authorization": f"Bearer {keys.internal_token}",
+            "x-fedfleet-device": device_id,
+            "x-fedfleet-ticket": ticket,
+            "content-type": "application/octet-stream",
+        }
+        try:
+            r = client.post(
+                f"{addr}/internal/v1/secagg/{round_key}/{step}", content=body, headers=headers
+            )
+        except httpx.HTTPError as exc:
+            raise ConnectionError(f"aggregator {aggregator_id} unreachable: {exc}") from exc
+        if r.status_code == 202:
+            return None
+        try:
+            answer = r.json()
+        except ValueError:
+            answer = {"detail": r.text}
+        if r.status_code != 200 or not isinstance(answer, dict):
+            detail = answer.get("detail", r.text) if isinstance(answer, dict) else r.text
+            raise ReportRejected(r.status_code, str(detail))
+        return answer
+
     selector = Selector(
-        job, store, actor_id=actor_id, secret=keys.ticket_key, forward=forward, address=address
+        job,
+        store,
+        actor_id=actor_id,
+        secret=keys.ticket_key,
+        forward=forward,
+        forward_secagg=forward_secagg,
+        address=address,
     )
     pending: dict[tuple[str, str], _Pending] = {}
     pending_lock = threading.Lock()
@@ -322,6 +374,7 @@ def create_app(
             model=t.model.model_dump(by_alias=True, mode="json"),
             plan=t.plan.model_dump(by_alias=True, mode="json"),
             aggregator=t.assignment.aggregator,
+            privacy=None if t.privacy is None else t.privacy.to_dict(),
         )
 
     @app.get("/v1/checkpoints/{version}", response_class=Response)
@@ -374,6 +427,55 @@ def create_app(
             ) from None
         reports.labels("202").inc()
         return {"status": "accepted"}
+
+    @app.post(
+        "/v1/secagg/{round_key}/{step}",
+        responses={
+            202: {"description": "Not published yet: poll again"},
+            410: {"description": "This device is no longer part of the session"},
+        },
+    )
+    async def secagg(
+        request: Request,
+        round_key: Annotated[str, Path(pattern=ROUND)],
+        step: Annotated[str, Path(pattern=SECAGG_STEP)],
+        x_fedfleet_device: Annotated[str, Header(pattern=ID)],
+        x_fedfleet_ticket: Annotated[str, Header(min_length=1, max_length=128)],
+        x_fedfleet_aggregator: Annotated[str, Header(pattern=ID)],
+        content_length: Annotated[int | None, Header()] = None,
+    ) -> Any:
+        """One step of a Secure Aggregation session (Bonawitz et al., CCS 2017).
+
+        Sends (advertise, shares, unmask: JSON; masked: the raw ring elements) answer 200 when
+        taken; polls (roster, inbox, survivors: empty body) answer 200 with the published
+        message, or 202 until it is published.
+        """
+        limit = job.spec.aggregation.max_update_bytes + SECAGG_OVERHEAD
+        if content_length is not None and content_length > limit:
+            raise HTTPException(413, f"message exceeds {limit} bytes")
+        ticketed(round_key, x_fedfleet_device, x_fedfleet_ticket)
+        body = await request.body()
+        if len(body) > limit:
+            raise HTTPException(413, f"message exceeds {limit} bytes")
+        try:
+            answer = await run_in_threadpool(
+                selector.secagg,
+                x_fedfleet_aggregator,
+                round_key,
+                x_fedfleet_device,
+                x_fedfleet_ticket,
+                step,
+                body,
+            )
+        except ReportRejected as exc:
+            raise HTTPException(exc.status, exc.reason) from None
+        except ConnectionError as exc:
+            raise HTTPException(
+                503, f"aggregator unavailable: {exc}", {"Retry-After": "5"}
+            ) from None
+        if answer is None:
+            return JSONResponse({"detail": "not published yet"}, status_code=202)
+        return answer
 
     @app.post("/v1/aborts/{round_key}", status_code=202)
     async def abort(
