@@ -57,6 +57,7 @@ class Reason:
     IN_PROGRESS: Final = "InProgress"
     ROUNDS_COMPLETED: Final = "RoundsCompleted"
     TARGET_ACCURACY_REACHED: Final = "TargetAccuracyReached"
+    EPSILON_BUDGET_SPENT: Final = "EpsilonBudgetSpent"
     SUCCEEDED: Final = "Succeeded"
     FAILED: Final = "Failed"
     CHILDREN_APPLIED: Final = "ChildrenApplied"

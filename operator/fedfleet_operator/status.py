@@ -56,6 +56,7 @@ class LastRound(TypedDict):
     accuracy: NotRequired[float]
     loss: NotRequired[float]
     reports: NotRequired[int]
+    epsilon: NotRequired[float]
 
 
 class ModelLocation(TypedDict):
@@ -73,6 +74,7 @@ class FLJobStatus(TypedDict, total=False):
     rounds: int
     modelVersion: int
     accuracy: float
+    epsilon: float
     lastRound: LastRound
     startTime: str
     completionTime: str
@@ -137,6 +139,9 @@ def _last_round(last: Mapping[str, Any], round_: int) -> LastRound:
         out["loss"] = loss
     if isinstance(last.get("reports"), int):
         out["reports"] = int(last["reports"])
+    epsilon = _number(last.get("epsilon"))
+    if epsilon is not None:
+        out["epsilon"] = epsilon
     return out
 
 
@@ -167,6 +172,13 @@ def _complete(phase: JobPhase, job_state: Mapping[str, Any], round_: int) -> Con
                 True,
                 Reason.TARGET_ACCURACY_REACHED,
                 f"target accuracy reached after {round_} rounds",
+            )
+        if job_state.get("reason") == "epsilon-budget":
+            return condition(
+                COMPLETE,
+                True,
+                Reason.EPSILON_BUDGET_SPENT,
+                f"the privacy budget allows no round after round {round_}",
             )
         return condition(COMPLETE, True, Reason.ROUNDS_COMPLETED, f"{round_} rounds committed")
     if phase is JobPhase.failed:
@@ -222,6 +234,9 @@ def status_from_store(
         accuracy = _number(last.get("accuracy"))
         if accuracy is not None:
             status["accuracy"] = accuracy
+        epsilon = _number(last.get("epsilon"))
+        if epsilon is not None:
+            status["epsilon"] = epsilon
     if isinstance(job_state.get("start_time"), int | float):
         status["startTime"] = rfc3339(float(job_state["start_time"]))
     if phase.value in TERMINAL_PHASES and isinstance(job_state.get("completion_time"), int | float):

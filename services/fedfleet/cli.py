@@ -25,7 +25,7 @@ from fedfleet.results import JobResult, ProgressSink
 
 __all__ = ["EXAMPLES", "SUBCOMMANDS", "Subcommand", "build_parser", "main"]
 
-EXAMPLES = ("digits", "mnist")
+EXAMPLES = ("digits", "digits-private", "mnist")
 """Example manifests shipped as package data in ``fedfleet/examples/<name>.yaml``."""
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -84,7 +84,7 @@ def _load_file(path: Path) -> FLJob:
 
 
 def example_text(name: str) -> str:
-    """The text of a packaged example manifest (``digits`` or ``mnist``)."""
+    """The text of a packaged example manifest (one of :data:`EXAMPLES`)."""
     if name not in EXAMPLES:
         raise ValueError(f"unknown example {name!r}; choose from {', '.join(EXAMPLES)}")
     return (resources.files("fedfleet") / "examples" / f"{name}.yaml").read_text(encoding="utf-8")

@@ -355,6 +355,11 @@ def status_schema() -> JsonSchema:
             "rounds": _leaf("integer", "Total rounds the job runs (spec.rounds.total)."),
             "modelVersion": _leaf("integer", "Version of the latest committed global model."),
             "accuracy": _leaf("number", "Evaluation accuracy of the latest committed model."),
+            "epsilon": _leaf(
+                "number",
+                "With differential privacy on: epsilon spent by the latest committed model "
+                "(at spec.aggregation.differentialPrivacy.delta).",
+            ),
             "lastRound": _object(
                 "Summary of the last committed round.",
                 {
@@ -362,6 +367,7 @@ def status_schema() -> JsonSchema:
                     "accuracy": _leaf("number", "Evaluation accuracy after the round."),
                     "loss": _leaf("number", "Evaluation loss after the round."),
                     "reports": _leaf("integer", "Device reports aggregated into the round."),
+                    "epsilon": _leaf("number", "Epsilon spent after the round (with DP on)."),
                 },
             ),
             "startTime": _leaf("string", "When the job started running.", format="date-time"),
@@ -427,6 +433,7 @@ def crd_document() -> dict[str, Any]:
         ("Round", "integer", ".status.round", "Current round of the job."),
         ("Rounds", "integer", ".status.rounds", "Total rounds the job runs."),
         ("Accuracy", "number", ".status.accuracy", "Accuracy of the latest committed model."),
+        ("Epsilon", "number", ".status.epsilon", "Privacy loss so far (differential privacy)."),
         ("Age", "date", ".metadata.creationTimestamp", "Time since the job was created."),
     ]
     return {

@@ -209,7 +209,7 @@ def test_digits_reaches_succeeded_with_accuracy_in_status(
     assert "digits" in status["model"]["key"]
     table = cluster.kubectl("get", "fljobs", "-n", namespace, check=True).stdout
     header = table.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "ROUND", "ROUNDS", "ACCURACY", "AGE"]
+    assert header == ["NAME", "PHASE", "ROUND", "ROUNDS", "ACCURACY", "EPSILON", "AGE"]
     assert "Succeeded" in table
     # Completion tears the actors down and keeps the plan, the secret and the model.
     cluster.wait_for(

@@ -156,7 +156,7 @@ def test_usage_error_returns_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_deploy_examples_exist() -> None:
-    assert [p.stem for p in DEPLOY_EXAMPLES] == sorted(EXAMPLES)
+    assert sorted(p.stem for p in DEPLOY_EXAMPLES) == sorted(EXAMPLES)
 
 
 @pytest.mark.parametrize("path", DEPLOY_EXAMPLES, ids=lambda p: p.name)

@@ -179,6 +179,7 @@ def test_names_and_version_follow_the_contract(crd: dict[str, Any]) -> None:
         ("Round", ".status.round", "integer"),
         ("Rounds", ".status.rounds", "integer"),
         ("Accuracy", ".status.accuracy", "number"),
+        ("Epsilon", ".status.epsilon", "number"),
         ("Age", ".metadata.creationTimestamp", "date"),
     ]
 
@@ -200,6 +201,7 @@ def test_status_schema_follows_the_contract(root: Schema) -> None:
         "rounds",
         "modelVersion",
         "accuracy",
+        "epsilon",
         "lastRound",
         "startTime",
         "completionTime",
@@ -209,7 +211,13 @@ def test_status_schema_follows_the_contract(root: Schema) -> None:
     }
     props = status["properties"]
     assert props["phase"]["enum"] == ["Pending", "Running", "Suspended", "Succeeded", "Failed"]
-    assert set(props["lastRound"]["properties"]) == {"round", "accuracy", "loss", "reports"}
+    assert set(props["lastRound"]["properties"]) == {
+        "round",
+        "accuracy",
+        "loss",
+        "reports",
+        "epsilon",
+    }
     assert set(props["model"]["properties"]) == {"store", "key", "version", "fetch"}
     condition = props["conditions"]["items"]
     assert {"type", "status", "reason", "message", "lastTransitionTime"} <= set(

@@ -28,6 +28,7 @@ Privacy (``aggregation.secureAggregation`` / ``aggregation.differentialPrivacy``
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -66,6 +67,8 @@ from fedfleet.store.base import ConflictError, FencedError, Store
 from fedfleet.store.checkpoints import CheckpointCache
 from fedfleet.store.registration import Registration
 
+log = logging.getLogger("fedfleet.aggregator")
+
 __all__ = ["FAILED_PARTIAL", "MAX_EXAMPLES_PER_REPORT", "Aggregator", "Evaluator"]
 
 Evaluator = Callable[[Weights], dict[str, float]]
@@ -87,10 +90,11 @@ encrypted shares of a large group)."""
 class _Session:
     """One aggregator group's Secure Aggregation session; its lock orders every step."""
 
-    __slots__ = ("deadline", "error", "lock", "partial", "server")
+    __slots__ = ("deadline", "error", "group", "lock", "partial", "server")
 
-    def __init__(self, server: SecAggServer) -> None:
+    def __init__(self, server: SecAggServer, group: str) -> None:
         self.server = server
+        self.group = group
         self.lock = threading.Lock()
         self.deadline = 0.0
         """When the current phase after key advertisement must close."""
@@ -280,6 +284,8 @@ class Aggregator:
                 if step == "inbox":
                     if srv.phase in (ServerPhase.advertise, ServerPhase.share):
                         return None
+                    if srv.phase is not ServerPhase.collect:
+                        raise ReportRejected(410, "the masked input phase is over")
                     return srv.inbox(device_id).to_dict()
                 if step == "survivors":
                     survivors = srv.survivors()
@@ -300,7 +306,7 @@ class Aggregator:
                 raise ReportRejected(410, "this device is not part of that phase") from None
             except SecAggRejected as exc:
                 status = 409 if exc.reason in ("phase", "duplicate") else 422
-                if exc.reason in ("member", "unknown"):
+                if exc.reason == "unknown":  # not a member of this phase: it missed one
                     status = 410
                 raise ReportRejected(status, f"secure aggregation: {exc}") from None
             self._drive(session, self._now)
@@ -320,12 +326,11 @@ class Aggregator:
             self._seen[key].add(device_id)
             session = self._sessions.get(key)
             if session is None:
-                plan = PrivacyPlan.for_group(
-                    self.spec.aggregation, secagg_group_id(self.name, key, self.actor_id)
-                )
+                group = secagg_group_id(self.name, key, self.actor_id)
+                plan = PrivacyPlan.for_group(self.spec.aggregation, group)
                 assert plan is not None
                 session = self._sessions[key] = _Session(
-                    SecAggServer(secagg_params(plan, self._shapes))
+                    SecAggServer(secagg_params(plan, self._shapes)), group
                 )
         try:
             claimed = self.store.claim_report(self.name, key, self.actor_id, state.goal)
@@ -372,6 +377,7 @@ class Aggregator:
             self._fail(session, str(exc))
 
     def _fail(self, session: _Session, reason: str) -> None:
+        log.warning("secure aggregation group %s failed: %s", session.group, reason)
         session.error = reason
         session.partial = FAILED_PARTIAL + reason.encode()[:1000]
 
@@ -458,21 +464,25 @@ class Aggregator:
         ]
         if failed:
             self._committed.add(state.key)
-            self.last_commit_error = "secure aggregation group failed: " + "; ".join(failed)
+            self._commit_failed(state, "secure aggregation group failed: " + "; ".join(failed))
             return
         total = StreamingSum(self._shapes)
         for data in partials.values():
             total.merge(StreamingSum.from_bytes(data, self._shapes))
         self._committed.add(state.key)
         if total.count < state.minimum:
-            self.last_commit_error = (
-                f"{total.count} reports reached the master, need {state.minimum}"
+            self._commit_failed(
+                state, f"{total.count} reports reached the master, need {state.minimum}"
             )
             return
         try:
             self._commit(state, total)
         except (FencedError, ConflictError, ValueError) as exc:
-            self.last_commit_error = str(exc)
+            self._commit_failed(state, str(exc))
+
+    def _commit_failed(self, state: RoundState, reason: str) -> None:
+        self.last_commit_error = reason
+        log.warning("round %d (%s): nothing committed: %s", state.round, state.key, reason)
 
     def _commit_grace(self, state: RoundState) -> float:
         """Wait at most half the commit window for partial sums of aggregators that vanished.

@@ -213,11 +213,17 @@ class Coordinator:
         in_flight = sum(1 for r in active if r.phase in (Phase.reporting, Phase.closing))
         if self.store.model_version(self.name) + in_flight >= self._total_rounds:
             return
-        aggregators = tuple(self.store.members(self.name, Role.aggregator))
-        if not aggregators:
+        live = sorted(self.store.members(self.name, Role.aggregator))
+        if not live:
             return
         policy = self.spec.rounds
         attempt = self._next_attempt
+        # A round uses as many aggregators as the spec sizes it for (more only split the
+        # round into smaller groups, which Secure Aggregation cannot afford), rotating through
+        # the live ones from attempt to attempt.
+        wanted = min(len(live), self.spec.actors.aggregator_count(policy))
+        start = attempt % len(live)
+        aggregators = tuple((live + live)[start : start + wanted])
         self._next_attempt += 1
         version = self.store.model_version(self.name)
         self._put(

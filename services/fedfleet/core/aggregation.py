@@ -221,10 +221,19 @@ class StreamingSum:
         result = cls(shapes)
         if [tuple(a.shape) for a in sums] != result._shapes:
             raise UpdateRejected(REASON_SHAPE, "sums do not match the model's shapes")
-        if any(a.dtype != np.float64 or not np.isfinite(a).all() for a in sums):
-            raise UpdateRejected(REASON_NON_FINITE, "sums must be finite float64")
-        if count < 0 or not math.isfinite(total_weight) or total_weight < 0:
-            raise UpdateRejected(REASON_WEIGHT, f"bad count {count} / weight {total_weight}")
+        if any(a.dtype != np.float64 for a in sums):
+            raise UpdateRejected(REASON_DTYPE, "sums must be float64")
+        if any(not np.isfinite(a).all() for a in sums):
+            raise UpdateRejected(REASON_NON_FINITE, "sums hold NaN or infinity")
+        if (
+            count < 0
+            or not math.isfinite(total_weight)
+            or total_weight < 0
+            or (count == 0) != (total_weight == 0)
+        ):
+            raise UpdateRejected(
+                REASON_WEIGHT, f"inconsistent count {count} / weight {total_weight}"
+            )
         result._sums = [np.array(a, dtype=np.float64) for a in sums]
         result._count = count
         result._total_weight = float(total_weight)

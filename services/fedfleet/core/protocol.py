@@ -232,30 +232,54 @@ class PrivacyPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrivacyPlan:
-        """Strict: a device must not silently skip a privacy step it did not understand."""
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
+        """Strict: a device must not silently skip (or misread) a privacy step, so every field
+        must have its exact type and range; anything else is a ``ValueError``."""
+        if not isinstance(d, dict):
+            raise ValueError("privacy plan must be an object")
+        unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown privacy plan fields: {sorted(unknown)}")
-        clip = d.get("clip_norm")
-        ring = int(d.get("ring_bits", 32))
+        if "weight_cap" not in d:
+            raise ValueError("privacy plan lacks weight_cap")
+
+        def integer(name: str, default: int, lo: int, hi: int) -> int:
+            v = d.get(name, default)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+            return v
+
+        def number(name: str, default: float, lo: float, hi: float) -> float:
+            v = d.get(name, default)
+            ok = isinstance(v, int | float) and not isinstance(v, bool)
+            if not ok or not (lo < float(v) <= hi):
+                raise ValueError(f"{name} must be a number in ({lo}, {hi}], got {v!r}")
+            return float(v)
+
+        secure = d.get("secure_aggregation", False)
+        if not isinstance(secure, bool):
+            raise ValueError(f"secure_aggregation must be a boolean, got {secure!r}")
+        group = d.get("group_id", "")
+        if not isinstance(group, str) or len(group) > 1024:
+            raise ValueError("group_id must be a string of at most 1024 characters")
+        if secure and not group:
+            raise ValueError("secure aggregation needs a group_id")
+        ring = integer("ring_bits", 32, 32, 64)
         if ring not in (32, 64):
             raise ValueError(f"ring_bits must be 32 or 64, got {ring}")
-        plan = cls(
-            weight_cap=int(d["weight_cap"]),
-            clip_norm=None if clip is None else float(clip),
-            secure_aggregation=bool(d.get("secure_aggregation", False)),
-            group_id=str(d.get("group_id", "")),
-            min_group_size=int(d.get("min_group_size", 2)),
-            threshold_fraction=float(d.get("threshold_fraction", 0.5)),
-            clip_range=float(d.get("clip_range", 1.0)),
+        clip = d.get("clip_norm")
+        threshold = number("threshold_fraction", 0.5, 0.0, 1.0)
+        if not 0.5 <= threshold < 1.0:
+            raise ValueError(f"threshold_fraction must be in [0.5, 1), got {threshold}")
+        return cls(
+            weight_cap=integer("weight_cap", 1, 1, 1_000_000),
+            clip_norm=None if clip is None else number("clip_norm", 1.0, 0.0, 1e6),
+            secure_aggregation=secure,
+            group_id=group,
+            min_group_size=integer("min_group_size", 2, 2, 1_000_000),
+            threshold_fraction=threshold,
+            clip_range=number("clip_range", 1.0, 0.0, 1e6),
             ring_bits=ring,
         )
-        if plan.weight_cap < 1 or (plan.clip_norm is not None and not plan.clip_norm > 0):
-            raise ValueError("weight_cap must be >= 1 and clip_norm positive")
-        if plan.secure_aggregation and not plan.group_id:
-            raise ValueError("secure aggregation needs a group_id")
-        return plan
 
 
 SECAGG_STEPS = ("advertise", "roster", "shares", "inbox", "masked", "survivors", "unmask")

@@ -16,7 +16,9 @@ The rounds, with ``U1 ⊇ U2 ⊇ U3`` the devices still present after each:
    index). The share pair for ``v`` travels AES-GCM encrypted under
    HKDF(X25519(c_sk_u, c_pk_v)), with group and both ids in the key derivation and the
    associated data; the server only routes it. Beside it go SHA-256 commitments to every
-   share (the dealer's own included), so that the server can refuse a wrong revealed share.
+   share (the dealer's own included, bound to group and roster indices), so that the server
+   can refuse a wrong revealed share; shares are uniform 521-bit values, so a commitment hides
+   its share.
 2. **MaskedInputCollection.** Each device of ``U2`` quantizes its clipped vector into
    Z_{2^ring_bits} and sends ``y_u = q_u + PRG(b_u) + sum_v ±PRG(s_uv)`` (``+`` when
    ``u < v``) with ``s_uv`` agreed by X25519 with every other ``v`` in ``U2``. The server folds
@@ -28,8 +30,9 @@ The rounds, with ``U1 ⊇ U2 ⊇ U3`` the devices still present after each:
 
 What keeps an individual input hidden from an honest-but-curious server: a device never reveals
 both kinds of share for one device (it unmasks once, for a disjoint survivors/dropped split),
-and the server refuses a request carrying the wrong kind, so for a survivor it never holds more
-than ``t - 1`` shares of ``s_sk`` and for a dropped device never more than ``t - 1`` of ``b``.
+and the server refuses a message carrying the wrong kind, so it never receives an s-share of a
+survivor nor a b-share of a dropped device (fewer than ``t`` colluding devices cannot make up
+the difference).
 ``t = floor(threshold_fraction * n) + 1`` with ``threshold_fraction`` in [0.5, 1) is a strict
 majority of ``U1``. Active attacks (a server lying about who dropped, a device dealing
 inconsistent shares) are out of scope: that is the malicious variant with consistency checks
@@ -41,8 +44,15 @@ integer of magnitude at most ``K = floor((2^(ring_bits-1) - 1) / n)`` (``scale =
 clip_range``), so a sum of ``n`` of them never wraps; the decoded sum is within ``n / (2 *
 scale)`` of the true sum per coordinate (with ``ring_bits=64`` the float64 conversion, ~1e-16
 relative, dominates). Pseudo-random expansion is AES-256-CTR from a zero counter; every AES key
-comes out of HKDF-SHA256 with its own purpose label, so no key ever encrypts two streams.
-Device ids compare as Python strings (code-point order).
+comes out of HKDF-SHA256 with a purpose label, the group and the ids, so no key expands two
+different streams (both ends of a pair expand the same mask, which is the point). Device ids
+compare as Python strings (code-point order).
+
+Costs for a group of n with vectors of m: each device does O(n) key agreements and O(n * m)
+keystream, plus O(n * t) field operations to deal its shares; the server holds O(n^2)
+ciphertexts and commitments until round 2 closes and O(m) for the sum, and unmasking costs it
+O(t^2 + n * t) field operations plus one keystream per survivor and per (dropped, survivor)
+pair: dropouts between rounds 1 and 2 are the expensive case.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -175,12 +186,17 @@ class SecAggRejected(SecAggError):
 
 
 class SecAggFailed(SecAggError):
-    """The group cannot finish (fewer than the threshold left, a key did not reconstruct)."""
+    """The group cannot finish; the server moved to ``failed`` and holds nothing usable.
+    ``reason``: ``too_few`` (a round closed, or finish was called, below the threshold) or
+    ``reconstruct`` (a secret rebuilt from the shares does not fit or does not match its
+    advertised public key: a dealer was dishonest)."""
 
 
 class SecAggAbort(SecAggError):
-    """The client refuses to continue (bad roster, forged ciphertext, unsafe survivors set);
-    the client is dead afterwards and refuses every further call."""
+    """The client refuses to continue; it is dead afterwards and refuses every further call.
+    ``reason``: ``roster``, ``inbox``, ``ciphertext``, ``survivors`` (that message failed a
+    check), ``order`` / ``replay`` (a round asked out of order or a second time) or ``aborted``
+    (a call after an abort)."""
 
 
 # -- Parameters -----------------------------------------------------------------------------------
@@ -1084,7 +1100,11 @@ class SecAggServer:
         self._roster: Roster | None = None
         self._index: dict[str, int] = {}
         self._commitments: dict[str, bytes] = {}
-        self._ciphertexts: dict[str, Mapping[str, bytes]] = {}
+        self._shared: set[str] = set()
+        """Senders of an accepted ShareKeys: U2 once the round closes."""
+        self._inboxes: dict[str, dict[str, bytes]] = {}
+        """Recipient -> dealer -> ciphertext, filled as ShareKeys arrive (each inbox is then
+        ready to hand out as is, instead of gathered from n dealers' messages per request)."""
         self._u2: tuple[str, ...] = ()
         self._total: NDArray[np.unsignedinteger[Any]] | None = None
         self._collected: set[str] = set()
@@ -1121,7 +1141,7 @@ class SecAggServer:
         if ph is ServerPhase.advertise:
             return len(self._adverts)
         if ph is ServerPhase.share:
-            return len(self._ciphertexts)
+            return len(self._shared)
         if ph is ServerPhase.collect:
             return len(self._collected)
         if ph is ServerPhase.unmask:
@@ -1154,7 +1174,7 @@ class SecAggServer:
 
     def _fail(self, message: str, reason: str = "too_few") -> SecAggFailed:
         self._phase = ServerPhase.failed
-        self._ciphertexts.clear()
+        self._inboxes.clear()
         self._commitments.clear()
         self._unmasked.clear()
         self._total = None
@@ -1196,6 +1216,7 @@ class SecAggServer:
             scale=fixed_point_scale(n, p.clip_range, p.ring_bits),
         )
         self._index = {m.device_id: i for i, m in enumerate(members, start=1)}
+        self._inboxes = {m.device_id: {} for m in members}
         self._adverts.clear()
         self._seen_keys.clear()
         self._phase = ServerPhase.share
@@ -1208,7 +1229,7 @@ class SecAggServer:
         u = msg.sender
         if u not in self._index:
             raise SecAggRejected(REASON_UNKNOWN, f"{u!r} is not in the roster")
-        if u in self._ciphertexts:
+        if u in self._shared:
             raise SecAggRejected(REASON_DUPLICATE, f"{u!r} already shared its keys")
         if len(msg.ciphertexts) != len(self._index) - 1 or u in msg.ciphertexts:
             raise SecAggRejected(REASON_RECIPIENTS, f"{u!r}: recipients are not U1 minus it")
@@ -1226,20 +1247,27 @@ class SecAggServer:
                 raise SecAggRejected(REASON_RECIPIENTS, f"{u!r}: ciphertext for {v!r}")
             if not _NONCE_BYTES + _TAG_BYTES < len(ct) <= MAX_CIPHERTEXT_BYTES:
                 raise SecAggRejected(REASON_MALFORMED, f"{u!r}: ciphertext for {v!r} size")
-        self._ciphertexts[u] = dict(msg.ciphertexts)
+        inboxes = self._inboxes
+        for v, ct in msg.ciphertexts.items():
+            inboxes[v][u] = ct
+        self._shared.add(u)
         self._commitments[u] = bytes(blob)
 
     def close_share(self) -> None:
         """U2 = the devices that shared their keys; fails below the threshold."""
         self._close(ServerPhase.share, "close_share")
         assert self._roster is not None
-        n2 = len(self._ciphertexts)
+        n2 = len(self._shared)
         need = max(self._roster.threshold, self._params.minimum())
         if n2 < need:
             raise self._fail(f"{n2} devices shared keys, threshold {need}")
-        self._u2 = tuple(sorted(self._ciphertexts))
-        u2 = set(self._u2)
-        self._commitments = {u: c for u, c in self._commitments.items() if u in u2}
+        self._u2 = tuple(sorted(self._shared))
+        missing = [v for v in self._roster.device_ids if v not in self._shared]
+        for v in missing:  # U1 \ U2 neither receives nor deals shares from here on
+            del self._inboxes[v]
+        for inbox in self._inboxes.values():
+            for v in missing:
+                inbox.pop(v, None)
         self._total = np.zeros(
             self._params.vector_length, dtype=_ring_dtype(self._params.ring_bits)
         )
@@ -1248,12 +1276,11 @@ class SecAggServer:
     def inbox(self, device_id: str) -> Inbox:
         """Round 2's input for one device of U2 (only while collecting)."""
         self._expect(ServerPhase.collect, "inbox")
-        if device_id not in self._ciphertexts:
+        ciphertexts = self._inboxes.get(device_id)
+        if ciphertexts is None:
             raise SecAggRejected(REASON_UNKNOWN, f"{device_id!r} is not in U2")
         return Inbox(
-            recipient=device_id,
-            members=self._u2,
-            ciphertexts={v: self._ciphertexts[v][device_id] for v in self._u2 if v != device_id},
+            recipient=device_id, members=self._u2, ciphertexts=MappingProxyType(ciphertexts)
         )
 
     # -- round 2 --------------------------------------------------------------------------------
@@ -1261,7 +1288,7 @@ class SecAggServer:
     def receive_masked(self, msg: MaskedInput) -> None:
         self._expect(ServerPhase.collect, "MaskedInput")
         u = msg.device_id
-        if u not in self._ciphertexts:
+        if u not in self._inboxes:
             raise SecAggRejected(REASON_UNKNOWN, f"{u!r} is not in U2")
         if u in self._collected:
             raise SecAggRejected(REASON_DUPLICATE, f"{u!r} already sent its masked input")
@@ -1285,7 +1312,7 @@ class SecAggServer:
         u3 = tuple(sorted(self._collected))
         dropped = tuple(v for v in self._u2 if v not in self._collected)
         self._survivors = Survivors(survivors=u3, dropped=dropped)
-        self._ciphertexts.clear()
+        self._inboxes.clear()
         self._phase = ServerPhase.unmask
         return self._survivors
 

@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 API_VERSION: Final = "fedfleet.dev/v1alpha1"
+MAX_SECAGG_GROUP: Final = 4096
+"""Largest Secure Aggregation group (``fedfleet.core.secagg.MAX_GROUP_SIZE``)."""
 KIND: Final = "FLJob"
 
 
@@ -137,9 +139,9 @@ class SecureAggregationSpec(_Spec):
     enabled: bool = False
     """Run Secure Aggregation (Bonawitz et al., CCS 2017) in every aggregator group: the
     aggregators only ever see masked updates and learn nothing but each group's sum."""
-    min_group_size: int = Field(5, ge=2, le=100_000)
+    min_group_size: int = Field(5, ge=2, le=4096)
     """Fewest devices a group may sum over (k); a smaller group fails and the round is
-    abandoned. Each aggregator's share of the goal count must reach it."""
+    abandoned. Each aggregator's share of the minimum report count must reach it."""
     threshold_fraction: float = Field(0.5, ge=0.5, lt=1.0)
     """Shamir threshold as a fraction of the group: t = floor(fraction x n) + 1 (a strict
     majority at 0.5). Up to n - t devices may drop out after any phase; fewer than t left
@@ -306,12 +308,20 @@ class FLJobSpec(_Spec):
         sa = self.aggregation.secure_aggregation
         if sa.enabled:
             groups = self.actors.aggregator_count(self.rounds)
-            per_group = self.rounds.goal_count // groups
+            per_group = self.rounds.minimum_count // groups
             if per_group < sa.min_group_size:
                 raise ValueError(
                     f"aggregation.secureAggregation.minGroupSize ({sa.min_group_size}) exceeds "
-                    f"the devices each of the {groups} aggregator group(s) gets from "
-                    f"rounds.goalCount ({self.rounds.goal_count}): {per_group}"
+                    f"the devices each of the {groups} aggregator group(s) gets from a round's "
+                    f"minimum report count ({self.rounds.minimum_count} = goalCount x "
+                    f"minReportFraction): {per_group}"
+                )
+            largest = math.ceil(self.rounds.selection_target / groups)
+            if largest > MAX_SECAGG_GROUP:
+                raise ValueError(
+                    f"a secure aggregation group could hold {largest} devices, more than "
+                    f"{MAX_SECAGG_GROUP}: lower actors.devicesPerAggregator or raise "
+                    "actors.maxAggregators"
                 )
         dp = self.aggregation.differential_privacy
         if dp.enabled:

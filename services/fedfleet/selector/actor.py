@@ -87,6 +87,7 @@ class Selector:
         self._secret = secret
         self._forward = forward
         self._forward_secagg = forward_secagg
+        self._offset = zlib.crc32(actor_id.encode())
         self.pacing = pacing or PaceSteering()
         self._registration = Registration(
             store,
@@ -143,7 +144,10 @@ class Selector:
         if device_id in waiting:
             return waiting[device_id][1]
         aggs = quota.aggregators
-        aggregator = aggs[zlib.crc32(device_id.encode()) % len(aggs)]
+        # Round-robin over the attempt's aggregators, offset per selector so that several
+        # selectors do not all start on the same one: groups stay balanced, which Secure
+        # Aggregation needs (a group below its minimum size fails the round).
+        aggregator = aggs[(self._selected[state.key] + self._offset) % len(aggs)]
         ticket = report_ticket(self._secret, self.name, state.key, device_id)
         assignment = Assignment(state.key, aggregator, ticket)
         waiting[device_id] = (link, assignment)
