@@ -35,7 +35,7 @@ SECRET = b"k" * 32
 GOAL = 6
 
 
-def _job(**aggregation: Any) -> FLJob:
+def _job(*, inputs: int = 5, **aggregation: Any) -> FLJob:
     return parse_manifest(
         {
             "apiVersion": "fedfleet.dev/v1alpha1",
@@ -43,7 +43,7 @@ def _job(**aggregation: Any) -> FLJob:
             "metadata": {"name": "sa"},
             "spec": {
                 "population": "p",
-                "model": {"kind": "softmax", "inputs": 5, "classes": 3},
+                "model": {"kind": "softmax", "inputs": inputs, "classes": 3},
                 "rounds": {
                     "total": 3,
                     "goalCount": GOAL,
@@ -305,3 +305,34 @@ def test_forged_and_replayed_advertisements_are_refused_and_the_round_still_comm
     expected = _expected([honest, *rest], cap=10)
     for got, base, want in zip(world.model(), devices[0].task.weights, expected, strict=True):
         np.testing.assert_allclose(got - base, want, atol=2e-6)
+
+
+def test_master_noise_has_the_calibrated_standard_deviation() -> None:
+    """DP + Secure Aggregation end to end: devices send zero updates, so the committed change
+    is the master's noise divided by the fixed denominator (the goal count); its spread must
+    be z x S / K (3,003 coordinates: the sample deviation is within 1.3% at one sigma)."""
+    z, clip = 2.0, 0.5
+    world = World(
+        _job(
+            inputs=1000,
+            differentialPrivacy={
+                "enabled": True,
+                "clipNorm": clip,
+                "noiseMultiplier": z,
+                "delta": 1e-3,
+            },
+        )
+    )
+    devices = world.configured(GOAL, np.random.default_rng(5))
+    for dev in devices:
+        dev.delta = [np.zeros_like(d) for d in dev.delta]
+    start = [w.copy() for w in devices[0].task.weights]
+    world.run_protocol(devices)
+
+    assert world.store.model_version(world.job.key) == 1, world.agg.last_commit_error
+    change = np.concatenate([(got - base).ravel() for got, base in zip(world.model(), start)])
+    expected = z * clip / GOAL
+    assert change.size == 3003
+    assert abs(change.mean()) < 5 * expected / np.sqrt(change.size)
+    assert change.std() == pytest.approx(expected, rel=0.07)  # about 5 sigma
+    assert world.store.metrics(world.job.key)[-1]["epsilon"] > 0

@@ -52,6 +52,9 @@ from fedfleet.core.protocol import (
 )
 from fedfleet.core.roles import Role
 from fedfleet.core.secagg import (
+    REASON_DUPLICATE,
+    REASON_PHASE,
+    REASON_UNKNOWN,
     KeyAdvert,
     MaskedInput,
     SecAggFailed,
@@ -170,17 +173,7 @@ class Aggregator:
         """Validate and fold in one report, or raise :class:`ReportRejected`."""
         if self.stopped:
             raise ConnectionError("aggregator is down")
-        state = self._rounds.get(env.round_key)
-        if state is None or state.phase in (Phase.selecting, Phase.waiting):
-            # A device can train and report before this aggregator's next tick has seen its
-            # round configured: look again in the store before refusing (miss path only).
-            state = self._refresh_round(env.round_key)
-        if state is None:
-            raise ReportRejected(404, f"unknown round {env.round_key!r}")
-        if state.phase is not Phase.reporting or env.round_key in self._published:
-            raise ReportRejected(409, f"round {env.round_key} is closed ({state.phase.value})")
-        if self.actor_id not in state.aggregators:
-            raise ReportRejected(421, "this aggregator does not serve that round")
+        state = self._serving(env.round_key)
         if not verify_ticket(self._secret, self.name, env.round_key, env.device_id, env.ticket):
             raise ReportRejected(403, "invalid report ticket")
         if self._secagg.enabled:
@@ -200,22 +193,10 @@ class Aggregator:
             validate_update(update, self._shapes)
         except (SerdeError, UpdateRejected) as exc:
             raise ReportRejected(422, f"update refused: {exc}") from None
-        key, device = env.round_key, env.device_id
+        key = env.round_key
+        # Only a valid update may take one of the round's K slots; folding it in cannot fail.
+        self._claim(state, env.device_id)
         with self._lock:
-            if device in self._seen[key]:
-                raise ReportRejected(409, "this device already reported for this round")
-            self._seen[key].add(device)  # reserved: a concurrent duplicate is refused
-        try:
-            # Only a valid update may take one of the round's K slots; folding it in cannot fail.
-            claimed = self.store.claim_report(self.name, key, self.actor_id, state.goal)
-        except BaseException:
-            with self._lock:
-                self._seen[key].discard(device)
-            raise
-        with self._lock:
-            if not claimed:
-                self._seen[key].discard(device)
-                raise ReportRejected(409, f"round {key} already has its reports")
             if key in self._published:
                 raise ReportRejected(409, f"round {key} closed while the report arrived")
             acc = self._sums.get(key)
@@ -232,6 +213,8 @@ class Aggregator:
         """The round a device message is for, refused unless it is reporting here."""
         state = self._rounds.get(round_key)
         if state is None or state.phase in (Phase.selecting, Phase.waiting):
+            # A device can train and report before this aggregator's next tick has seen its
+            # round configured: look again in the store before refusing (miss path only).
             state = self._refresh_round(round_key)
         if state is None:
             raise ReportRejected(404, f"unknown round {round_key!r}")
@@ -240,6 +223,25 @@ class Aggregator:
         if self.actor_id not in state.aggregators:
             raise ReportRejected(421, "this aggregator does not serve that round")
         return state
+
+    def _claim(self, state: RoundState, device_id: str) -> None:
+        """Take one of the round's K report slots for ``device_id``, once per device; raise
+        :class:`ReportRejected` (409) for a second report or when the round is full."""
+        key = state.key
+        with self._lock:
+            if device_id in self._seen[key]:
+                raise ReportRejected(409, "this device already reported for this round")
+            self._seen[key].add(device_id)  # reserved: a concurrent duplicate is refused
+        try:
+            claimed = self.store.claim_report(self.name, key, self.actor_id, state.goal)
+        except BaseException:
+            with self._lock:
+                self._seen[key].discard(device_id)
+            raise
+        if not claimed:
+            with self._lock:
+                self._seen[key].discard(device_id)
+            raise ReportRejected(409, f"round {key} already has its reports")
 
     # -- secure aggregation ------------------------------------------------------------------
     def secagg(
@@ -305,8 +307,8 @@ class Aggregator:
             except KeyError:
                 raise ReportRejected(410, "this device is not part of that phase") from None
             except SecAggRejected as exc:
-                status = 409 if exc.reason in ("phase", "duplicate") else 422
-                if exc.reason == "unknown":  # not a member of this phase: it missed one
+                status = 409 if exc.reason in (REASON_PHASE, REASON_DUPLICATE) else 422
+                if exc.reason == REASON_UNKNOWN:  # not a member of this phase: it missed one
                     status = 410
                 raise ReportRejected(status, f"secure aggregation: {exc}") from None
             self._drive(session, self._now)
@@ -320,10 +322,8 @@ class Aggregator:
             raise ReportRejected(422, f"secure aggregation: {exc}") from None
         _same_device(advert.device_id, device_id)
         key = round_key
+        self._claim(state, device_id)
         with self._lock:
-            if device_id in self._seen[key]:
-                raise ReportRejected(409, "this device already reported for this round")
-            self._seen[key].add(device_id)
             session = self._sessions.get(key)
             if session is None:
                 group = secagg_group_id(self.name, key, self.actor_id)
@@ -332,23 +332,13 @@ class Aggregator:
                 session = self._sessions[key] = _Session(
                     SecAggServer(secagg_params(plan, self._shapes)), group
                 )
-        try:
-            claimed = self.store.claim_report(self.name, key, self.actor_id, state.goal)
-        except BaseException:
-            with self._lock:
-                self._seen[key].discard(device_id)
-            raise
-        if not claimed:
-            with self._lock:
-                self._seen[key].discard(device_id)
-            raise ReportRejected(409, f"round {key} already has its reports")
         # The slot is taken before the keys are checked: a device whose advertisement is then
         # refused (a replayed key) loses its own slot, like a device that dropped out.
         with session.lock:
             try:
                 session.server.receive_advert(advert)
             except SecAggRejected as exc:
-                status = 409 if exc.reason == "phase" else 422
+                status = 409 if exc.reason == REASON_PHASE else 422
                 raise ReportRejected(status, f"secure aggregation: {exc}") from None
 
     def _drive(self, session: _Session, now: float) -> None:
@@ -414,6 +404,7 @@ class Aggregator:
         self._now = now
         rounds = {r.key: r for r in self.store.rounds(self.name)}
         to_publish: list[tuple[str, bytes]] = []
+        secure: list[str] = []
         with self._lock:
             self._rounds = rounds
             for key, state in rounds.items():
@@ -421,17 +412,24 @@ class Aggregator:
                     if key in self._published:
                         continue
                     if self._secagg.enabled:
-                        data = self._secagg_partial(key, now)
-                        if data is None:
-                            continue  # the session is still in its later phases
-                    else:
-                        data = (self._sums.get(key) or StreamingSum(self._shapes)).to_bytes()
+                        secure.append(key)
+                        continue
+                    data = (self._sums.get(key) or StreamingSum(self._shapes)).to_bytes()
                     to_publish.append((key, data))
                     self._published.add(key)
             for key in {*self._sums, *self._sessions, *self._seen}:
                 st = rounds.get(key)
                 if st is None or not st.active:
                     self._forget(key)
+        # Sessions advance under their own locks (unmasking a large group takes a while), not
+        # under the aggregator's: reports of the next round keep flowing meanwhile.
+        for key in secure:
+            partial = self._secagg_partial(key, now)
+            if partial is None:
+                continue  # the session is still in its later phases
+            with self._lock:
+                self._published.add(key)
+            to_publish.append((key, partial))
         for key, data in to_publish:
             self.store.put_partial(self.name, key, self.actor_id, data)
         for key, state in rounds.items():
