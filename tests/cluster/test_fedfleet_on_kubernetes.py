@@ -238,6 +238,51 @@ def test_digits_reaches_succeeded_with_accuracy_in_status(
     store.close()
 
 
+@pytest.mark.timeout(900)
+def test_private_job_runs_secure_aggregation_and_stops_at_its_epsilon_budget(
+    cluster: Cluster, fedfleet: Installed, namespace: str
+) -> None:
+    """digits-private.yaml on the cluster, shortened: 20 devices per round and a budget that
+    allows 4 rounds (epsilon 1.30 after 4 at z = 1.1, q = 0.1; a 5th would cost 1.39)."""
+    doc = _example(
+        "digits-private",
+        rounds={"total": 50, "goalCount": 20},
+        aggregation={
+            "secureAggregation": {"enabled": True, "minGroupSize": 10, "phaseTimeoutSeconds": 5},
+            "differentialPrivacy": {
+                "enabled": True,
+                "clipNorm": 1.0,
+                "noiseMultiplier": 1.1,
+                "delta": 0.001,
+                "epsilonBudget": 1.35,
+            },
+        },
+    )
+    cluster.apply(doc, namespace)
+    final = _drive(
+        cluster,
+        namespace,
+        doc,
+        lambda j: j.get("status", {}).get("phase") == "Succeeded",
+        timeout=420,
+    )
+    status = final["status"]
+    assert status["modelVersion"] == 4
+    assert 1.2 < status["epsilon"] <= 1.35
+    assert status["lastRound"]["epsilon"] == status["epsilon"]
+    [complete] = [c for c in status["conditions"] if c["type"] == "Complete"]
+    assert (complete["status"], complete["reason"]) == ("True", "EpsilonBudgetSpent")
+    store = open_store(fedfleet.redis_url)
+    try:
+        metrics = store.metrics(f"{namespace}/digits-private")
+        assert [round(m["epsilon"], 2) for m in metrics] == [0.95, 1.1, 1.21, 1.3]
+        assert all("examples" not in m for m in metrics)
+    finally:
+        store.close()
+    table = cluster.kubectl("get", "fljobs", "-n", namespace, check=True).stdout
+    assert "1.3" in table.splitlines()[1]  # the EPSILON column
+
+
 @pytest.mark.timeout(1200)
 def test_scale_and_suspend_resume_a_running_job(
     cluster: Cluster, fedfleet: Installed, namespace: str

@@ -645,3 +645,37 @@ def test_a_report_after_the_round_has_its_goal_is_refused_as_a_straggler(live: R
         time.sleep(0.05)
     history = store.metrics(BAD_JOB.key)
     assert history[-1]["reports"] == 3  # exactly the goal; the straggler is not in it
+
+
+def _secagg(
+    live: Round, device: str, step: str, body: bytes = b"", **headers: str
+) -> httpx.Response:
+    return httpx.post(
+        f"{live.d.selector_url}/v1/secagg/{live.round_key}/{step}",
+        content=body,
+        headers={
+            "x-fedfleet-device": device,
+            "x-fedfleet-ticket": live.tickets[device],
+            "x-fedfleet-aggregator": live.aggregator,
+            **headers,
+        },
+        timeout=10,
+    )
+
+
+def test_secagg_step_with_a_bad_ticket_is_403(live: Round) -> None:
+    r = _secagg(live, "bad-1", "advertise", b"{}", **{"x-fedfleet-ticket": "0" * 64})
+    assert r.status_code == 403, r.text
+
+
+def test_secagg_unknown_step_is_422(live: Round) -> None:
+    r = _secagg(live, "bad-1", "reveal-everything")
+    assert r.status_code == 422, r.text
+
+
+def test_secagg_on_a_job_without_it_is_404_and_counts_nothing(live: Round) -> None:
+    before = live.count()
+    r = _secagg(live, "bad-1", "advertise", b'{"device_id": "bad-1"}')
+    assert r.status_code == 404, r.text
+    assert "secure aggregation is off" in r.json()["detail"]
+    assert live.count() == before
