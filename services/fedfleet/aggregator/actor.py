@@ -18,8 +18,9 @@ Privacy (``aggregation.secureAggregation`` / ``aggregation.differentialPrivacy``
   advertisement takes one of the round's K report slots). When the round closes, the session
   walks its remaining phases — each ends when every member answered or after
   ``phaseTimeoutSeconds`` — and its unmasked group sum becomes this aggregator's partial sum.
-  A group that fails (below its threshold) publishes a failure marker and the master commits
-  nothing for that round, which the coordinator then abandons.
+  A group that fails (below its threshold) publishes a failure marker
+  (:data:`~fedfleet.core.protocol.SECAGG_FAILED`): the master commits nothing for that round
+  and the coordinator abandons it.
 * With DP on, a report's weight is capped and (without secure aggregation) its update is
   clipped on receipt; the master adds Gaussian noise of standard deviation z x S to the merged
   sum before averaging and records the accountant's epsilon with the commit.
@@ -41,6 +42,7 @@ from fedfleet.core.models import Weights, weight_shapes
 from fedfleet.core.optimizers import make_server_optimizer
 from fedfleet.core.privacy import secagg_params, sum_from_secagg
 from fedfleet.core.protocol import (
+    SECAGG_FAILED,
     SECAGG_STEPS,
     Phase,
     PrivacyPlan,
@@ -72,7 +74,7 @@ from fedfleet.store.registration import Registration
 
 log = logging.getLogger("fedfleet.aggregator")
 
-__all__ = ["FAILED_PARTIAL", "MAX_EXAMPLES_PER_REPORT", "Aggregator", "Evaluator"]
+__all__ = ["MAX_EXAMPLES_PER_REPORT", "Aggregator", "Evaluator"]
 
 Evaluator = Callable[[Weights], dict[str, float]]
 """Server-side evaluation of a candidate model: returns metrics such as accuracy and loss."""
@@ -81,9 +83,6 @@ MAX_EXAMPLES_PER_REPORT = 1_000_000
 """A report's weight is its example count; larger claims are refused so one device cannot
 dominate the average by lying about its data."""
 
-FAILED_PARTIAL = b"FFSECAGG-FAILED\n"
-"""Prefix of the partial an aggregator publishes when its Secure Aggregation group failed; the
-reason follows. The master commits nothing for a round with a failed group."""
 
 _SECAGG_OVERHEAD = 1 << 20
 """Bytes a secure-aggregation message may carry beyond the model's masked vector (keys,
@@ -369,7 +368,7 @@ class Aggregator:
     def _fail(self, session: _Session, reason: str) -> None:
         log.warning("secure aggregation group %s failed: %s", session.group, reason)
         session.error = reason
-        session.partial = FAILED_PARTIAL + reason.encode()[:1000]
+        session.partial = SECAGG_FAILED + reason.encode()[:1000]
 
     def _secagg_partial(self, key: str, now: float) -> bytes | None:
         """The partial sum of a closed round's session, once it has one (None: not yet)."""
@@ -456,9 +455,9 @@ class Aggregator:
         if any(a not in partials for a in expected) and not grace_over:
             return
         failed = [
-            f"{agg}: {data[len(FAILED_PARTIAL) :].decode(errors='replace')}"
+            f"{agg}: {data[len(SECAGG_FAILED) :].decode(errors='replace')}"
             for agg, data in partials.items()
-            if data.startswith(FAILED_PARTIAL)
+            if data.startswith(SECAGG_FAILED)
         ]
         if failed:
             self._committed.add(state.key)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedfleet.core.dp import PrivacyAccountant
-from fedfleet.core.protocol import TERMINAL, Phase, Quota, RoundState
+from fedfleet.core.protocol import SECAGG_FAILED, TERMINAL, Phase, Quota, RoundState
 from fedfleet.core.roles import JobPhase, Role
 from fedfleet.core.selection import Outcome, reporting_outcome, selection_outcome, split_quota
 from fedfleet.core.spec import FLJob
@@ -192,8 +192,17 @@ class Coordinator:
         elif r.phase is Phase.closing:
             if self.store.model_version(self.name) > r.model_version:
                 self._end(r, now, abandoned=False, reason="")
+            elif self._group_failed(r):
+                self._end(r, now, abandoned=True, reason="secagg-group-failed")
             elif now >= r.closing_deadline:
                 self._end(r, now, abandoned=True, reason="no-commit")
+
+    def _group_failed(self, r: RoundState) -> bool:
+        """A Secure Aggregation group of the round failed: nothing can be committed for it."""
+        if not self.spec.aggregation.secure_aggregation.enabled:
+            return False
+        partials = self.store.partials(self.name, r.key)
+        return any(data.startswith(SECAGG_FAILED) for data in partials.values())
 
     def _configure(self, r: RoundState, now: float) -> None:
         version = self.store.model_version(self.name)

@@ -16,6 +16,7 @@ from fedfleet.core.models import Weights
 from fedfleet.core.spec import AggregationSpec, ModelSpec, PlanSpec
 
 __all__ = [
+    "SECAGG_FAILED",
     "SECAGG_STEPS",
     "TERMINAL",
     "Assignment",
@@ -281,6 +282,11 @@ class PrivacyPlan:
             ring_bits=ring,
         )
 
+
+SECAGG_FAILED = b"FFSECAGG-FAILED\n"
+"""Prefix of the partial sum an aggregator publishes when its Secure Aggregation group failed
+(the reason follows): the master commits nothing for the round and the coordinator abandons it
+at once (reason ``secagg-group-failed``)."""
 
 SECAGG_STEPS = ("advertise", "roster", "shares", "inbox", "masked", "survivors", "unmask")
 """The device's calls of one Secure Aggregation session, in order: each message it sends
