@@ -50,3 +50,39 @@ def test_aggregator_crash_round_completes_or_is_rerun() -> None:
     result = run_job(job, options=EmbeddedOptions(faults=[Fault(at=130.0, actor="aggregator-1")]))
     assert result.succeeded
     assert result.model_version == 12
+
+
+def _secure_job() -> FLJob:
+    return parse_manifest(
+        {
+            "apiVersion": "fedfleet.dev/v1alpha1",
+            "kind": "FLJob",
+            "metadata": {"name": "chaos-private"},
+            "spec": {
+                "population": "chaos",
+                "rounds": {"total": 8, "goalCount": 20},
+                "aggregation": {
+                    "exampleWeightCap": 10,
+                    "secureAggregation": {"enabled": True, "minGroupSize": 5},
+                    "differentialPrivacy": {"enabled": True, "noiseMultiplier": 1.0},
+                },
+                "fleet": {"devices": 100, "dataset": "digits", "shardsPerDevice": 0, "seed": 5},
+                "actors": {"selectors": 2, "devicesPerAggregator": 13},
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize("actor", ["aggregator-1", "coordinator-0"])
+def test_secure_aggregation_survives_an_actor_crash(actor: str) -> None:
+    """An aggregator's sessions die with it (its groups' rounds are re-run); a new coordinator
+    abandons the attempt in flight. Either way every committed version is new and the job's
+    epsilon only counts committed rounds."""
+    job = _secure_job()
+    assert job.spec.actors.aggregator_count(job.spec.rounds) == 2
+    result = run_job(job, options=EmbeddedOptions(faults=[Fault(at=130.0, actor=actor)]))
+    assert result.succeeded and result.model_version == 8
+    committed = [r for r in result.rounds if not r.abandoned]
+    assert [r.model_version for r in committed] == list(range(1, 9))
+    epsilons = [r.epsilon for r in committed]
+    assert all(e is not None for e in epsilons) and epsilons == sorted(epsilons)

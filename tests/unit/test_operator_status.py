@@ -143,6 +143,23 @@ def test_succeeded_early_on_target_accuracy() -> None:
     assert (complete["status"], complete["reason"]) == ("True", Reason.TARGET_ACCURACY_REACHED)
 
 
+def test_dp_job_shows_epsilon_and_ends_on_its_budget() -> None:
+    state = running_state(4, phase="Succeeded", reason="epsilon-budget", completion_time=START)
+    private = {**metric(4, 0.8), "epsilon": 1.3012345, "delta": 1e-3, "weight": 20.0}
+    del private["examples"]
+    status = compute(state, [private])
+    assert status["epsilon"] == 1.3012
+    assert status["lastRound"]["epsilon"] == 1.3012
+    complete = cond(status, COMPLETE)
+    assert (complete["status"], complete["reason"]) == ("True", Reason.EPSILON_BUDGET_SPENT)
+    assert "after round 4" in complete["message"]
+
+
+def test_no_epsilon_without_dp() -> None:
+    status = compute(running_state(7), [metric(7)])
+    assert "epsilon" not in status and "epsilon" not in status["lastRound"]
+
+
 def test_suspended_unless_finished() -> None:
     status = compute(running_state(7), [metric(7)], suspended=True)
     assert status["phase"] == "Suspended"
