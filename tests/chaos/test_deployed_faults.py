@@ -95,3 +95,37 @@ def test_redis_down_device_api_answers_503_and_everything_recovers() -> None:
         assert all(httpx.get(a.url + "/readyz").status_code == 200 for a in d.actors.values())
         assert httpx.post(f"{selector}/v1/checkin", json=body, headers=auth).status_code == 200
         assert all(a.alive for a in d.actors.values()), "an actor died while Redis was away"
+
+
+def _closing_after(n: int):  # type: ignore[no-untyped-def]
+    """While a round is closing (its Secure Aggregation phases run) after n commits."""
+
+    def check(d: LocalDeployment) -> bool:
+        try:
+            if d.store.model_version(d.job.name) < n:
+                return False
+            return any(r.phase.value == "closing" for r in d.store.rounds(d.job.name))
+        except Exception:
+            return False
+
+    return check
+
+
+def test_selector_sigkilled_during_secure_aggregation_devices_finish_through_another() -> None:
+    job = small_job(
+        "chaos-secagg",
+        rounds={"total": 6, "goalCount": 8},
+        aggregation={
+            "exampleWeightCap": 5,
+            "secureAggregation": {"enabled": True, "minGroupSize": 5, "phaseTimeoutSeconds": 3},
+        },
+        actors={"selectors": 2, "devicesPerAggregator": 20},
+    )
+    out = run_deployed(job, faults=[Fault(_closing_after(2), _kill("selector-0"))])
+    assert out.finished
+    committed = [a["model_version"] for a in out.attempts if not a["abandoned"]]
+    assert committed == list(range(1, 7))
+    assert out.versions_seen == sorted(out.versions_seen)
+    assert out.fleet_stats.connection_errors > 0  # the dead selector was noticed ...
+    assert out.fleet_stats.secagg_rerouted > 0  # ... its devices' steps went via the other ...
+    assert out.fleet_stats.secagg_completed >= 6 * 5  # ... and sessions still completed

@@ -88,6 +88,8 @@ class HttpFleetStats:
     """Selected devices sent away before they were configured (the round ended, 410/404)."""
     secagg_completed: int = 0
     """Secure aggregation sessions a device walked to the end (its unmasking shares sent)."""
+    secagg_rerouted: int = 0
+    """Secure aggregation steps another selector relayed because the device's own was down."""
     secagg_left: int = 0
     """Secure aggregation sessions a device left early: it dropped out on purpose, missed a
     phase (410), or refused a bad roster or share."""
@@ -596,18 +598,36 @@ class HttpFleet:
     async def _secure(
         self, dev: _Device, sel: _Selector, contribution: SecureContribution, stop_after: int
     ) -> None:
-        """Walk the Secure Aggregation session through the selector that selected the device
-        (each step is relayed to the device's aggregator, whose session lives in memory)."""
+        """Walk the Secure Aggregation session. Each step is relayed to the device's aggregator
+        (whose session lives in memory) by the selector that selected the device, or — when
+        that one is unreachable — by any other: selectors check the ticket statelessly, so a
+        selector crash does not cost the group its devices."""
         c = contribution
         session = SecureSession(c)
         give_up = time.monotonic() + self.secagg_give_up_seconds
+        order = [sel, *(s for s in self._candidates() if s is not sel)]
         sent = 0
+
+        async def call(step: str, body: bytes = b"") -> dict[str, Any] | None:
+            for _ in range(len(order)):
+                relay = order[0]
+                try:
+                    answer = await relay.client.secagg(
+                        c.round_key, c.device_id, c.ticket, c.aggregator, step, body
+                    )
+                except Unreachable as exc:
+                    self._unreachable(relay, exc)
+                    order.append(order.pop(0))  # try the next selector
+                    continue
+                if relay is not sel:
+                    self.stats.secagg_rerouted += 1
+                return answer
+            raise Unreachable(f"no selector could relay {step} for {c.device_id}")
+
         try:
             step, body = session.start()
             while True:
-                await sel.client.secagg(
-                    c.round_key, c.device_id, c.ticket, c.aggregator, step, body
-                )
+                await call(step, body)
                 session.sent(step)
                 sent += 1
                 if step == "advertise":
@@ -619,12 +639,7 @@ class HttpFleet:
                     self.stats.secagg_left += 1
                     return
                 assert session.poll is not None
-                while True:
-                    published = await sel.client.secagg(
-                        c.round_key, c.device_id, c.ticket, c.aggregator, session.poll
-                    )
-                    if published is not None:
-                        break
+                while (published := await call(session.poll)) is None:
                     if time.monotonic() > give_up:
                         self.stats.secagg_left += 1
                         return
@@ -639,10 +654,7 @@ class HttpFleet:
         except SecAggError as exc:
             log.warning("device %s left secure aggregation: %s", dev.device_id, exc)
             self.stats.secagg_left += 1
-        except Unreachable as exc:
-            self._unreachable(sel, exc)
-            self.stats.secagg_left += 1
-        except (ServerBusy, ProtocolError):
+        except (Unreachable, ServerBusy, ProtocolError):
             self.stats.secagg_left += 1
         finally:
             dev.assignment = dev.selector = None
