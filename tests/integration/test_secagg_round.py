@@ -137,25 +137,28 @@ class World:
         a = dev.task.assignment
         return self.sel.secagg(a.aggregator, a.round_key, dev.device_id, a.ticket, step, body)
 
+    def session(self, dev: _Device) -> SecureSession:
+        """The device's protocol session over its delta, as its runtime would build it."""
+        plan = dev.task.privacy
+        assert plan is not None
+        a = dev.task.assignment
+        contribution = SecureContribution(
+            dev.device_id,
+            a.round_key,
+            a.aggregator,
+            a.ticket,
+            secagg_params(plan, weight_shapes(self.job.spec.model)),
+            secagg_vector(plan, dev.delta, dev.examples),
+            {},
+        )
+        return SecureSession(contribution)
+
     def run_protocol(self, devices: list[_Device], *, max_ticks: int = 200) -> None:
         """Every device walks its session (stopping where told) until the round ends."""
-        shapes = weight_shapes(self.job.spec.model)
         for dev in devices:
             if dev.session is not None:
                 continue  # already walking its session
-            plan = dev.task.privacy
-            assert plan is not None
-            a = dev.task.assignment
-            contribution = SecureContribution(
-                dev.device_id,
-                a.round_key,
-                a.aggregator,
-                a.ticket,
-                secagg_params(plan, shapes),
-                secagg_vector(plan, dev.delta, dev.examples),
-                {},
-            )
-            dev.session = SecureSession(contribution)
+            dev.session = self.session(dev)
             self._send(dev, *dev.session.start())
         key = devices[0].task.assignment.round_key
         for _ in range(max_ticks):
@@ -275,17 +278,7 @@ def test_forged_and_replayed_advertisements_are_refused_and_the_round_still_comm
     assert garbage.value.status == 422
 
     # The honest device advertises first; the replayer copies its public keys.
-    honest_session = SecureSession(
-        SecureContribution(
-            honest.device_id,
-            honest.task.assignment.round_key,
-            honest.task.assignment.aggregator,
-            honest.task.assignment.ticket,
-            params,
-            secagg_vector(replayer.task.privacy, honest.delta, honest.examples),
-            {},
-        )
-    )
+    honest_session = world.session(honest)
     step, body = honest_session.start()
     world.call(honest, step, body)
     honest_session.sent(step)

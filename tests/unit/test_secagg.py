@@ -31,7 +31,6 @@ from fedfleet.core.secagg import (
     ShareKeys,
     Survivors,
     UnmaskShares,
-    _self_mask_key,
     dequantize,
     fixed_point_scale,
     lagrange_at_zero,
@@ -39,6 +38,7 @@ from fedfleet.core.secagg import (
     quantize,
     shamir_share,
 )
+from fedfleet.core.secagg.crypto import _self_mask_key
 
 pytestmark = pytest.mark.unit
 

@@ -50,6 +50,7 @@ from fedfleet.core.protocol import (
     ReportRejected,
     RoundState,
     secagg_group_id,
+    secagg_message_limit,
     verify_ticket,
 )
 from fedfleet.core.roles import Role
@@ -82,11 +83,6 @@ Evaluator = Callable[[Weights], dict[str, float]]
 MAX_EXAMPLES_PER_REPORT = 1_000_000
 """A report's weight is its example count; larger claims are refused so one device cannot
 dominate the average by lying about its data."""
-
-
-_SECAGG_OVERHEAD = 1 << 20
-"""Bytes a secure-aggregation message may carry beyond the model's masked vector (keys,
-encrypted shares of a large group)."""
 
 
 class _Session:
@@ -153,6 +149,7 @@ class Aggregator:
         self._dp = agg.differential_privacy
         self._clip = self._dp.clip_norm if self._dp.enabled else None
         self._sessions: dict[str, _Session] = {}
+        self._secagg_limit = secagg_message_limit(agg)
         self._now = 0.0
         """The time of the last tick: the clock of session deadlines set between ticks."""
         self._accountant = (
@@ -261,7 +258,7 @@ class Aggregator:
             raise ReportRejected(404, f"unknown secure aggregation step {step!r}")
         if not verify_ticket(self._secret, self.name, round_key, device_id, ticket):
             raise ReportRejected(403, "invalid report ticket")
-        limit = self._max_bytes + _SECAGG_OVERHEAD
+        limit = self._secagg_limit
         if len(body) > limit:
             raise ReportRejected(413, f"message exceeds {limit} bytes")
         if step == "advertise":

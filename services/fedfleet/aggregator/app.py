@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter
 
 from fedfleet.aggregator.actor import Aggregator, Evaluator
-from fedfleet.core.protocol import SECAGG_STEPS, ReportEnvelope, ReportRejected
+from fedfleet.core.protocol import SECAGG_STEP_PATTERN, ReportEnvelope, ReportRejected
 from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob
 from fedfleet.service.keys import JobKeys
@@ -24,8 +24,6 @@ from fedfleet.store.base import Store, StoreUnavailable
 __all__ = ["create_app", "dataset_evaluator"]
 
 log = logging.getLogger("fedfleet.aggregator")
-
-SECAGG_STEP = "^(" + "|".join(SECAGG_STEPS) + ")$"
 
 
 def dataset_evaluator(job: FLJob) -> Evaluator:
@@ -116,7 +114,7 @@ def create_app(
     async def secagg(
         request: Request,
         round_key: Annotated[str, Path(pattern=r"^a[0-9]{1,18}$")],
-        step: Annotated[str, Path(pattern=SECAGG_STEP)],
+        step: Annotated[str, Path(pattern=SECAGG_STEP_PATTERN)],
         authorization: Annotated[str, Header()],
         x_fedfleet_device: Annotated[str, Header(min_length=1, max_length=128)],
         x_fedfleet_ticket: Annotated[str, Header(min_length=1, max_length=128)],

@@ -18,6 +18,7 @@ from fedfleet.core.spec import AggregationSpec, ModelSpec, PlanSpec
 __all__ = [
     "SECAGG_FAILED",
     "SECAGG_STEPS",
+    "SECAGG_STEP_PATTERN",
     "TERMINAL",
     "Assignment",
     "CheckIn",
@@ -32,6 +33,7 @@ __all__ = [
     "attempt_key",
     "report_ticket",
     "secagg_group_id",
+    "secagg_message_limit",
     "verify_ticket",
 ]
 
@@ -340,6 +342,16 @@ def report_ticket(secret: bytes, job: str, round_key: str, device_id: str) -> st
 
 def verify_ticket(secret: bytes, job: str, round_key: str, device_id: str, ticket: str) -> bool:
     return hmac.compare_digest(report_ticket(secret, job, round_key, device_id), ticket)
+
+
+SECAGG_STEP_PATTERN = "^(" + "|".join(SECAGG_STEPS) + ")$"
+"""The ``{step}`` path segment of the secure-aggregation endpoints."""
+
+
+def secagg_message_limit(spec: AggregationSpec) -> int:
+    """Largest body of one secure-aggregation step: the masked vector is at most an update's
+    size (``maxUpdateBytes``); keys and the encrypted shares of a large group get 1 MiB more."""
+    return spec.max_update_bytes + (1 << 20)
 
 
 def secagg_group_id(job: str, round_key: str, aggregator: str) -> str:

@@ -26,12 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_json
 
 from fedfleet.core.protocol import (
-    SECAGG_STEPS,
+    SECAGG_STEP_PATTERN,
     CheckIn,
     Reconnect,
     ReportEnvelope,
     ReportRejected,
     Task,
+    secagg_message_limit,
 )
 from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob
@@ -46,9 +47,6 @@ log = logging.getLogger("fedfleet.selector")
 
 ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 ROUND = r"^a[0-9]{1,18}$"
-SECAGG_STEP = "^(" + "|".join(SECAGG_STEPS) + ")$"
-SECAGG_OVERHEAD = 1 << 20
-"""Bytes a secure-aggregation message may carry beyond the model's masked vector."""
 
 
 class CheckInRequest(BaseModel):
@@ -438,7 +436,7 @@ def create_app(
     async def secagg(
         request: Request,
         round_key: Annotated[str, Path(pattern=ROUND)],
-        step: Annotated[str, Path(pattern=SECAGG_STEP)],
+        step: Annotated[str, Path(pattern=SECAGG_STEP_PATTERN)],
         x_fedfleet_device: Annotated[str, Header(pattern=ID)],
         x_fedfleet_ticket: Annotated[str, Header(min_length=1, max_length=128)],
         x_fedfleet_aggregator: Annotated[str, Header(pattern=ID)],
@@ -450,7 +448,7 @@ def create_app(
         taken; polls (roster, inbox, survivors: empty body) answer 200 with the published
         message, or 202 until it is published.
         """
-        limit = job.spec.aggregation.max_update_bytes + SECAGG_OVERHEAD
+        limit = secagg_message_limit(job.spec.aggregation)
         if content_length is not None and content_length > limit:
             raise HTTPException(413, f"message exceeds {limit} bytes")
         ticketed(round_key, x_fedfleet_device, x_fedfleet_ticket)
