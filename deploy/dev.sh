@@ -1,64 +1,148 @@
 #!/usr/bin/env bash
-# One entry point for a fresh machine: sets up what fedfleet needs (a virtualenv with the
-# package and its dev tools, and redis-server; later tiers add the cluster binaries), cached so
-# a second run is fast, then runs the demo job or every test tier.
+# One entry point for a fresh machine: sets up everything fedfleet and its tests need, then runs
+# the demo job or every test tier.
 #
-#   bash deploy/dev.sh demo   # set up, then train the digits example embedded
-#   bash deploy/dev.sh test   # set up, then lint, type-check and run every test tier
+#   bash deploy/dev.sh demo    # set up Python, then train the digits example embedded
+#   bash deploy/dev.sh test    # set up everything, then lint, type-check and run every test tier
+#   bash deploy/dev.sh setup   # only the setup of `test`
+#
+# Setup happens here, before pytest starts, never inside a test fixture:
+#   - Debian packages (redis-server), with one `apt-get update` when something is missing;
+#   - uv, pinned, and the project's virtualenv (.venv in the clone) installed by uv from its
+#     wheel cache;
+#   - the cluster binaries (etcd, kube-apiserver and friends, kubectl, helm), built from Go
+#     modules by deploy/build-binaries.sh, in the background while the rest is set up.
+# Everything slow is cached OUTSIDE the clone, keyed by version, under
+# ${FEDFLEET_CACHE:-$XDG_CACHE_HOME/fedfleet or ~/.cache/fedfleet}: uv's wheel cache, the Go
+# module and build caches and the built binaries. A fresh clone on a warm machine reaches pytest
+# in well under a minute; a fresh machine pays the Go build once (see the README for times).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 venv="$repo/.venv"
 python=${PYTHON:-python3}
+cache=${FEDFLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fedfleet}
+export FEDFLEET_CACHE=$cache
+UV_VERSION=0.13.9
+uv="$cache/tools/uv-$UV_VERSION/bin/uv"
+export UV_CACHE_DIR="$cache/uv"
+# Go's caches live with ours (not under a possibly empty $HOME/go), shared by every clone.
+export GOMODCACHE=${GOMODCACHE:-$cache/go/mod}
+export GOCACHE=${GOCACHE:-$cache/go/build}
+# Debian packages the test tiers run for real.
+APT_PACKAGES=(redis-server)
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'dev.sh: ERROR: %s\n' "$*" >&2; exit 1; }
+now() { date +%s; }
+declare -A took=()
+
+as_root() {
+  if [[ $(id -u) -eq 0 ]]; then "$@"; return; fi
+  command -v sudo >/dev/null || die "needs root to run: $* (install sudo or run as root)"
+  sudo "$@"
+}
+
+setup_apt() {
+  local t0 missing=() p
+  t0=$(now)
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    say "installing Debian packages: ${missing[*]}"
+    as_root apt-get update -qq || die "apt-get update failed"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+    # Tests start their own redis-server on a free loopback port; stop a system one.
+    { as_root service redis-server stop || true; } >/dev/null 2>&1
+  fi
+  took[apt]=$(($(now) - t0))
+}
+
+setup_uv() {
+  [[ -x $uv ]] && return
+  say "installing uv $UV_VERSION into $cache/tools"
+  local dir="$cache/tools/uv-$UV_VERSION"
+  rm -rf "$dir.tmp"
+  "$python" -m venv "$dir.tmp" || die "$python -m venv failed (install python3-venv)"
+  "$dir.tmp/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" \
+    || die "pip install uv==$UV_VERSION failed"
+  rm -rf "$dir"
+  mv "$dir.tmp" "$dir"
+  # The venv's scripts name their interpreter by the .tmp path; call uv's binary directly.
+  [[ -x $uv ]] || die "uv is missing at $uv"
+}
 
 setup_python() {
-  local stamp="$venv/.fedfleet-stamp" want
+  local t0 stamp="$venv/.fedfleet-stamp" want
+  t0=$(now)
   want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
   if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    took[python]=$(($(now) - t0))
     return
   fi
-  echo "==> setting up $venv"
-  [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e ".[dev]"
+  setup_uv
+  say "setting up $venv (uv, wheel cache in $UV_CACHE_DIR)"
+  rm -rf "$venv"
+  "$uv" venv --quiet --seed --python "$(command -v "$python")" "$venv" || die "uv venv failed"
+  "$uv" pip install --quiet --python "$venv/bin/python" -e ".[dev]" \
+    || die "installing the Python packages failed (uv pip install -e .[dev])"
   echo "$want" >"$stamp"
+  took[python]=$(($(now) - t0))
 }
 
-setup_redis() {
-  # Tests and the dev runs start their own redis-server on a free loopback port, so only the
-  # binary is needed; a system service the package may start is stopped again.
-  command -v redis-server >/dev/null && return
-  echo "==> installing redis-server"
-  local sudo=()
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null || { echo "redis-server is missing: install it (needs root)" >&2; exit 1; }
-    sudo=(sudo)
-  fi
-  "${sudo[@]}" apt-get update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-  { "${sudo[@]}" service redis-server stop || true; } >/dev/null 2>&1
+# The cluster binaries take 15-20 minutes to build on a fresh 2-core machine, so they build in
+# the background while Debian and Python packages install; wait_binaries joins the build.
+binaries_pid=""
+binaries_out="$cache/logs/build-binaries.out"
+start_binaries() {
+  mkdir -p "$cache/logs"
+  binaries_t0=$(now)
+  bash deploy/build-binaries.sh >"$binaries_out" &
+  binaries_pid=$!
 }
 
-setup() {
+wait_binaries() {
+  local rc=0
+  wait "$binaries_pid" || rc=$?
+  took[binaries]=$(($(now) - binaries_t0))
+  ((rc == 0)) || die "building the cluster binaries failed (exit $rc): see the [build-binaries] lines above"
+  local bin_dir
+  bin_dir=$(tail -n 1 "$binaries_out")
+  [[ -f $bin_dir/env.sh ]] || die "deploy/build-binaries.sh printed no bin dir with an env.sh"
+  # The tests read the binaries from here; they never build anything themselves.
+  export FEDFLEET_BINARIES="$bin_dir/env.sh"
+}
+
+setup_all() {
+  local t0
+  t0=$(now)
+  start_binaries
+  setup_apt
   setup_python
-  setup_redis
+  wait_binaries
+  say "setup done in $(($(now) - t0)) s (apt ${took[apt]} s, python ${took[python]} s, cluster binaries ${took[binaries]} s)"
 }
 
 run_tests() {
   export PATH="$venv/bin:$PATH"
-  echo "==> ruff";          ruff check .
-  echo "==> ruff format";   ruff format --check .
-  echo "==> mypy --strict"; mypy
-  echo "==> import layers"; lint-imports --no-cache
-  echo "==> pytest";        python -m pytest "$@"
+  local t0
+  t0=$(now)
+  say "ruff";          ruff check .
+  say "ruff format";   ruff format --check .
+  say "mypy --strict"; mypy
+  say "import layers"; lint-imports --no-cache
+  say "pytest";        python -m pytest "$@"
+  say "lint and tests done in $(($(now) - t0)) s"
 }
 
 cmd=${1:-}
 shift || true
 case "$cmd" in
   demo)  setup_python; exec "$venv/bin/fedfleet" demo "$@" ;;
-  test)  setup; run_tests "$@" ;;
-  setup) setup ;;
+  test)  setup_all; run_tests "$@" ;;
+  setup) setup_all ;;
   *) echo "usage: bash deploy/dev.sh demo|test|setup [args...]" >&2; exit 2 ;;
 esac

@@ -1,8 +1,8 @@
 """Fixtures of the cluster tier: a real Kubernetes control plane + the node agent, per session.
 
-``cluster`` (session) builds or reuses the cached binaries (tests/cluster/build-binaries.sh; a
-failure to build FAILS the test with the script's output, it never skips), starts a
-``ControlPlane`` and a ``NodeAgent`` (node ``node-0``) and yields a ``Cluster``:
+``cluster`` (session) reads the binaries the setup step built (deploy/build-binaries.sh, run
+by ``bash deploy/dev.sh setup``; missing binaries FAIL the test with that command, never skip),
+starts a ``ControlPlane`` and a ``NodeAgent`` (node ``node-0``) and yields a ``Cluster``:
 
     def test_x(cluster, namespace):
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest, check=True)
@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.cluster.controlplane import Binaries, ControlPlane, ControlPlaneError, build_binaries
+from tests.cluster.controlplane import Binaries, ControlPlane, ControlPlaneError, load_binaries
 from tests.cluster.nodeagent import NodeAgent, NodeAgentError
 
 T = TypeVar("T")
@@ -212,9 +212,9 @@ def _sanitize(nodeid: str) -> str:
 def cluster() -> Iterator[Cluster]:
     t0 = time.monotonic()
     try:
-        binaries = build_binaries()
+        binaries = load_binaries()
     except ControlPlaneError as exc:
-        pytest.fail(f"cannot build the test cluster's binaries: {exc}", pytrace=False)
+        pytest.fail(f"the test cluster's binaries are missing: {exc}", pytrace=False)
     t_bin = time.monotonic() - t0
     try:
         import kubernetes

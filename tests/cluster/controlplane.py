@@ -3,7 +3,7 @@ kube-scheduler as local processes, for the cluster test tier.
 
 Usage::
 
-    with ControlPlane() as cp:              # binaries from tests/cluster/build-binaries.sh
+    with ControlPlane() as cp:              # binaries from deploy/build-binaries.sh (dev.sh setup)
         cp.kubectl("get", "nodes", check=True)
         print(cp.kubeconfig, cp.server)
 
@@ -42,16 +42,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.binaries import BinariesMissing, read_binaries_env
+
 __all__ = [
-    "BUILD_SCRIPT",
     "Binaries",
     "ControlPlane",
     "ControlPlaneError",
-    "build_binaries",
     "free_port",
+    "load_binaries",
 ]
 
-BUILD_SCRIPT = Path(__file__).with_name("build-binaries.sh")
 SERVICE_CIDR = "10.0.0.0/24"
 KUBERNETES_SERVICE_IP = "10.0.0.1"
 
@@ -77,13 +77,8 @@ class Binaries:
     k8s_version: str
 
     @classmethod
-    def from_env_sh(cls, bin_dir: Path) -> Binaries:
-        """Read ``<bin_dir>/env.sh`` (written by build-binaries.sh) without a shell."""
-        values: dict[str, str] = {}
-        for line in (bin_dir / "env.sh").read_text().splitlines():
-            if line.startswith("export ") and "=" in line:
-                key, _, value = line[len("export ") :].partition("=")
-                values[key.strip()] = value.strip()
+    def from_values(cls, values: dict[str, str]) -> Binaries:
+        """From the ``FEDFLEET_*`` variables of build-binaries.sh's env.sh."""
         try:
             return cls(
                 kube_apiserver=values["FEDFLEET_KUBE_APISERVER"],
@@ -95,28 +90,19 @@ class Binaries:
                 k8s_version=values["FEDFLEET_K8S_VERSION"],
             )
         except KeyError as exc:
-            raise ControlPlaneError(f"{bin_dir}/env.sh lacks {exc}") from None
+            raise ControlPlaneError(f"the binaries' env.sh lacks {exc}") from None
 
 
-def build_binaries(timeout: float = 3 * 3600) -> Binaries:
-    """Run build-binaries.sh (a no-op under a second when cached) and return the binaries.
+def load_binaries() -> Binaries:
+    """The binaries built by the setup step (deploy/build-binaries.sh); never builds.
 
-    Raises ControlPlaneError with the script's last output lines if it fails.
+    Raises ControlPlaneError saying how to build them if they are missing.
     """
     try:
-        proc = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ControlPlaneError(f"build-binaries.sh timed out after {timeout} s") from exc
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
-        raise ControlPlaneError(f"build-binaries.sh failed (exit {proc.returncode}):\n{tail}")
-    return Binaries.from_env_sh(Path(proc.stdout.strip().splitlines()[-1]))
+        values = read_binaries_env()
+    except BinariesMissing as exc:
+        raise ControlPlaneError(str(exc)) from None
+    return Binaries.from_values(values)
 
 
 # -- certificates ---------------------------------------------------------------------------------
@@ -233,7 +219,7 @@ class ControlPlane:
         startup_timeout: float = 120.0,
         verbosity: int = 1,
     ) -> None:
-        self.binaries = binaries if binaries is not None else build_binaries()
+        self.binaries = binaries if binaries is not None else load_binaries()
         self._own_dir = workdir is None
         self.workdir = (
             Path(tempfile.mkdtemp(prefix="fedfleet-cluster-")) if workdir is None else workdir

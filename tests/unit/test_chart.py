@@ -1,11 +1,11 @@
 """The Helm chart, rendered by the real helm binary, against operator/CONTRACT.md.
 
-helm comes from ``tests/cluster/build-binaries.sh`` (a cached build of a pinned release; its
-fast path only checks versions). If it cannot be found or built these tests fail with the
-reason: a chart nobody rendered is not a tested chart. Every render pins ``--kube-version``,
-so the checks do not depend on a cluster. Rendered objects are parsed and compared as data:
-RBAC rules as sets of (group, resource, verb), pod hardening per container, the operator's
-environment per the contract, and the two Redis modes (bundled, external).
+helm comes from ``deploy/build-binaries.sh`` (a cached build of a pinned release, made by the
+setup step of ``bash deploy/dev.sh test`` before pytest starts). If it is missing these tests
+fail with the reason: a chart nobody rendered is not a tested chart. Every render pins
+``--kube-version``, so the checks do not depend on a cluster. Rendered objects are parsed and
+compared as data: RBAC rules as sets of (group, resource, verb), pod hardening per container, the
+operator's environment per the contract, and the two Redis modes (bundled, external).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.binaries import BinariesMissing, read_binaries_env
 
 pytestmark = pytest.mark.unit
 
@@ -54,14 +56,6 @@ CONTRACT_RBAC: frozenset[tuple[str, str, str]] = frozenset(
 # --- helm ----------------------------------------------------------------------------------
 
 
-def _read_env_sh(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if m := re.fullmatch(r"export (\w+)=(.*)", line.strip()):
-            out[m[1]] = m[2]
-    return out
-
-
 @dataclass(frozen=True)
 class Helm:
     """The helm binary and an environment that keeps it away from the user's files."""
@@ -84,21 +78,10 @@ class Helm:
 
 @pytest.fixture(scope="session")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
-    script = REPO / "tests" / "cluster" / "build-binaries.sh"
     try:
-        proc = subprocess.run(
-            ["bash", str(script)], capture_output=True, text=True, timeout=270, check=False
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{script} did not finish in 270 s; run it once by hand to build helm")
-    if proc.returncode != 0 or not proc.stdout.strip():
-        pytest.fail(f"{script} failed ({proc.returncode}); cannot test the chart:\n{proc.stderr}")
-    env_sh = Path(proc.stdout.strip().splitlines()[-1]) / "env.sh"
-    if not env_sh.is_file():
-        pytest.fail(f"{script} printed no bin dir with an env.sh: {proc.stdout!r}")
-    binary = _read_env_sh(env_sh).get("FEDFLEET_HELM", "")
-    if not binary or not os.access(binary, os.X_OK):
-        pytest.fail(f"{env_sh} names no executable helm (FEDFLEET_HELM={binary!r})")
+        binary = read_binaries_env()["FEDFLEET_HELM"]
+    except BinariesMissing as exc:
+        pytest.fail(f"cannot test the chart: {exc}", pytrace=False)
     return Helm(binary, str(tmp_path_factory.mktemp("helm-home")))
 
 
