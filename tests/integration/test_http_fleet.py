@@ -163,11 +163,14 @@ def test_http_fleet_trains_a_five_round_job() -> None:
     assert 0.0 <= float(history[-1]["accuracy"]) <= 1.0
     assert float(history[-1]["accuracy"]) > 0.5
     # Every report the rounds committed came from this fleet. A round commits at its goal (5)
-    # or, once every selected device has reported or dropped out, at its minimum (4): with 10%
-    # drop-out, 3 of a round's 7 devices sometimes drop, so 25 is typical, 20 the floor.
+    # or, once every selected device has reported or dropped out, or at the reporting deadline,
+    # with at least its minimum (4); which one depends on drop-outs and the machine's load.
     committed = sum(int(m["reports"]) for m in history)
     assert stats.reported >= committed >= 5 * job.spec.rounds.minimum_count
-    assert stats.reported >= 25 or stats.aborted > 0
+    assert all(
+        job.spec.rounds.minimum_count <= int(m["reports"]) <= job.spec.rounds.goal_count
+        for m in history
+    )
     assert stats.selected >= stats.configured >= stats.reported
     assert stats.aborted >= 0  # 10% drop-out: usually a few, never required
     assert stats.connection_errors == 0

@@ -341,10 +341,16 @@ class Coordinator:
         return False
 
     def _finish(self, now: float, rounds: list[RoundState]) -> None:
-        for r in rounds:
-            if r.active:
-                self._end(r, now, abandoned=True, reason="job-finished")
         version = self.store.model_version(self.name)
+        for r in rounds:
+            if not r.active:
+                continue
+            if r.phase is Phase.closing and version > r.model_version:
+                # Its commit landed after this tick advanced the rounds: it is the job's last
+                # committed round, not an abandoned one.
+                self._end(r, now, abandoned=False, reason="")
+            else:
+                self._end(r, now, abandoned=True, reason="job-finished")
         if version >= self.spec.rounds.total:
             reason = "rounds"
         elif version >= self._total_rounds:
