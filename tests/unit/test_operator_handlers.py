@@ -26,6 +26,7 @@ from fedfleet_operator.handlers.delete import on_delete
 from fedfleet_operator.handlers.startup import configure_kopf, probe_store
 from fedfleet_operator.handlers.status import sync_status
 from fedfleet_operator.handlers.update import on_resume, on_update
+from fedfleet_operator.kube import StatusWriteError
 from fedfleet_operator.main import QuietStatusTimer, default_liveness
 from fedfleet_operator.naming import ANNOTATION_SPEC_HASH
 from fedfleet_operator.settings import OperatorSettings
@@ -48,10 +49,34 @@ PLAN = {("ConfigMap", "mnist-plan"), ("Secret", "mnist-secret")}
 
 @dataclass
 class FakeKube:
-    """Objects by (kind, name) in one namespace; apply merges like a patch would."""
+    """Objects by (kind, name) in one namespace; apply merges like a patch would. The FLJob
+    itself is ``fljob`` (the world's object): status writes merge into it, refused with 409
+    when its resourceVersion moved on, and refused outright while ``status_api_down``."""
 
     objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     writes: int = 0
+    fljob: dict[str, Any] = field(default_factory=dict)
+    status_writes: list[dict[str, Any]] = field(default_factory=list)
+    status_api_down: bool = False
+    fljob_deleted: bool = False
+
+    def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None
+    ) -> None:
+        assert (namespace, name) == (NS, NAME)
+        if self.status_api_down:
+            raise StatusWriteError("status of team-a/mnist: 503 Service Unavailable")
+        meta = self.fljob["metadata"]
+        if resource_version is not None and resource_version != meta["resourceVersion"]:
+            raise StatusWriteError("status of team-a/mnist: 409 Conflict")
+        self.fljob.setdefault("status", {}).update(copy.deepcopy(dict(status)))
+        meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+        self.status_writes.append(copy.deepcopy(dict(status)))
+
+    def delete_fljob(self, namespace: str, name: str) -> bool:
+        assert (namespace, name) == (NS, NAME)
+        deleted, self.fljob_deleted = not self.fljob_deleted, True
+        return deleted
 
     def apply(self, body: Mapping[str, Any]) -> None:
         assert body["metadata"]["namespace"] == NS
@@ -136,7 +161,10 @@ class World:
 
     def apply(self, patch: kopf.Patch) -> None:
         """What kopf does with the handler's patch: merge it into the object's status."""
-        self.raw.setdefault("status", {}).update(copy.deepcopy(dict(patch.get("status", {}))))
+        if patch.get("status"):
+            self.raw.setdefault("status", {}).update(copy.deepcopy(dict(patch["status"])))
+            meta = self.raw["metadata"]
+            meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
 
     def call(self, handler: Any, **kwargs: Any) -> kopf.Patch:
         patch = kopf.Patch()
@@ -150,9 +178,18 @@ class World:
         old, new = self.set_spec(**changes)
         return self.call(on_update, old=old, new=new)
 
-    def tick(self, minutes: float = 0.1) -> kopf.Patch:
+    def tick(self, minutes: float = 0.1, body: kopf.Body | None = None) -> dict[str, Any]:
+        """One run of the status timer (on ``body``, a view of the object kopf may hold from
+        earlier, else the current one); returns what it wrote to the status."""
         self.now[0] += timedelta(minutes=minutes)
-        return self.call(sync_status)
+        before = len(self.kube.status_writes)
+        patch = kopf.Patch()
+        sync_status(body=body or self.body(), patch=patch, memo=self.memo, logger=self.logger)
+        assert not patch, "the timer writes the status itself, never through kopf's patch"
+        written: dict[str, Any] = {}
+        for fields in self.kube.status_writes[before:]:
+            written.update(fields)
+        return written
 
     def status(self) -> dict[str, Any]:
         return dict(self.raw.get("status", {}))
@@ -198,7 +235,13 @@ def world() -> World:
     raw: dict[str, Any] = {
         "apiVersion": "fedfleet.dev/v1alpha1",
         "kind": "FLJob",
-        "metadata": {"name": NAME, "namespace": NS, "uid": UID, "generation": 1},
+        "metadata": {
+            "name": NAME,
+            "namespace": NS,
+            "uid": UID,
+            "generation": 1,
+            "resourceVersion": "1",
+        },
         "spec": {
             "population": "phones",
             "rounds": {"total": 5, "goalCount": 1000},
@@ -206,6 +249,7 @@ def world() -> World:
             "actors": {"selectors": 2},
         },
     }
+    kube.fljob = raw
     return World(kube, store, events, memo, logging.getLogger("test.operator"), raw, now)
 
 
@@ -284,7 +328,7 @@ def test_suspend_and_resume(world: World) -> None:
     world.update(suspend=True)
     assert {world.kube.replicas(r) for r in ("coordinator", "selector", "aggregator")} == {0}
     assert world.status()["phase"] == "Suspended"
-    assert Reason.SUSPEND_REQUESTED in world.events.reasons()
+    assert Reason.SUSPENDED in world.events.reasons()
     world.update(suspend=False)
     assert world.kube.replicas("coordinator") == 2
     assert world.status()["phase"] == "Pending"

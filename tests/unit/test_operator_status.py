@@ -10,6 +10,7 @@ import pytest
 
 from fedfleet_operator.conditions import (
     COMPLETE,
+    FAILED,
     INVALID,
     READY,
     SUSPENDED,
@@ -98,7 +99,14 @@ def test_pending_until_the_coordinator_reports() -> None:
     assert "model" not in status and "startTime" not in status and "accuracy" not in status
     ready = cond(status, READY)
     assert (ready["status"], ready["reason"]) == ("False", Reason.WAITING_FOR_COORDINATOR)
-    assert [c["type"] for c in status["conditions"]] == [READY, INVALID, SUSPENDED, COMPLETE]
+    # Ready last: nothing is True, and Ready's reason says what the job waits for.
+    assert [c["type"] for c in status["conditions"]] == [
+        INVALID,
+        SUSPENDED,
+        COMPLETE,
+        FAILED,
+        READY,
+    ]
 
 
 def test_running_with_round_accuracy_and_last_round() -> None:
@@ -164,7 +172,8 @@ def test_suspended_unless_finished() -> None:
     status = compute(running_state(7), [metric(7)], suspended=True)
     assert status["phase"] == "Suspended"
     assert cond(status, SUSPENDED)["status"] == "True"
-    assert cond(status, READY)["reason"] == Reason.SUSPEND_REQUESTED
+    assert cond(status, READY)["reason"] == Reason.SUSPENDED
+    assert status["conditions"][-1]["type"] == SUSPENDED
     finished = running_state(20, phase="Succeeded", completion_time=START + 60)
     assert compute(finished, [], suspended=True)["phase"] == "Succeeded"
 
@@ -210,9 +219,10 @@ def test_merge_conditions_keeps_unknown_types_and_orders_known_ones() -> None:
     merged = merge_conditions(
         previous, [condition(READY, True, "Running"), condition(COMPLETE, False, "Y")], now=T0
     )
-    assert [c["type"] for c in merged] == [READY, COMPLETE, "Custom"]
-    assert merged[1]["lastTransitionTime"] == "t0" and merged[1]["reason"] == "Y"
-    assert merged[0]["lastTransitionTime"] == rfc3339(T0)
+    # Known types in order, unknown ones after, and the current state (Ready=True) last.
+    assert [c["type"] for c in merged] == [COMPLETE, "Custom", READY]
+    assert merged[0]["lastTransitionTime"] == "t0" and merged[0]["reason"] == "Y"
+    assert merged[-1]["lastTransitionTime"] == rfc3339(T0)
 
 
 def test_store_unavailable_keeps_the_last_status() -> None:
