@@ -109,3 +109,13 @@ def test_small_population_still_fills_rounds_by_concentrating_check_ins() -> Non
     )
     assert result.succeeded
     assert sum(1 for r in result.rounds if r.abandoned) <= 1
+
+
+def test_active_deadline_ends_the_job_failed_on_the_jobs_clock() -> None:
+    # Far more rounds than fit in ten simulated minutes: the deadline, not the rounds, ends it.
+    result = run_job(_job(rounds={"total": 1000, "goalCount": 10}, activeDeadlineSeconds=600))
+    assert not result.succeeded
+    assert result.reason == "deadline-exceeded"
+    assert 0 < result.model_version < 1000  # rounds were committed until the deadline
+    # Embedded runs keep time on the simulated clock; the coordinator ticks once a second.
+    assert 600 <= result.sim_seconds < 600 + 3

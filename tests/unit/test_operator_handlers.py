@@ -423,6 +423,195 @@ def test_unreachable_store_is_a_condition_not_an_error(
     assert world.condition(READY)["reason"] == Reason.RUNNING
 
 
+# -- completion is level-triggered (the status that stayed Running) ----------------------------
+
+
+def _complete_in_store(world: World, rounds: int = 5) -> None:
+    world.coordinator_reports(
+        rounds=rounds,
+        accuracy=0.9,
+        phase="Succeeded",
+        reason="rounds",
+        completion_time=world.now[0].timestamp(),
+    )
+
+
+def test_a_status_write_that_fails_at_completion_is_retried_not_lost(world: World) -> None:
+    # The cluster run's race: the Event went out, the status write did not. A write that
+    # fails now fails the handler (kopf retries it after one interval) and nothing is
+    # announced before the status says so.
+    world.call(on_create)
+    world.coordinator_reports(rounds=4)
+    world.tick()
+    _complete_in_store(world)
+    world.kube.status_api_down = True
+    with pytest.raises(kopf.TemporaryError) as caught:
+        world.tick()
+    assert caught.value.delay == world.memo[MEMO_KEY].settings.status_interval
+    assert world.status()["phase"] == "Running"
+    assert Reason.SUCCEEDED not in world.events.reasons()
+    world.kube.status_api_down = False
+    written = world.tick()
+    assert written["phase"] == "Succeeded"
+    assert world.events.reasons().count(Reason.SUCCEEDED) == 1
+    assert set(world.kube.objects) == PLAN
+    world.tick()
+    assert world.events.reasons().count(Reason.SUCCEEDED) == 1
+
+
+def test_a_slow_timer_with_an_outdated_view_writes_nothing(world: World) -> None:
+    # kopf handed the timer the object as it was before the job finished; meanwhile a
+    # restarted operator's resume handler found the job finished and said so. The slow
+    # timer's write is refused (the object moved on), so whatever it computed from its old
+    # view cannot land, and the job is announced once.
+    world.call(on_create)
+    world.coordinator_reports(rounds=4)
+    world.tick()
+    stale = world.body()
+    _complete_in_store(world)
+    world.call(on_resume)  # the replacement operator starts
+    assert world.status()["phase"] == "Succeeded"
+    with pytest.raises(kopf.TemporaryError, match="409"):
+        world.tick(body=stale)
+    assert world.status()["phase"] == "Succeeded"
+    assert world.events.reasons().count(Reason.SUCCEEDED) == 1
+    assert world.tick() == {}  # the next run, on the fresh object, has nothing to fix
+
+
+def test_an_operator_restart_brings_a_finished_job_to_the_stores_truth(world: World) -> None:
+    # The old operator died between the job's completion and its status write (or its timer
+    # was gone): the replacement's resume handler, not only its timer, settles the job.
+    world.call(on_create)
+    world.coordinator_reports(rounds=3)
+    world.tick()
+    _complete_in_store(world)
+    world.call(on_resume)
+    status = world.status()
+    assert (status["phase"], status["round"]) == ("Succeeded", 5)
+    assert world.condition("Complete")["reason"] == Reason.ROUNDS_COMPLETED
+    assert status["conditions"][-1]["type"] == "Complete"
+    assert set(world.kube.objects) == PLAN  # no actors recreated for a finished job
+    assert world.events.reasons().count(Reason.SUCCEEDED) == 1
+
+
+def test_any_spec_change_brings_a_finished_job_to_the_stores_truth(world: World) -> None:
+    world.call(on_create)
+    world.coordinator_reports(rounds=3)
+    world.tick()
+    _complete_in_store(world)
+    world.update(actors={"selectors": 3})
+    assert world.status()["phase"] == "Succeeded"
+    assert set(world.kube.objects) == PLAN
+
+
+def test_a_job_failed_on_commits_keeps_its_actors_and_says_why(world: World) -> None:
+    world.call(on_create)
+    world.coordinator_reports(rounds=2, phase="Failed", reason="commit-failures")
+    world.tick()
+    assert world.status()["phase"] == "Failed"
+    failed = world.condition("Failed")
+    assert (failed["status"], failed["reason"]) == ("True", Reason.COMMIT_FAILURES)
+    assert world.status()["conditions"][-1]["type"] == "Failed"
+    assert set(world.kube.objects) == PLAN | ACTORS  # their logs explain the failure
+    assert world.events.events[-1][:2] == ("Warning", Reason.COMMIT_FAILURES)
+
+
+# -- suspend / resume reasons, activeDeadlineSeconds, ttlSecondsAfterFinished ---------------------
+
+
+def _active_since(world: World) -> str | None:
+    env = world.kube.objects[("Deployment", "mnist-coordinator")]["spec"]["template"]["spec"][
+        "containers"
+    ][0]["env"]
+    return next((e["value"] for e in env if e["name"] == "FEDFLEET_ACTIVE_SINCE"), None)
+
+
+def test_suspended_and_resumed_are_the_reasons(world: World) -> None:
+    world.call(on_create)
+    assert world.condition("Suspended")["reason"] == Reason.NOT_SUSPENDED
+    world.update(suspend=True)
+    assert world.condition("Suspended")["reason"] == Reason.SUSPENDED
+    assert world.status()["conditions"][-1]["type"] == "Suspended"
+    world.update(suspend=False)
+    resumed = world.condition("Suspended")
+    assert (resumed["status"], resumed["reason"]) == ("False", Reason.RESUMED)
+    world.coordinator_reports(rounds=1)
+    world.tick()
+    assert world.condition("Suspended")["reason"] == Reason.RESUMED  # and it stays so
+
+
+def test_the_deadline_clock_starts_at_creation_and_restarts_on_resume(world: World) -> None:
+    world.raw["spec"]["activeDeadlineSeconds"] = 600
+    world.call(on_create)
+    assert world.status()["startTime"] == "2025-03-01T12:00:00Z"
+    assert _active_since(world) == str(int(T0.timestamp()))
+    world.now[0] += timedelta(minutes=5)
+    world.update(suspend=True)
+    assert world.status()["startTime"] == "2025-03-01T12:00:00Z"
+    world.now[0] += timedelta(minutes=15)  # suspended past the deadline: its clock is stopped
+    world.tick(minutes=0)
+    assert world.store.job_state(KEY) == {}  # nothing ended
+    world.update(suspend=False)
+    assert world.status()["startTime"] == "2025-03-01T12:20:00Z"
+    assert _active_since(world) == str(int((T0 + timedelta(minutes=20)).timestamp()))
+    world.call(on_resume)  # an operator restart keeps the clock where it is
+    assert world.status()["startTime"] == "2025-03-01T12:20:00Z"
+
+
+def test_the_operator_ends_a_job_past_its_deadline_when_no_coordinator_runs(
+    world: World,
+) -> None:
+    world.raw["spec"]["activeDeadlineSeconds"] = 60
+    world.call(on_create)
+    world.tick(minutes=0.5)
+    assert world.store.job_state(KEY) == {}
+    world.tick(minutes=1)  # past it, and no coordinator ever took the job
+    state = world.store.job_state(KEY)
+    assert (state["phase"], state["reason"]) == ("Failed", "deadline-exceeded")
+    status = world.status()
+    assert status["phase"] == "Failed" and "completionTime" in status
+    failed = world.condition("Failed")
+    assert (failed["status"], failed["reason"]) == ("True", Reason.DEADLINE_EXCEEDED)
+    assert status["conditions"][-1]["reason"] == Reason.DEADLINE_EXCEEDED  # the State column
+    assert set(world.kube.objects) == PLAN  # a deadline also releases the actors
+    assert world.events.events[-1][:2] == ("Warning", Reason.DEADLINE_EXCEEDED)
+
+
+def test_a_running_coordinator_keeps_its_deadline_to_itself(world: World) -> None:
+    world.raw["spec"]["activeDeadlineSeconds"] = 60
+    world.call(on_create)
+    token = world.store.acquire_lease(KEY, "coordinator-0", 600)
+    assert token is not None
+    world.store.put_job_state(KEY, token, {"phase": "Running", "round": 1, "model_version": 0})
+    world.tick(minutes=2)
+    assert world.store.job_state(KEY)["phase"] == "Running"  # the lease holder decides
+    assert world.store.lease(KEY) is not None and world.store.lease(KEY).holder == "coordinator-0"
+
+
+def test_ttl_removes_the_children_then_the_job_and_keeps_the_model(world: World) -> None:
+    world.raw["spec"]["ttlSecondsAfterFinished"] = 120
+    world.call(on_create)
+    _complete_in_store(world)
+    world.tick()
+    assert world.status()["phase"] == "Succeeded" and set(world.kube.objects) == PLAN
+    world.tick(minutes=1)
+    assert not world.kube.fljob_deleted
+    world.tick(minutes=1.5)
+    assert world.kube.objects == {} and world.kube.fljob_deleted
+    assert world.events.events[-1][1] == Reason.TTL_EXPIRED
+    world.call(on_delete, retry=0)  # the finalizer of the job the TTL removed
+    assert world.store.checkpoint(KEY) is not None  # the model stays in the store
+
+
+def test_deleting_a_finished_job_before_its_ttl_cleans_the_store(world: World) -> None:
+    world.raw["spec"]["ttlSecondsAfterFinished"] = 3600
+    world.call(on_create)
+    _complete_in_store(world)
+    world.tick()
+    world.call(on_delete, retry=0)
+    assert world.store.checkpoint(KEY) is None
+
+
 # -- delete ---------------------------------------------------------------------------------------
 
 
