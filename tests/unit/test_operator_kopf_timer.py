@@ -30,10 +30,14 @@ pytestmark = pytest.mark.unit
 INTERVAL = 0.02
 
 
-def _run_timer(fn: Any, *, patch_fails: bool, runs: int = 4) -> tuple[int, set[str]]:
+def _run_timer(
+    fn: Any, *, patch_fails: bool, runs: int = 4
+) -> tuple[int, set[str], BaseException | None]:
     """Run ``fn`` as a kopf timer on one FLJob until it ran ``runs`` times (or for long
-    enough that it would have); returns (runs seen, kopf's forever-stopped handler ids)."""
+    enough that it would have); returns (runs seen, kopf's forever-stopped handler ids, the
+    exception the timer's task ended with)."""
     calls: list[int] = []
+    ended: list[BaseException | None] = [None]
 
     def handler_fn(**kwargs: Any) -> None:
         calls.append(1)
@@ -81,6 +85,7 @@ def _run_timer(fn: Any, *, patch_fails: bool, runs: int = 4) -> tuple[int, set[s
             await daemons.spawn_daemons(
                 settings=settings, handlers=handlers, daemons=running, cause=cause, memory=memory
             )
+            tasks = [daemon.task for daemon in running.values()]
             for _ in range(200):  # ample time for `runs` runs; stop as soon as they happened
                 await asyncio.sleep(INTERVAL)
                 if len(calls) >= runs or not running:
@@ -90,10 +95,13 @@ def _run_timer(fn: Any, *, patch_fails: bool, runs: int = 4) -> tuple[int, set[s
                 await asyncio.wait([daemon.task], timeout=5)
             if patch_fails:
                 await asyncio.sleep(INTERVAL * 10)  # it would have run again by now
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                ended[0] = task.exception()
         return {str(h) for h in memory.forever_stopped}
 
     stopped = asyncio.run(main())
-    return len(calls), stopped
+    return len(calls), stopped, ended[0]
 
 
 async def _no_patch(**_: Any) -> tuple[None, None]:
@@ -110,12 +118,13 @@ def _write_fails_inside(**_: Any) -> None:
 
 def test_a_failed_patch_after_the_timer_ends_it_for_good(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.CRITICAL):
-        runs, stopped = _run_timer(_writes_status_via_kopf, patch_fails=True)
+        runs, stopped, ended = _run_timer(_writes_status_via_kopf, patch_fails=True)
     assert runs == 1  # the one whose patch failed; never called again
     assert stopped == {"status"}
+    assert isinstance(ended, RuntimeError) and "503" in str(ended)
 
 
 def test_a_failed_write_inside_the_timer_is_retried() -> None:
-    runs, stopped = _run_timer(_write_fails_inside, patch_fails=False)
+    runs, stopped, ended = _run_timer(_write_fails_inside, patch_fails=False)
     assert runs >= 4
-    assert stopped == set()
+    assert stopped == set() and ended is None
