@@ -12,6 +12,11 @@ handler, and an operator that restarted, reaches the same decision (level-trigge
 - the TTL counts from ``status.completionTime`` (else from the transition of ``Complete`` or
   ``Failed`` to True).
 
+Because a job removed by its TTL leaves its keys in the store, a new FLJob of the same name
+finds a finished record there that is not its own (:func:`leftover_problem`): it is held back,
+with the reason in its ``Invalid`` condition, until that record is removed — deleting the new
+FLJob does it (its finalizer cleans the key), after which it can be created again.
+
 The functions above :func:`end_past_deadline` are pure; it is the one that touches the store.
 """
 
@@ -29,6 +34,7 @@ __all__ = [
     "OPERATOR_HOLDER",
     "deadline_at",
     "end_past_deadline",
+    "leftover_problem",
     "parse_time",
     "past_deadline",
     "ttl_expired",
@@ -94,6 +100,23 @@ def ttl_expires_at(spec: Mapping[str, Any], status: Mapping[str, Any]) -> dateti
 def ttl_expired(spec: Mapping[str, Any], status: Mapping[str, Any], now: datetime) -> bool:
     at = ttl_expires_at(spec, status)
     return at is not None and now >= at
+
+
+def leftover_problem(state: Mapping[str, Any], created: object, key: str, fetch: str) -> str | None:
+    """Why the store's record under ``key`` cannot be this FLJob's, or ``None``: a job that
+    finished before the FLJob (``metadata.creationTimestamp`` = ``created``) was created is an
+    earlier FLJob's, kept after its ``ttlSecondsAfterFinished``."""
+    born = parse_time(created)
+    finished = state.get("completion_time")
+    if state.get("phase") not in _TERMINAL or born is None:
+        return None
+    if not isinstance(finished, int | float) or finished >= born.timestamp():
+        return None
+    return (
+        f"the store still holds an earlier job named {key}, which finished before this FLJob "
+        f"was created (kept after its ttlSecondsAfterFinished): fetch its model if you need it "
+        f"({fetch}), then delete this FLJob, which removes that record, and create it again"
+    )
 
 
 def end_past_deadline(store: Store, key: str, *, now: float, lease_ttl: float) -> bool:

@@ -18,7 +18,7 @@ import pytest
 from fedfleet.store.base import StoreUnavailable
 from fedfleet.store.memory import MemoryStore
 from fedfleet_operator.builders import is_job_secret
-from fedfleet_operator.conditions import INVALID, READY, Reason, find_condition
+from fedfleet_operator.conditions import INVALID, READY, Reason, find_condition, rfc3339
 from fedfleet_operator.context import MEMO_KEY, OperatorContext
 from fedfleet_operator.handlers import register_all
 from fedfleet_operator.handlers.create import on_create
@@ -601,6 +601,25 @@ def test_ttl_removes_the_children_then_the_job_and_keeps_the_model(world: World)
     assert world.events.events[-1][1] == Reason.TTL_EXPIRED
     world.call(on_delete, retry=0)  # the finalizer of the job the TTL removed
     assert world.store.checkpoint(KEY) is not None  # the model stays in the store
+
+
+def test_a_new_job_of_a_ttl_removed_name_waits_until_the_old_record_is_gone(
+    world: World,
+) -> None:
+    _complete_in_store(world)  # an earlier "mnist", removed by its TTL, left its keys
+    world.now[0] += timedelta(hours=1)
+    world.raw["metadata"]["creationTimestamp"] = rfc3339(world.now[0])
+    with pytest.raises(kopf.PermanentError, match="earlier job named team-a/mnist"):
+        world.call(on_create)
+    assert world.kube.objects == {}  # nothing started against someone else's record
+    assert world.status()["phase"] == "Pending"
+    assert "fedfleet fetch-model" in world.condition(INVALID)["message"]
+    assert world.tick() == {}  # the timer does not take the old record for this job's
+    world.call(on_delete, retry=0)  # deleting this FLJob removes the old record
+    assert world.store.job_state(KEY) == {}
+    world.raw.pop("status")
+    world.call(on_create)
+    assert set(world.kube.objects) == PLAN | ACTORS
 
 
 def test_deleting_a_finished_job_before_its_ttl_cleans_the_store(world: World) -> None:

@@ -39,7 +39,7 @@ import kopf
 from fedfleet.store.base import StoreUnavailable
 from fedfleet_operator.conditions import READY, Reason, find_condition
 from fedfleet_operator.context import OperatorContext, context_of
-from fedfleet_operator.handlers.common import generation_of
+from fedfleet_operator.handlers.common import generation_of, leftover_in_store
 from fedfleet_operator.handlers.finish import announce, clear_actors, expire, finishing
 from fedfleet_operator.kube import StatusWriteError
 from fedfleet_operator.lifetime import end_past_deadline, past_deadline, ttl_expired
@@ -97,6 +97,8 @@ def sync_status(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any)
     invalid, suspended, rounds_total = _spec_facts(body)
     try:
         state = ctx.store.job_state(key)
+        if leftover_in_store(ctx, body, state) is not None:
+            return  # an earlier job's record: the create handler reported it (Invalid)
         if past_deadline(body.spec, previous, now) and end_past_deadline(
             ctx.store, key, now=now.timestamp(), lease_ttl=ctx.settings.lease_ttl
         ):

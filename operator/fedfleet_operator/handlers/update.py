@@ -29,7 +29,7 @@ import kopf
 from fedfleet.store.base import StoreUnavailable
 from fedfleet_operator.conditions import Reason
 from fedfleet_operator.context import OperatorContext, context_of
-from fedfleet_operator.handlers.common import generation_of, report_invalid
+from fedfleet_operator.handlers.common import generation_of, leftover_in_store, report_invalid
 from fedfleet_operator.handlers.finish import announce, clear_actors, finishing
 from fedfleet_operator.lifetime import parse_time
 from fedfleet_operator.naming import GROUP, PLURAL, VERSION, job_key
@@ -47,14 +47,12 @@ from fedfleet_operator.validation import InvalidJob, job_from_body
 __all__ = ["on_resume", "on_update", "reconcile", "register"]
 
 
-def _finished_in_store(ctx: OperatorContext, key: str) -> dict[str, Any] | None:
-    """The job's record when the store says it finished; None otherwise, or unreachable (the
-    timer reports that)."""
+def _job_state(ctx: OperatorContext, key: str) -> dict[str, Any]:
+    """The job's record; empty when the store is unreachable (the timer reports that)."""
     try:
-        state = ctx.store.job_state(key)
+        return ctx.store.job_state(key)
     except StoreUnavailable:
-        return None
-    return state if state.get("phase") in TERMINAL_PHASES else None
+        return {}
 
 
 def reconcile(
@@ -66,6 +64,12 @@ def reconcile(
         job = job_from_body(body)
     except InvalidJob as exc:
         raise report_invalid(ctx, body, patch, str(exc)) from None
+    key = job_key(str(body.metadata.namespace), str(body.metadata.name))
+    record = _job_state(ctx, key)
+    problem = leftover_in_store(ctx, body, record)
+    if problem is not None:
+        raise report_invalid(ctx, body, patch, problem)
+    state = record if record.get("phase") in TERMINAL_PHASES else None
     previous, now = body.status, ctx.clock()
     new: FLJobStatus = spec_status(
         previous,
@@ -74,8 +78,6 @@ def reconcile(
         suspended=job.spec.suspend,
         rounds_total=job.spec.rounds.total,
     )
-    key = job_key(str(body.metadata.namespace), str(body.metadata.name))
-    state = _finished_in_store(ctx, key)
     if state is not None:
         new = status_from_store(
             state,
