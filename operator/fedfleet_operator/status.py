@@ -252,9 +252,11 @@ def status_from_store(
 ) -> FLJobStatus:
     """The whole status from the store's job record and metrics history.
 
-    ``previous`` is the current ``.status`` (its conditions keep their transition times);
-    ``suspended``, ``invalid`` (the validation message, if any) and ``rounds_total`` come from
-    the current spec, the latter used until the coordinator reports the rounds it runs.
+    ``previous`` is the current ``.status`` (its conditions keep their transition times, its
+    ``startTime`` — the operator's, see :func:`active_since` — is kept; the store's start time
+    only stands in for a status that has none); ``suspended``, ``invalid`` (the validation
+    message, if any) and ``rounds_total`` come from the current spec, the latter used until
+    the coordinator reports the rounds it runs.
     """
     last: Mapping[str, Any] = metrics[-1] if metrics else (job_state.get("last_metrics") or {})
     version = max(_int(job_state.get("model_version")), _int(last.get("model_version")))
