@@ -119,6 +119,9 @@ def spec_hash(spec: FLJobSpec) -> str:
         part: getattr(spec, part).model_dump(mode="json", by_alias=True)
         for part in ("rounds", "aggregation", "eligibility", "plan")
     }
+    if spec.active_deadline_seconds is not None:
+        # Only when set, so that jobs without a deadline keep the hash they always had.
+        policy["activeDeadlineSeconds"] = {"seconds": spec.active_deadline_seconds}
     canonical = json.dumps(policy, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -231,13 +234,25 @@ def _probe(path: str, period: int, failures: int) -> Probe:
     }
 
 
-def _container(job: FLJob, role: ChildRole, settings: OperatorSettings) -> Container:
+def _deadline_env(job: FLJob, role: ChildRole, active_since: float | None) -> list[EnvVar]:
+    """``FEDFLEET_ACTIVE_SINCE`` for the coordinator of a job with a deadline: where
+    ``spec.activeDeadlineSeconds`` counts from (``status.startTime``, reset on resume)."""
+    if role is not ChildRole.coordinator or job.spec.active_deadline_seconds is None:
+        return []
+    if active_since is None:
+        return []
+    return [{"name": "FEDFLEET_ACTIVE_SINCE", "value": str(int(active_since))}]
+
+
+def _container(
+    job: FLJob, role: ChildRole, settings: OperatorSettings, active_since: float | None = None
+) -> Container:
     return {
         "name": role.value,
         "image": settings.actor_image or job.spec.actors.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["fedfleet", role.value],
-        "env": _actor_env(job.name, settings),
+        "env": _actor_env(job.name, settings) + _deadline_env(job, role, active_since),
         "ports": [{"name": "http", "containerPort": ACTOR_PORT, "protocol": "TCP"}],
         "readinessProbe": _probe("/readyz", period=2, failures=3),
         "livenessProbe": _probe("/healthz", period=10, failures=3),
@@ -253,8 +268,10 @@ def build_actor_deployment(
     settings: OperatorSettings,
     spec_hash: str,
     role: ChildRole,
+    active_since: float | None = None,
 ) -> DeploymentBody:
-    """The Deployment of one actor role (see the role-named wrappers below)."""
+    """The Deployment of one actor role (see the role-named wrappers below); ``active_since``
+    (Unix seconds) is where the coordinator counts ``spec.activeDeadlineSeconds`` from."""
     if role not in ACTOR_ROLES:
         raise ValueError(f"{role} is not an actor role")
     return {
@@ -273,7 +290,7 @@ def build_actor_deployment(
                 "spec": {
                     # Actors never call the Kubernetes API: no token in their pods.
                     "automountServiceAccountToken": False,
-                    "containers": [_container(job, role, settings)],
+                    "containers": [_container(job, role, settings, active_since)],
                     "volumes": [{"name": _TMP_VOLUME, "emptyDir": {}}],
                 },
             },

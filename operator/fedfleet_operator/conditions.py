@@ -4,6 +4,11 @@ Kubernetes convention (and Kubeflow's practice): ``lastTransitionTime`` records 
 condition's *status* last changed, so it must survive every rewrite that leaves the status as
 it was, even when the reason or message change. :func:`merge_conditions` is the one place that
 rule lives; every handler builds conditions with :func:`condition` and merges them here.
+
+The list is keyed by ``type`` (the CRD declares it a map list) and ordered so that its last
+entry is the condition that says what the job is doing now (:func:`current_type`): the
+``State`` printer column shows ``.status.conditions[-1:].reason``, as Kubeflow's training
+operators show their last condition.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any, Final, Literal, NamedTuple, TypedDict
 __all__ = [
     "COMPLETE",
     "CONDITION_ORDER",
+    "FAILED",
     "INVALID",
     "READY",
     "SUSPENDED",
@@ -23,6 +29,8 @@ __all__ = [
     "ConditionStatus",
     "Reason",
     "condition",
+    "current_type",
+    "failure_reason",
     "find_condition",
     "merge_conditions",
     "rfc3339",
@@ -36,9 +44,16 @@ SUSPENDED: Final = "Suspended"
 """True while ``spec.suspend`` holds the actors at zero replicas."""
 COMPLETE: Final = "Complete"
 """True once the job has succeeded (``kubectl wait --for=condition=Complete``)."""
+FAILED: Final = "Failed"
+"""True once the job has failed; its reason says why (``DeadlineExceeded``, ...)."""
 
-CONDITION_ORDER: Final = (READY, INVALID, SUSPENDED, COMPLETE)
-"""The order conditions appear in, so status patches compare equal when nothing changed."""
+CONDITION_ORDER: Final = (READY, INVALID, SUSPENDED, COMPLETE, FAILED)
+"""The order conditions appear in, so status patches compare equal when nothing changed
+(but for the current one, which goes last: see :func:`current_type`)."""
+
+STATE_PRECEDENCE: Final = (FAILED, COMPLETE, INVALID, SUSPENDED, READY)
+"""Which True condition describes the job when several are: a finished job is finished even
+if its last spec was invalid; an Invalid spec matters more than a suspension or progress."""
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -51,7 +66,7 @@ class Reason:
     STORE_UNAVAILABLE: Final = "StoreUnavailable"
     INVALID_SPEC: Final = "InvalidSpec"
     VALID_SPEC: Final = "ValidSpec"
-    SUSPEND_REQUESTED: Final = "SuspendRequested"
+    SUSPENDED: Final = "Suspended"
     NOT_SUSPENDED: Final = "NotSuspended"
     RESUMED: Final = "Resumed"
     IN_PROGRESS: Final = "InProgress"
@@ -60,6 +75,14 @@ class Reason:
     EPSILON_BUDGET_SPENT: Final = "EpsilonBudgetSpent"
     SUCCEEDED: Final = "Succeeded"
     FAILED: Final = "Failed"
+    DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
+    """``spec.activeDeadlineSeconds`` passed before the job finished."""
+    COMMIT_FAILURES: Final = "CommitFailures"
+    """The job's rounds kept failing to commit (the coordinator gave up)."""
+    JOB_FAILED: Final = "JobFailed"
+    """The coordinator reported a failure of another kind; the message carries its words."""
+    TTL_EXPIRED: Final = "TTLExpired"
+    """``spec.ttlSecondsAfterFinished`` passed: the finished job is being removed."""
     CHILDREN_APPLIED: Final = "ChildrenApplied"
     CLEANUP_SKIPPED: Final = "StoreCleanupSkipped"
     CLEANED_UP: Final = "StoreCleanedUp"
@@ -91,6 +114,20 @@ def rfc3339(moment: datetime | float) -> str:
     elif moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_STORE_FAILURES: Final = {
+    "deadlineexceeded": Reason.DEADLINE_EXCEEDED,
+    "commitfailures": Reason.COMMIT_FAILURES,
+}
+"""The job record's failure reasons (``deadline-exceeded``, ``commit-failures``; spelled either
+way) and the condition reason each becomes."""
+
+
+def failure_reason(store_reason: object) -> str:
+    """The ``Failed`` condition's reason for the ``reason`` a failed job's record carries."""
+    key = str(store_reason or "").replace("-", "").replace("_", "").lower()
+    return _STORE_FAILURES.get(key, Reason.JOB_FAILED)
 
 
 def condition(
@@ -144,11 +181,25 @@ def merge_conditions(
             else stamp,
         )
 
-    def order(c: Condition) -> tuple[int, str]:
+    last = current_type(merged.values())
+
+    def order(c: Condition) -> tuple[int, int, str]:
         t = c["type"]
-        return (CONDITION_ORDER.index(t) if t in CONDITION_ORDER else len(CONDITION_ORDER), t)
+        known = CONDITION_ORDER.index(t) if t in CONDITION_ORDER else len(CONDITION_ORDER)
+        return (int(t == last), known, t)
 
     return sorted(merged.values(), key=order)
+
+
+def current_type(conditions: Iterable[Mapping[str, Any]]) -> str | None:
+    """The type of the condition that describes the job now: the True one first in
+    :data:`STATE_PRECEDENCE`, else ``Ready`` (False, its reason saying why: waiting for the
+    coordinator, the store unreachable, ...), else none."""
+    by_type = {str(c.get("type")): c for c in conditions}
+    for type_ in STATE_PRECEDENCE:
+        if type_ in by_type and by_type[type_].get("status") == "True":
+            return type_
+    return READY if READY in by_type else None
 
 
 def _status(raw: object) -> ConditionStatus:

@@ -1,9 +1,16 @@
 """The few Kubernetes API calls the handlers make, behind a small Protocol.
 
-Handlers need three things: make a child look like its body (create it, or patch it if it
-exists), delete a child, and read the job Secret back (its job secret is created once and kept).
-:class:`ChildClient` names exactly those; :class:`KubeClient` implements them with the official
-client, and unit tests pass a recording fake instead of a cluster.
+Handlers need a few things: make a child look like its body (create it, or patch it if it
+exists), delete a child, read the job Secret back (its job secret is created once and kept),
+write an FLJob's status from the status timer, and delete a finished FLJob whose
+``ttlSecondsAfterFinished`` passed. :class:`ChildClient` names exactly those;
+:class:`KubeClient` implements them with the official client, and unit tests pass a recording
+fake instead of a cluster.
+
+The status timer writes the status itself rather than through kopf's patch: kopf applies a
+timer's patch after the handler returned, outside of it, and a failed patch there ends the
+timer for that object for good (see :mod:`fedfleet_operator.handlers.status`). A write here
+fails inside the handler, which kopf retries.
 
 Calls are synchronous: kopf runs sync handlers in its thread pool, and the official client's
 synchronous API is the one stable across the versions fedfleet supports. Each call carries a
@@ -17,16 +24,26 @@ import binascii
 from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-__all__ = ["FIELD_MANAGER", "ChildClient", "KubeClient", "load_api_client"]
+from fedfleet_operator.naming import GROUP, PLURAL, VERSION
+
+__all__ = ["FIELD_MANAGER", "ChildClient", "KubeClient", "StatusWriteError", "load_api_client"]
 
 FIELD_MANAGER: Final = "fedfleet-operator"
 """Field manager recorded in managedFields for everything the operator writes."""
 
 _CONFLICT, _NOT_FOUND = 409, 404
+_FLJOB: Final = (GROUP, VERSION, PLURAL)
+
+
+class StatusWriteError(RuntimeError):
+    """A status write did not land: the object changed since it was read (409), or the API
+    server refused or could not be reached. The caller tries again with a fresh read."""
+
 
 _API_OF_KIND: Final = {
     "ConfigMap": ("core", "config_map"),
@@ -52,6 +69,17 @@ class ChildClient(Protocol):
         """A Secret's data, decoded; ``None`` when it does not exist."""
         ...
 
+    def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None
+    ) -> None:
+        """Merge ``status`` into an FLJob's status, only if the object is still at
+        ``resource_version`` (when given); :class:`StatusWriteError` otherwise."""
+        ...
+
+    def delete_fljob(self, namespace: str, name: str) -> bool:
+        """Delete an FLJob; False when it was already gone."""
+        ...
+
 
 def load_api_client() -> client.ApiClient:
     """An API client from the pod's service account, else from the kubeconfig (development,
@@ -73,6 +101,7 @@ class KubeClient:
             "apps": client.AppsV1Api(api_client),
         }
         self._timeout = timeout
+        self._custom = client.CustomObjectsApi(api_client)
 
     def _method(self, verb: str, kind: str) -> Any:
         try:
@@ -136,3 +165,48 @@ class KubeClient:
             except (binascii.Error, UnicodeDecodeError):
                 continue  # not ours to interpret; the caller replaces what it needs
         return out
+
+    def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None
+    ) -> None:
+        body: dict[str, Any] = {"status": dict(status)}
+        if resource_version:
+            # A precondition in a merge patch: the API server answers 409 if the object moved
+            # on, so a slow write can never put older news over newer.
+            body["metadata"] = {"resourceVersion": resource_version}
+        group, version, plural = _FLJOB
+        try:
+            self._custom.patch_namespaced_custom_object_status(
+                group,
+                version,
+                namespace,
+                plural,
+                name,
+                body,
+                field_manager=FIELD_MANAGER,
+                _request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            raise StatusWriteError(
+                f"status of {namespace}/{name}: {exc.status} {exc.reason}"
+            ) from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise StatusWriteError(f"status of {namespace}/{name}: {exc}") from exc
+
+    def delete_fljob(self, namespace: str, name: str) -> bool:
+        group, version, plural = _FLJOB
+        try:
+            self._custom.delete_namespaced_custom_object(
+                group,
+                version,
+                namespace,
+                plural,
+                name,
+                propagation_policy="Background",
+                _request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            if exc.status == _NOT_FOUND:
+                return False
+            raise
+        return True

@@ -26,9 +26,15 @@ from fedfleet_operator.builders import (
     spec_hash,
 )
 from fedfleet_operator.context import OperatorContext
-from fedfleet_operator.naming import JOB_SECRET_KEY, deployment_name, secret_name, service_name
+from fedfleet_operator.naming import (
+    JOB_SECRET_KEY,
+    deployment_name,
+    plan_name,
+    secret_name,
+    service_name,
+)
 
-__all__ = ["apply_children", "delete_actors", "new_job_secret", "owned"]
+__all__ = ["apply_children", "delete_actors", "delete_children", "new_job_secret", "owned"]
 
 
 def new_job_secret() -> str:
@@ -51,11 +57,17 @@ def _namespace(job: FLJob) -> str:
 
 
 def apply_children(
-    ctx: OperatorContext, job: FLJob, owner: kopf.Body, *, actors: bool = True
+    ctx: OperatorContext,
+    job: FLJob,
+    owner: kopf.Body,
+    *,
+    actors: bool = True,
+    active_since: float | None = None,
 ) -> list[str]:
     """Create or patch the plan ConfigMap and the Secret, and (unless ``actors`` is False, for
-    a finished job) the actor Deployments and the selectors' Service. Returns what it applied,
-    as ``Kind/name``, for the log and the Event."""
+    a finished job) the actor Deployments and the selectors' Service. ``active_since`` is
+    where the coordinator counts ``spec.activeDeadlineSeconds`` from. Returns what it
+    applied, as ``Kind/name``, for the log and the Event."""
     namespace = _namespace(job)
     applied: list[str] = []
 
@@ -73,7 +85,7 @@ def apply_children(
     if actors:
         policy = spec_hash(job.spec)
         for role in ACTOR_ROLES:
-            apply(build_actor_deployment(job, namespace, ctx.settings, policy, role))
+            apply(build_actor_deployment(job, namespace, ctx.settings, policy, role, active_since))
         apply(build_selector_service(job, namespace))
     return applied
 
@@ -85,6 +97,16 @@ def delete_actors(ctx: OperatorContext, namespace: str, name: str) -> list[str]:
     targets = [("Deployment", deployment_name(name, role)) for role in ACTOR_ROLES]
     targets.append(("Service", service_name(name)))
     for kind, child in targets:
+        if ctx.kube.delete(kind, namespace, child):
+            deleted.append(f"{kind}/{child}")
+    return deleted
+
+
+def delete_children(ctx: OperatorContext, namespace: str, name: str) -> list[str]:
+    """Delete every child: the actors, the Service, the plan ConfigMap and the Secret (what
+    ``spec.ttlSecondsAfterFinished`` removes before the FLJob). Returns what was deleted."""
+    deleted = delete_actors(ctx, namespace, name)
+    for kind, child in (("ConfigMap", plan_name(name)), ("Secret", secret_name(name))):
         if ctx.kube.delete(kind, namespace, child):
             deleted.append(f"{kind}/{child}")
     return deleted

@@ -17,6 +17,7 @@ from typing import Any, NotRequired, TypedDict, cast
 from fedfleet.core.roles import JobPhase
 from fedfleet_operator.conditions import (
     COMPLETE,
+    FAILED,
     INVALID,
     READY,
     SUSPENDED,
@@ -24,6 +25,7 @@ from fedfleet_operator.conditions import (
     ConditionSpec,
     Reason,
     condition,
+    failure_reason,
     find_condition,
     merge_conditions,
     rfc3339,
@@ -35,6 +37,7 @@ __all__ = [
     "FLJobStatus",
     "LastRound",
     "ModelLocation",
+    "active_since",
     "changed_fields",
     "fetch_command",
     "model_location",
@@ -152,11 +155,11 @@ def _ready(
     if phase is JobPhase.running:
         return condition(READY, True, Reason.RUNNING, f"the coordinator reports round {round_}{of}")
     if phase is JobPhase.suspended:
-        return condition(READY, False, Reason.SUSPEND_REQUESTED, "actors are scaled to zero")
+        return condition(READY, False, Reason.SUSPENDED, "actors are scaled to zero")
     if phase is JobPhase.succeeded:
         return condition(READY, False, Reason.SUCCEEDED, "the job finished; its actors are gone")
     if phase is JobPhase.failed:
-        return condition(READY, False, Reason.FAILED, "the job failed")
+        return condition(READY, False, Reason.FAILED, "the job failed; see the Failed condition")
     if invalid is not None:
         return condition(READY, False, Reason.INVALID_SPEC, "the spec is invalid; see Invalid")
     return condition(
@@ -182,9 +185,24 @@ def _complete(phase: JobPhase, job_state: Mapping[str, Any], round_: int) -> Con
             )
         return condition(COMPLETE, True, Reason.ROUNDS_COMPLETED, f"{round_} rounds committed")
     if phase is JobPhase.failed:
-        reason = str(job_state.get("reason") or "the coordinator reported failure")
-        return condition(COMPLETE, False, Reason.FAILED, reason)
+        return condition(COMPLETE, False, Reason.FAILED, "the job failed; see the Failed condition")
     return condition(COMPLETE, False, Reason.IN_PROGRESS, "")
+
+
+def _failed(phase: JobPhase, job_state: Mapping[str, Any], round_: int) -> ConditionSpec:
+    if phase is JobPhase.failed:
+        said = str(job_state.get("reason") or "")
+        reason = failure_reason(said)
+        if reason == Reason.DEADLINE_EXCEEDED:
+            message = f"spec.activeDeadlineSeconds passed after {round_} rounds"
+        elif reason == Reason.COMMIT_FAILURES:
+            message = f"rounds kept failing to commit after round {round_}"
+        else:
+            message = f"the coordinator reported failure: {said or 'no reason given'}"
+        return condition(FAILED, True, reason, message)
+    if phase is JobPhase.succeeded:
+        return condition(FAILED, False, Reason.SUCCEEDED, "")
+    return condition(FAILED, False, Reason.IN_PROGRESS, "")
 
 
 def _invalid(invalid: str | None) -> ConditionSpec:
@@ -193,10 +211,30 @@ def _invalid(invalid: str | None) -> ConditionSpec:
     return condition(INVALID, True, Reason.INVALID_SPEC, invalid)
 
 
-def _suspended(suspended: bool) -> ConditionSpec:
+def _suspended(suspended: bool, previous: Sequence[Mapping[str, Any]]) -> ConditionSpec:
     if suspended:
-        return condition(SUSPENDED, True, Reason.SUSPEND_REQUESTED, "spec.suspend is true")
+        return condition(SUSPENDED, True, Reason.SUSPENDED, "spec.suspend is true")
+    before = find_condition(previous, SUSPENDED) or {}
+    if before.get("status") == "True" or before.get("reason") == Reason.RESUMED:
+        return condition(SUSPENDED, False, Reason.RESUMED, "resumed from the last checkpoint")
     return condition(SUSPENDED, False, Reason.NOT_SUSPENDED, "")
+
+
+def active_since(previous: Mapping[str, Any] | None, *, suspended: bool, now: datetime) -> str:
+    """``status.startTime``: when the job's current active period began, where
+    ``spec.activeDeadlineSeconds`` counts from (as a Kubernetes Job's ``startTime``).
+
+    Set when the job is created, or first resumed if it was created suspended; reset when a
+    Suspended job is resumed; kept otherwise (also while suspended, though the clock is then
+    stopped). Empty while a job created suspended was never resumed.
+    """
+    prev = previous or {}
+    kept = str(prev.get("startTime") or "")
+    if suspended or str(prev.get("phase") or "") in TERMINAL_PHASES:
+        return kept
+    if not kept or prev.get("phase") == JobPhase.suspended.value:
+        return rfc3339(now)
+    return kept
 
 
 def status_from_store(
@@ -214,14 +252,20 @@ def status_from_store(
 ) -> FLJobStatus:
     """The whole status from the store's job record and metrics history.
 
-    ``previous`` is the current ``.status`` (its conditions keep their transition times);
-    ``suspended``, ``invalid`` (the validation message, if any) and ``rounds_total`` come from
-    the current spec, the latter used until the coordinator reports the rounds it runs.
+    ``previous`` is the current ``.status`` (its conditions keep their transition times, its
+    ``startTime`` — the operator's, see :func:`active_since` — is kept; the store's start time
+    only stands in for a status that has none); ``suspended``, ``invalid`` (the validation
+    message, if any) and ``rounds_total`` come from the current spec, the latter used until
+    the coordinator reports the rounds it runs.
     """
     last: Mapping[str, Any] = metrics[-1] if metrics else (job_state.get("last_metrics") or {})
     version = max(_int(job_state.get("model_version")), _int(last.get("model_version")))
     round_ = max(_int(job_state.get("round")), _int(last.get("round")), version)
     rounds = _int(job_state.get("rounds")) or rounds_total
+    prev = previous or {}
+    # Leaving Suspended is the change handlers' (they scale the actors back and restart the
+    # deadline's clock); until one has, the job is still suspended.
+    suspended = suspended or prev.get("phase") == JobPhase.suspended.value
     phase = phase_from_store(job_state, suspended=suspended)
 
     status: FLJobStatus = {"phase": phase.value, "round": round_, "modelVersion": version}
@@ -237,19 +281,23 @@ def status_from_store(
         epsilon = _number(last.get("epsilon"))
         if epsilon is not None:
             status["epsilon"] = epsilon
-    if isinstance(job_state.get("start_time"), int | float):
+    if prev.get("startTime"):
+        status["startTime"] = str(prev["startTime"])
+    elif isinstance(job_state.get("start_time"), int | float):
         status["startTime"] = rfc3339(float(job_state["start_time"]))
     if phase.value in TERMINAL_PHASES and isinstance(job_state.get("completion_time"), int | float):
         status["completionTime"] = rfc3339(float(job_state["completion_time"]))
     if version > 0:
         status["model"] = model_location(key, store_url, version)
+    previous_conditions = prev.get("conditions") or []
     status["conditions"] = merge_conditions(
-        (previous or {}).get("conditions"),
+        previous_conditions,
         [
             _ready(phase, round_=round_, rounds=rounds, invalid=invalid),
             _invalid(invalid),
-            _suspended(suspended),
+            _suspended(suspended, previous_conditions),
             _complete(phase, job_state, round_),
+            _failed(phase, job_state, round_),
         ],
         now=now,
     )
@@ -310,10 +358,14 @@ def spec_status(
         status["rounds"] = rounds_total
     if "round" not in prev:
         status["round"] = 0
+    conditions = prev.get("conditions") or []
+    if invalid is None:
+        started = active_since(prev, suspended=suspended, now=now)
+        if started:
+            status["startTime"] = started
     updates = [_invalid(invalid)]
     if invalid is None:
-        updates.append(_suspended(suspended))
-    conditions = prev.get("conditions") or []
+        updates.append(_suspended(suspended, conditions))
     if phase not in TERMINAL_PHASES:
         # Ready only when the phase moved, was never said, or is Pending (whose reason says
         # whether the spec is invalid): otherwise it is the status timer's, whose message names
@@ -329,6 +381,8 @@ def spec_status(
             updates.append(ready)
         if find_condition(conditions, COMPLETE) is None:
             updates.append(_complete(JobPhase(phase), {}, 0))
+        if find_condition(conditions, FAILED) is None:
+            updates.append(_failed(JobPhase(phase), {}, 0))
     status["conditions"] = merge_conditions(prev.get("conditions"), updates, now=now)
     return status
 

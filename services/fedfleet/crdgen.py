@@ -75,7 +75,7 @@ IMMUTABLE_FIELDS: Final = ("model", "population")
 """Spec fields that may not change once the job exists (CEL ``self == oldSelf``)."""
 PHASES: Final = tuple(phase.value for phase in JobPhase)
 """Values of ``status.phase``: the store's job phases (:class:`fedfleet.core.roles.JobPhase`)."""
-CONDITION_TYPES: Final = ("Ready", "Invalid", "Suspended", "Complete")
+CONDITION_TYPES: Final = ("Ready", "Invalid", "Suspended", "Complete", "Failed")
 NAME_MAX_LENGTH: Final = 54
 """Longest FLJob name: ``<name>-selector`` must still be a 63-character DNS label (Service)."""
 
@@ -370,7 +370,12 @@ def status_schema() -> JsonSchema:
                     "epsilon": _leaf("number", "Epsilon spent after the round (with DP on)."),
                 },
             ),
-            "startTime": _leaf("string", "When the job started running.", format="date-time"),
+            "startTime": _leaf(
+                "string",
+                "When the job's current active period began (created, or last resumed): where "
+                "spec.activeDeadlineSeconds counts from.",
+                format="date-time",
+            ),
             "completionTime": _leaf("string", "When the job finished.", format="date-time"),
             "observedGeneration": _leaf(
                 "integer", "metadata.generation the status reflects.", format="int64"
@@ -434,6 +439,12 @@ def crd_document() -> dict[str, Any]:
         ("Rounds", "integer", ".status.rounds", "Total rounds the job runs."),
         ("Accuracy", "number", ".status.accuracy", "Accuracy of the latest committed model."),
         ("Epsilon", "number", ".status.epsilon", "Privacy loss so far (differential privacy)."),
+        (
+            "State",
+            "string",
+            ".status.conditions[-1:].reason",
+            "Reason of the condition that says what the job is doing now (the last one).",
+        ),
         ("Age", "date", ".metadata.creationTimestamp", "Time since the job was created."),
     ]
     return {

@@ -209,8 +209,8 @@ def test_digits_reaches_succeeded_with_accuracy_in_status(
     assert "digits" in status["model"]["key"]
     table = cluster.kubectl("get", "fljobs", "-n", namespace, check=True).stdout
     header = table.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "ROUND", "ROUNDS", "ACCURACY", "EPSILON", "AGE"]
-    assert "Succeeded" in table
+    assert header == ["NAME", "PHASE", "ROUND", "ROUNDS", "ACCURACY", "EPSILON", "STATE", "AGE"]
+    assert "Succeeded" in table and "RoundsCompleted" in table
     # Completion tears the actors down and keeps the plan, the secret and the model.
     cluster.wait_for(
         lambda: not cluster.list("deployments", namespace, "fedfleet.dev/job=digits"),
@@ -404,6 +404,145 @@ def test_coordinator_pod_deleted_mid_job_finishes_without_losing_a_version(
     assert final["status"]["modelVersion"] == 20
     assert seen == sorted(seen), f"a committed version went backwards: {seen}"
     store.close()
+
+
+def _operator_pods(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
+    return _ready_pods(cluster, ns, "app.kubernetes.io/component=operator")
+
+
+def _kill_operator(cluster: Cluster, ns: str) -> str:
+    """Delete the operator's pod (SIGTERM, as a rollout or an eviction does); its Deployment
+    starts a replacement, which takes over through kopf peering."""
+    [pod] = _operator_pods(cluster, ns)
+    name = str(pod["metadata"]["name"])
+    cluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=True)
+    return name
+
+
+def _replacement_ready(cluster: Cluster, ns: str, gone: list[str]) -> str:
+    pod = cluster.wait_for(
+        lambda: next(
+            (p for p in _operator_pods(cluster, ns) if p["metadata"]["name"] not in gone), None
+        ),
+        timeout=180,
+        what="a replacement operator pod ready",
+        namespace=ns,
+    )
+    return str(pod["metadata"]["name"])
+
+
+@pytest.mark.timeout(1200)
+def test_operator_killed_mid_job_and_at_completion_leaves_the_status_right(
+    cluster: Cluster, fedfleet: Installed, namespace: str
+) -> None:
+    """The status that once stuck at Running: kill the operator while the job runs, and again
+    the moment the store says the job finished; once a replacement has taken over, the
+    FLJob's status must follow the store (progress, then Succeeded, the actors gone)."""
+    doc = _example(rounds={"total": 30})
+    doc["metadata"] = {"name": "steady"}
+    cluster.apply(doc, namespace)
+    key = f"{namespace}/steady"
+    store = open_store(fedfleet.redis_url)
+    killed: list[str] = []
+    at_takeover: list[int] = []  # the store's version when the replacement became ready
+    reported: list[int] = []  # the status's version from then on
+
+    def chaos(job: dict[str, Any]) -> None:
+        version = store.model_version(key)
+        if not killed:
+            if version >= 3:
+                killed.append(_kill_operator(cluster, fedfleet.namespace))
+            return
+        if len(killed) == 1 and not at_takeover:
+            names = {p["metadata"]["name"] for p in _operator_pods(cluster, fedfleet.namespace)}
+            if names - set(killed):
+                at_takeover.append(version)
+            return
+        if len(killed) == 1:
+            reported.append(job.get("status", {}).get("modelVersion", 0))
+            if store.job_state(key).get("phase") == "Succeeded":
+                killed.append(_kill_operator(cluster, fedfleet.namespace))
+
+    try:
+        _drive(
+            cluster,
+            namespace,
+            doc,
+            lambda j: len(killed) == 2,
+            timeout=900,
+            during=chaos,
+        )
+        assert store.job_state(key)["phase"] == "Succeeded"
+        # The first replacement caught up with the store and kept reporting, mid-job.
+        assert at_takeover and reported, "the job finished before the replacement took over"
+        assert max(reported) >= at_takeover[0]
+        _replacement_ready(cluster, fedfleet.namespace, killed)
+        final = cluster.wait_for(
+            lambda: (
+                (job := _fljob(cluster, namespace, "steady")).get("status", {}).get("phase")
+                == "Succeeded"
+                and job
+            ),
+            timeout=120,
+            what="status Succeeded after the operator was replaced",
+            namespace=namespace,
+        )
+    finally:
+        store.close()
+    status = final["status"]
+    assert (status["round"], status["modelVersion"]) == (30, 30)
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert (complete["status"], complete["reason"]) == ("True", "RoundsCompleted")
+    assert status["conditions"][-1]["type"] == "Complete"
+    cluster.wait_for(
+        lambda: not cluster.list("deployments", namespace, "fedfleet.dev/job=steady"),
+        timeout=60,
+        what="actor deployments removed",
+        namespace=namespace,
+    )
+
+
+@pytest.mark.timeout(900)
+def test_deadline_ends_a_job_failed_and_its_ttl_removes_it_keeping_the_model(
+    cluster: Cluster, fedfleet: Installed, namespace: str
+) -> None:
+    doc = _example(rounds={"total": 400}, activeDeadlineSeconds=60, ttlSecondsAfterFinished=15)
+    doc["metadata"] = {"name": "bounded"}
+    cluster.apply(doc, namespace)
+    key = f"{namespace}/bounded"
+    store = open_store(fedfleet.redis_url)
+    try:
+        final = _drive(
+            cluster,
+            namespace,
+            doc,
+            lambda j: j.get("status", {}).get("phase") == "Failed",
+            timeout=400,
+        )
+        failed = final["status"]["conditions"][-1]
+        assert (failed["type"], failed["status"], failed["reason"]) == (
+            "Failed",
+            "True",
+            "DeadlineExceeded",
+        )
+        state = store.job_state(key)
+        assert (state["phase"], state["reason"]) == ("Failed", "deadline-exceeded")
+        assert store.model_version(key) < 400
+        # ttlSecondsAfterFinished: the children, then the FLJob, go; the store keeps the job.
+        cluster.wait_for(
+            lambda: (
+                cluster.get("fljob", "bounded", namespace) is None
+                and cluster.get("configmap", "bounded-plan", namespace) is None
+                and not cluster.list("deployments", namespace, "fedfleet.dev/job=bounded")
+            ),
+            timeout=120,
+            what="the FLJob and its children removed by its TTL",
+            namespace=namespace,
+        )
+        assert store.job_state(key)["phase"] == "Failed"
+        store.delete_job(key)
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize(

@@ -109,3 +109,35 @@ def test_small_population_still_fills_rounds_by_concentrating_check_ins() -> Non
     )
     assert result.succeeded
     assert sum(1 for r in result.rounds if r.abandoned) <= 1
+
+
+def test_active_deadline_ends_the_job_failed_on_the_jobs_clock() -> None:
+    # Far more rounds than fit in ten simulated minutes: the deadline, not the rounds, ends it.
+    result = run_job(_job(rounds={"total": 1000, "goalCount": 10}, activeDeadlineSeconds=600))
+    assert not result.succeeded
+    assert result.reason == "deadline-exceeded"
+    assert 0 < result.model_version < 1000  # rounds were committed until the deadline
+    # Embedded runs keep time on the simulated clock; the coordinator ticks once a second.
+    assert 600 <= result.sim_seconds < 600 + 3
+
+
+def test_the_deadline_counts_from_where_the_coordinator_is_told_it_started() -> None:
+    # What the operator does on a resume: the coordinator's clock restarts at active_since,
+    # not at the job's first start recorded in the store.
+    from fedfleet.coordinator.actor import Coordinator, CoordinatorSettings
+    from fedfleet.store.memory import MemoryStore
+
+    job = _job(activeDeadlineSeconds=600)
+    store = MemoryStore()
+    first = Coordinator(job, store, actor_id="c0")
+    first.tick(1000.0)  # the job starts at 1000 (no aggregators yet: no rounds)
+    first.step_down()
+    resumed = Coordinator(
+        job, store, actor_id="c1", settings=CoordinatorSettings(active_since=5000.0)
+    )
+    resumed.tick(5000.0 + 599)  # 4599 s after the first start, 599 s after the resume
+    assert store.job_state(job.key)["phase"] == "Running"
+    resumed.tick(5000.0 + 600)
+    state = store.job_state(job.key)
+    assert (state["phase"], state["reason"]) == ("Failed", "deadline-exceeded")
+    assert state["completion_time"] == 5600.0

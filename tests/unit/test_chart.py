@@ -38,7 +38,7 @@ Obj = dict[str, Any]
 
 # operator/CONTRACT.md, "RBAC": also parsed from the contract below; both must agree.
 CONTRACT_RBAC: frozenset[tuple[str, str, str]] = frozenset(
-    {("fedfleet.dev", "fljobs", v) for v in ("get", "list", "watch", "patch")}
+    {("fedfleet.dev", "fljobs", v) for v in ("get", "list", "watch", "patch", "delete")}
     | {("fedfleet.dev", "fljobs/status", v) for v in ("get", "patch")}
     | {
         ("", r, v)

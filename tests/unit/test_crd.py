@@ -180,6 +180,7 @@ def test_names_and_version_follow_the_contract(crd: dict[str, Any]) -> None:
         ("Rounds", ".status.rounds", "integer"),
         ("Accuracy", ".status.accuracy", "number"),
         ("Epsilon", ".status.epsilon", "number"),
+        ("State", ".status.conditions[-1:].reason", "string"),
         ("Age", ".metadata.creationTimestamp", "date"),
     ]
 
@@ -373,6 +374,15 @@ def test_representative_ranges(spec: Schema) -> None:
     assert (target["type"], target["nullable"]) == ("number", True)  # float | None
     assert props["model"]["properties"]["hidden"]["maxItems"] == 8
     assert spec["required"] == ["population"]
+
+
+def test_lifetime_fields_are_optional_whole_seconds(spec: Schema) -> None:
+    props = spec["properties"]
+    deadline, ttl = props["activeDeadlineSeconds"], props["ttlSecondsAfterFinished"]
+    assert (deadline["type"], deadline["minimum"], deadline["nullable"]) == ("integer", 1, True)
+    assert (ttl["type"], ttl["minimum"], ttl["nullable"]) == ("integer", 0, True)
+    assert "DeadlineExceeded" in deadline["description"]
+    assert "store" in ttl["description"]
 
 
 # --- manifests against the schema ----------------------------------------------------------

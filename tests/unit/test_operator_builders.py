@@ -403,3 +403,22 @@ def test_peering_priorities_are_stable_and_distinct() -> None:
     assert peering_priority("op-a") == peering_priority("op-a")
     assert peering_priority("op-a") != peering_priority("op-b")
     assert all(p >= 1 for p in (peering_priority(f"op-{i}") for i in range(50)))
+
+
+def test_only_a_coordinator_with_a_deadline_is_told_where_its_clock_started(
+    settings: OperatorSettings,
+) -> None:
+    def env(job: FLJob, role: ChildRole, since: float | None) -> dict[str, Any]:
+        body = build_actor_deployment(job, NS, settings, spec_hash(job.spec), role, since)
+        [container] = body["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    timed = make_job(activeDeadlineSeconds=3600)
+    assert env(timed, ChildRole.coordinator, 1740830400.0)["FEDFLEET_ACTIVE_SINCE"] == "1740830400"
+    assert "FEDFLEET_ACTIVE_SINCE" not in env(timed, ChildRole.selector, 1740830400.0)
+    assert "FEDFLEET_ACTIVE_SINCE" not in env(make_job(), ChildRole.coordinator, 1740830400.0)
+    # A deadline is policy the coordinator reads at start: changing it rolls the actors, and
+    # jobs without one keep the hash they always had.
+    assert spec_hash(timed.spec) != spec_hash(make_job().spec)
+    assert spec_hash(make_job(activeDeadlineSeconds=60).spec) != spec_hash(timed.spec)
+    assert spec_hash(make_job(ttlSecondsAfterFinished=60).spec) == spec_hash(make_job().spec)

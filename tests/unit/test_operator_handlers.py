@@ -18,7 +18,7 @@ import pytest
 from fedfleet.store.base import StoreUnavailable
 from fedfleet.store.memory import MemoryStore
 from fedfleet_operator.builders import is_job_secret
-from fedfleet_operator.conditions import INVALID, READY, Reason, find_condition
+from fedfleet_operator.conditions import INVALID, READY, Reason, find_condition, rfc3339
 from fedfleet_operator.context import MEMO_KEY, OperatorContext
 from fedfleet_operator.handlers import register_all
 from fedfleet_operator.handlers.create import on_create
@@ -26,6 +26,7 @@ from fedfleet_operator.handlers.delete import on_delete
 from fedfleet_operator.handlers.startup import configure_kopf, probe_store
 from fedfleet_operator.handlers.status import sync_status
 from fedfleet_operator.handlers.update import on_resume, on_update
+from fedfleet_operator.kube import StatusWriteError
 from fedfleet_operator.main import QuietStatusTimer, default_liveness
 from fedfleet_operator.naming import ANNOTATION_SPEC_HASH
 from fedfleet_operator.settings import OperatorSettings
@@ -48,10 +49,34 @@ PLAN = {("ConfigMap", "mnist-plan"), ("Secret", "mnist-secret")}
 
 @dataclass
 class FakeKube:
-    """Objects by (kind, name) in one namespace; apply merges like a patch would."""
+    """Objects by (kind, name) in one namespace; apply merges like a patch would. The FLJob
+    itself is ``fljob`` (the world's object): status writes merge into it, refused with 409
+    when its resourceVersion moved on, and refused outright while ``status_api_down``."""
 
     objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     writes: int = 0
+    fljob: dict[str, Any] = field(default_factory=dict)
+    status_writes: list[dict[str, Any]] = field(default_factory=list)
+    status_api_down: bool = False
+    fljob_deleted: bool = False
+
+    def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None
+    ) -> None:
+        assert (namespace, name) == (NS, NAME)
+        if self.status_api_down:
+            raise StatusWriteError("status of team-a/mnist: 503 Service Unavailable")
+        meta = self.fljob["metadata"]
+        if resource_version is not None and resource_version != meta["resourceVersion"]:
+            raise StatusWriteError("status of team-a/mnist: 409 Conflict")
+        self.fljob.setdefault("status", {}).update(copy.deepcopy(dict(status)))
+        meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+        self.status_writes.append(copy.deepcopy(dict(status)))
+
+    def delete_fljob(self, namespace: str, name: str) -> bool:
+        assert (namespace, name) == (NS, NAME)
+        deleted, self.fljob_deleted = not self.fljob_deleted, True
+        return deleted
 
     def apply(self, body: Mapping[str, Any]) -> None:
         assert body["metadata"]["namespace"] == NS
@@ -136,7 +161,10 @@ class World:
 
     def apply(self, patch: kopf.Patch) -> None:
         """What kopf does with the handler's patch: merge it into the object's status."""
-        self.raw.setdefault("status", {}).update(copy.deepcopy(dict(patch.get("status", {}))))
+        if patch.get("status"):
+            self.raw.setdefault("status", {}).update(copy.deepcopy(dict(patch["status"])))
+            meta = self.raw["metadata"]
+            meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
 
     def call(self, handler: Any, **kwargs: Any) -> kopf.Patch:
         patch = kopf.Patch()
@@ -150,9 +178,18 @@ class World:
         old, new = self.set_spec(**changes)
         return self.call(on_update, old=old, new=new)
 
-    def tick(self, minutes: float = 0.1) -> kopf.Patch:
+    def tick(self, minutes: float = 0.1, body: kopf.Body | None = None) -> dict[str, Any]:
+        """One run of the status timer (on ``body``, a view of the object kopf may hold from
+        earlier, else the current one); returns what it wrote to the status."""
         self.now[0] += timedelta(minutes=minutes)
-        return self.call(sync_status)
+        before = len(self.kube.status_writes)
+        patch = kopf.Patch()
+        sync_status(body=body or self.body(), patch=patch, memo=self.memo, logger=self.logger)
+        assert not patch, "the timer writes the status itself, never through kopf's patch"
+        written: dict[str, Any] = {}
+        for fields in self.kube.status_writes[before:]:
+            written.update(fields)
+        return written
 
     def status(self) -> dict[str, Any]:
         return dict(self.raw.get("status", {}))
@@ -198,7 +235,13 @@ def world() -> World:
     raw: dict[str, Any] = {
         "apiVersion": "fedfleet.dev/v1alpha1",
         "kind": "FLJob",
-        "metadata": {"name": NAME, "namespace": NS, "uid": UID, "generation": 1},
+        "metadata": {
+            "name": NAME,
+            "namespace": NS,
+            "uid": UID,
+            "generation": 1,
+            "resourceVersion": "1",
+        },
         "spec": {
             "population": "phones",
             "rounds": {"total": 5, "goalCount": 1000},
@@ -206,6 +249,7 @@ def world() -> World:
             "actors": {"selectors": 2},
         },
     }
+    kube.fljob = raw
     return World(kube, store, events, memo, logging.getLogger("test.operator"), raw, now)
 
 
@@ -284,7 +328,7 @@ def test_suspend_and_resume(world: World) -> None:
     world.update(suspend=True)
     assert {world.kube.replicas(r) for r in ("coordinator", "selector", "aggregator")} == {0}
     assert world.status()["phase"] == "Suspended"
-    assert Reason.SUSPEND_REQUESTED in world.events.reasons()
+    assert Reason.SUSPENDED in world.events.reasons()
     world.update(suspend=False)
     assert world.kube.replicas("coordinator") == 2
     assert world.status()["phase"] == "Pending"
@@ -377,6 +421,214 @@ def test_unreachable_store_is_a_condition_not_an_error(
     world.store.down = False
     world.tick()
     assert world.condition(READY)["reason"] == Reason.RUNNING
+
+
+# -- completion is level-triggered (the status that stayed Running) ----------------------------
+
+
+def _complete_in_store(world: World, rounds: int = 5) -> None:
+    world.coordinator_reports(
+        rounds=rounds,
+        accuracy=0.9,
+        phase="Succeeded",
+        reason="rounds",
+        completion_time=world.now[0].timestamp(),
+    )
+
+
+def test_a_status_write_that_fails_at_completion_is_retried_not_lost(world: World) -> None:
+    # The cluster run's race: the Event went out, the status write did not. A write that
+    # fails now fails the handler (kopf retries it after one interval) and nothing is
+    # announced before the status says so.
+    world.call(on_create)
+    world.coordinator_reports(rounds=4)
+    world.tick()
+    _complete_in_store(world)
+    world.kube.status_api_down = True
+    with pytest.raises(kopf.TemporaryError) as caught:
+        world.tick()
+    assert caught.value.delay == world.memo[MEMO_KEY].settings.status_interval
+    assert world.status()["phase"] == "Running"
+    assert Reason.SUCCEEDED not in world.events.reasons()
+    world.kube.status_api_down = False
+    written = world.tick()
+    assert written["phase"] == "Succeeded"
+    assert world.events.reasons().count(Reason.SUCCEEDED) == 1
+    assert set(world.kube.objects) == PLAN
+    world.tick()
+    assert world.events.reasons().count(Reason.SUCCEEDED) == 1
+
+
+def test_a_slow_timer_with_an_outdated_view_writes_nothing(world: World) -> None:
+    # kopf handed the timer the object as it was before the job finished; meanwhile a
+    # restarted operator's resume handler found the job finished and said so. The slow
+    # timer's write is refused (the object moved on), so whatever it computed from its old
+    # view cannot land, and the job is announced once.
+    world.call(on_create)
+    world.coordinator_reports(rounds=4)
+    world.tick()
+    stale = world.body()
+    _complete_in_store(world)
+    world.call(on_resume)  # the replacement operator starts
+    assert world.status()["phase"] == "Succeeded"
+    with pytest.raises(kopf.TemporaryError, match="409"):
+        world.tick(body=stale)
+    assert world.status()["phase"] == "Succeeded"
+    assert world.events.reasons().count(Reason.SUCCEEDED) == 1
+    assert world.tick() == {}  # the next run, on the fresh object, has nothing to fix
+
+
+def test_an_operator_restart_brings_a_finished_job_to_the_stores_truth(world: World) -> None:
+    # The old operator died between the job's completion and its status write (or its timer
+    # was gone): the replacement's resume handler, not only its timer, settles the job.
+    world.call(on_create)
+    world.coordinator_reports(rounds=3)
+    world.tick()
+    _complete_in_store(world)
+    world.call(on_resume)
+    status = world.status()
+    assert (status["phase"], status["round"]) == ("Succeeded", 5)
+    assert world.condition("Complete")["reason"] == Reason.ROUNDS_COMPLETED
+    assert status["conditions"][-1]["type"] == "Complete"
+    assert set(world.kube.objects) == PLAN  # no actors recreated for a finished job
+    assert world.events.reasons().count(Reason.SUCCEEDED) == 1
+
+
+def test_any_spec_change_brings_a_finished_job_to_the_stores_truth(world: World) -> None:
+    world.call(on_create)
+    world.coordinator_reports(rounds=3)
+    world.tick()
+    _complete_in_store(world)
+    world.update(actors={"selectors": 3})
+    assert world.status()["phase"] == "Succeeded"
+    assert set(world.kube.objects) == PLAN
+
+
+def test_a_job_failed_on_commits_keeps_its_actors_and_says_why(world: World) -> None:
+    world.call(on_create)
+    world.coordinator_reports(rounds=2, phase="Failed", reason="commit-failures")
+    world.tick()
+    assert world.status()["phase"] == "Failed"
+    failed = world.condition("Failed")
+    assert (failed["status"], failed["reason"]) == ("True", Reason.COMMIT_FAILURES)
+    assert world.status()["conditions"][-1]["type"] == "Failed"
+    assert set(world.kube.objects) == PLAN | ACTORS  # their logs explain the failure
+    assert world.events.events[-1][:2] == ("Warning", Reason.COMMIT_FAILURES)
+
+
+# -- suspend / resume reasons, activeDeadlineSeconds, ttlSecondsAfterFinished ---------------------
+
+
+def _active_since(world: World) -> str | None:
+    env = world.kube.objects[("Deployment", "mnist-coordinator")]["spec"]["template"]["spec"][
+        "containers"
+    ][0]["env"]
+    return next((e["value"] for e in env if e["name"] == "FEDFLEET_ACTIVE_SINCE"), None)
+
+
+def test_suspended_and_resumed_are_the_reasons(world: World) -> None:
+    world.call(on_create)
+    assert world.condition("Suspended")["reason"] == Reason.NOT_SUSPENDED
+    world.update(suspend=True)
+    assert world.condition("Suspended")["reason"] == Reason.SUSPENDED
+    assert world.status()["conditions"][-1]["type"] == "Suspended"
+    world.update(suspend=False)
+    resumed = world.condition("Suspended")
+    assert (resumed["status"], resumed["reason"]) == ("False", Reason.RESUMED)
+    world.coordinator_reports(rounds=1)
+    world.tick()
+    assert world.condition("Suspended")["reason"] == Reason.RESUMED  # and it stays so
+
+
+def test_the_deadline_clock_starts_at_creation_and_restarts_on_resume(world: World) -> None:
+    world.raw["spec"]["activeDeadlineSeconds"] = 600
+    world.call(on_create)
+    assert world.status()["startTime"] == "2025-03-01T12:00:00Z"
+    assert _active_since(world) == str(int(T0.timestamp()))
+    world.now[0] += timedelta(minutes=5)
+    world.update(suspend=True)
+    assert world.status()["startTime"] == "2025-03-01T12:00:00Z"
+    world.now[0] += timedelta(minutes=15)  # suspended past the deadline: its clock is stopped
+    world.tick(minutes=0)
+    assert world.store.job_state(KEY) == {}  # nothing ended
+    world.update(suspend=False)
+    assert world.status()["startTime"] == "2025-03-01T12:20:00Z"
+    assert _active_since(world) == str(int((T0 + timedelta(minutes=20)).timestamp()))
+    world.call(on_resume)  # an operator restart keeps the clock where it is
+    assert world.status()["startTime"] == "2025-03-01T12:20:00Z"
+
+
+def test_the_operator_ends_a_job_past_its_deadline_when_no_coordinator_runs(
+    world: World,
+) -> None:
+    world.raw["spec"]["activeDeadlineSeconds"] = 60
+    world.call(on_create)
+    world.tick(minutes=0.5)
+    assert world.store.job_state(KEY) == {}
+    world.tick(minutes=1)  # past it, and no coordinator ever took the job
+    state = world.store.job_state(KEY)
+    assert (state["phase"], state["reason"]) == ("Failed", "deadline-exceeded")
+    status = world.status()
+    assert status["phase"] == "Failed" and "completionTime" in status
+    failed = world.condition("Failed")
+    assert (failed["status"], failed["reason"]) == ("True", Reason.DEADLINE_EXCEEDED)
+    assert status["conditions"][-1]["reason"] == Reason.DEADLINE_EXCEEDED  # the State column
+    assert set(world.kube.objects) == PLAN  # a deadline also releases the actors
+    assert world.events.events[-1][:2] == ("Warning", Reason.DEADLINE_EXCEEDED)
+
+
+def test_a_running_coordinator_keeps_its_deadline_to_itself(world: World) -> None:
+    world.raw["spec"]["activeDeadlineSeconds"] = 60
+    world.call(on_create)
+    token = world.store.acquire_lease(KEY, "coordinator-0", 600)
+    assert token is not None
+    world.store.put_job_state(KEY, token, {"phase": "Running", "round": 1, "model_version": 0})
+    world.tick(minutes=2)
+    assert world.store.job_state(KEY)["phase"] == "Running"  # the lease holder decides
+    assert world.store.lease(KEY) is not None and world.store.lease(KEY).holder == "coordinator-0"
+
+
+def test_ttl_removes_the_children_then_the_job_and_keeps_the_model(world: World) -> None:
+    world.raw["spec"]["ttlSecondsAfterFinished"] = 120
+    world.call(on_create)
+    _complete_in_store(world)
+    world.tick()
+    assert world.status()["phase"] == "Succeeded" and set(world.kube.objects) == PLAN
+    world.tick(minutes=1)
+    assert not world.kube.fljob_deleted
+    world.tick(minutes=1.5)
+    assert world.kube.objects == {} and world.kube.fljob_deleted
+    assert world.events.events[-1][1] == Reason.TTL_EXPIRED
+    world.call(on_delete, retry=0)  # the finalizer of the job the TTL removed
+    assert world.store.checkpoint(KEY) is not None  # the model stays in the store
+
+
+def test_a_new_job_of_a_ttl_removed_name_waits_until_the_old_record_is_gone(
+    world: World,
+) -> None:
+    _complete_in_store(world)  # an earlier "mnist", removed by its TTL, left its keys
+    world.now[0] += timedelta(hours=1)
+    world.raw["metadata"]["creationTimestamp"] = rfc3339(world.now[0])
+    with pytest.raises(kopf.PermanentError, match="earlier job named team-a/mnist"):
+        world.call(on_create)
+    assert world.kube.objects == {}  # nothing started against someone else's record
+    assert world.status()["phase"] == "Pending"
+    assert "fedfleet fetch-model" in world.condition(INVALID)["message"]
+    assert world.tick() == {}  # the timer does not take the old record for this job's
+    world.call(on_delete, retry=0)  # deleting this FLJob removes the old record
+    assert world.store.job_state(KEY) == {}
+    world.raw.pop("status")
+    world.call(on_create)
+    assert set(world.kube.objects) == PLAN | ACTORS
+
+
+def test_deleting_a_finished_job_before_its_ttl_cleans_the_store(world: World) -> None:
+    world.raw["spec"]["ttlSecondsAfterFinished"] = 3600
+    world.call(on_create)
+    _complete_in_store(world)
+    world.tick()
+    world.call(on_delete, retry=0)
+    assert world.store.checkpoint(KEY) is None
 
 
 # -- delete ---------------------------------------------------------------------------------------

@@ -10,17 +10,28 @@ import pytest
 
 from fedfleet_operator.conditions import (
     COMPLETE,
+    FAILED,
     INVALID,
     READY,
     SUSPENDED,
     Reason,
     condition,
+    current_type,
+    failure_reason,
     find_condition,
     merge_conditions,
     rfc3339,
 )
+from fedfleet_operator.lifetime import (
+    deadline_at,
+    parse_time,
+    past_deadline,
+    ttl_expired,
+    ttl_expires_at,
+)
 from fedfleet_operator.status import (
     FLJobStatus,
+    active_since,
     changed_fields,
     model_location,
     spec_status,
@@ -98,7 +109,14 @@ def test_pending_until_the_coordinator_reports() -> None:
     assert "model" not in status and "startTime" not in status and "accuracy" not in status
     ready = cond(status, READY)
     assert (ready["status"], ready["reason"]) == ("False", Reason.WAITING_FOR_COORDINATOR)
-    assert [c["type"] for c in status["conditions"]] == [READY, INVALID, SUSPENDED, COMPLETE]
+    # Ready last: nothing is True, and Ready's reason says what the job waits for.
+    assert [c["type"] for c in status["conditions"]] == [
+        INVALID,
+        SUSPENDED,
+        COMPLETE,
+        FAILED,
+        READY,
+    ]
 
 
 def test_running_with_round_accuracy_and_last_round() -> None:
@@ -164,7 +182,8 @@ def test_suspended_unless_finished() -> None:
     status = compute(running_state(7), [metric(7)], suspended=True)
     assert status["phase"] == "Suspended"
     assert cond(status, SUSPENDED)["status"] == "True"
-    assert cond(status, READY)["reason"] == Reason.SUSPEND_REQUESTED
+    assert cond(status, READY)["reason"] == Reason.SUSPENDED
+    assert status["conditions"][-1]["type"] == SUSPENDED
     finished = running_state(20, phase="Succeeded", completion_time=START + 60)
     assert compute(finished, [], suspended=True)["phase"] == "Succeeded"
 
@@ -210,9 +229,10 @@ def test_merge_conditions_keeps_unknown_types_and_orders_known_ones() -> None:
     merged = merge_conditions(
         previous, [condition(READY, True, "Running"), condition(COMPLETE, False, "Y")], now=T0
     )
-    assert [c["type"] for c in merged] == [READY, COMPLETE, "Custom"]
-    assert merged[1]["lastTransitionTime"] == "t0" and merged[1]["reason"] == "Y"
-    assert merged[0]["lastTransitionTime"] == rfc3339(T0)
+    # Known types in order, unknown ones after, and the current state (Ready=True) last.
+    assert [c["type"] for c in merged] == [COMPLETE, "Custom", READY]
+    assert merged[0]["lastTransitionTime"] == "t0" and merged[0]["reason"] == "Y"
+    assert merged[-1]["lastTransitionTime"] == rfc3339(T0)
 
 
 def test_store_unavailable_keeps_the_last_status() -> None:
@@ -295,3 +315,74 @@ def test_rfc3339() -> None:
     assert rfc3339(T0) == "2025-03-01T12:00:00Z"
     assert rfc3339(datetime(2025, 3, 1, 12, 0, 0, 999)) == "2025-03-01T12:00:00Z"
     assert rfc3339(0.0) == "1970-01-01T00:00:00Z"
+
+
+# -- lifetime: failure reasons, the deadline's clock, the TTL -------------------------------------
+
+
+def test_failure_reasons_map_to_named_constants() -> None:
+    assert failure_reason("deadline-exceeded") == Reason.DEADLINE_EXCEEDED
+    assert failure_reason("DeadlineExceeded") == Reason.DEADLINE_EXCEEDED
+    assert failure_reason("commit-failures") == Reason.COMMIT_FAILURES
+    assert failure_reason("CommitFailures") == Reason.COMMIT_FAILURES
+    assert failure_reason("disk on fire") == Reason.JOB_FAILED
+    assert failure_reason(None) == Reason.JOB_FAILED
+
+
+def test_a_failed_job_has_failed_true_and_complete_false() -> None:
+    status = compute(running_state(3, phase="Failed", reason="deadline-exceeded"), [metric(3)])
+    assert status["phase"] == "Failed"
+    failed, complete = cond(status, FAILED), cond(status, COMPLETE)
+    assert (failed["status"], failed["reason"]) == ("True", Reason.DEADLINE_EXCEEDED)
+    assert "after 3 rounds" in failed["message"]
+    assert (complete["status"], complete["reason"]) == ("False", Reason.FAILED)
+    assert status["conditions"][-1] == failed  # the State column shows DeadlineExceeded
+
+
+def test_the_current_condition_goes_last() -> None:
+    def c(type_: str, status: str) -> dict[str, str]:
+        return {"type": type_, "status": status}
+
+    assert current_type([c(READY, "True"), c(SUSPENDED, "False")]) == READY
+    assert current_type([c(READY, "False"), c(SUSPENDED, "True")]) == SUSPENDED
+    assert current_type([c(READY, "True"), c(INVALID, "True")]) == INVALID
+    assert current_type([c(INVALID, "True"), c(COMPLETE, "True")]) == COMPLETE
+    assert current_type([c(READY, "False"), c(COMPLETE, "False")]) == READY
+    assert current_type([]) is None
+
+
+def test_active_since_starts_at_creation_and_restarts_on_resume() -> None:
+    later = T0 + timedelta(minutes=7)
+    assert active_since({}, suspended=False, now=T0) == rfc3339(T0)
+    assert active_since({}, suspended=True, now=T0) == ""  # created suspended: not started
+    running = {"phase": "Running", "startTime": rfc3339(T0)}
+    assert active_since(running, suspended=False, now=later) == rfc3339(T0)
+    assert active_since(running, suspended=True, now=later) == rfc3339(T0)
+    suspended = {"phase": "Suspended", "startTime": rfc3339(T0)}
+    assert active_since(suspended, suspended=False, now=later) == rfc3339(later)
+    finished = {"phase": "Succeeded", "startTime": rfc3339(T0)}
+    assert active_since(finished, suspended=False, now=later) == rfc3339(T0)
+
+
+def test_deadline_and_ttl_are_read_from_spec_and_status() -> None:
+    spec = {"activeDeadlineSeconds": 60, "ttlSecondsAfterFinished": 30}
+    running = {"phase": "Running", "startTime": rfc3339(T0)}
+    assert deadline_at(spec, running) == T0 + timedelta(seconds=60)
+    assert not past_deadline(spec, running, T0 + timedelta(seconds=59))
+    assert past_deadline(spec, running, T0 + timedelta(seconds=60))
+    assert deadline_at({**spec, "suspend": True}, running) is None  # the clock is stopped
+    assert deadline_at(spec, {**running, "phase": "Suspended"}) is None
+    assert deadline_at({}, running) is None
+    assert ttl_expires_at(spec, running) is None  # not finished
+    done = {"phase": "Failed", "completionTime": rfc3339(T0)}
+    assert ttl_expires_at(spec, done) == T0 + timedelta(seconds=30)
+    assert ttl_expired(spec, done, T0 + timedelta(seconds=30))
+    # No completionTime: the TTL counts from the Complete/Failed transition.
+    by_condition = {
+        "phase": "Succeeded",
+        "conditions": [
+            {"type": COMPLETE, "status": "True", "lastTransitionTime": rfc3339(T0)},
+        ],
+    }
+    assert ttl_expires_at(spec, by_condition) == T0 + timedelta(seconds=30)
+    assert parse_time("not a time") is None

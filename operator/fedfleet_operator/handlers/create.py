@@ -13,10 +13,12 @@ from typing import Any
 
 import kopf
 
+from fedfleet.store.base import StoreUnavailable
 from fedfleet_operator.conditions import Reason
 from fedfleet_operator.context import context_of
-from fedfleet_operator.handlers.common import generation_of, report_invalid
-from fedfleet_operator.naming import GROUP, PLURAL, VERSION
+from fedfleet_operator.handlers.common import generation_of, leftover_in_store, report_invalid
+from fedfleet_operator.lifetime import parse_time
+from fedfleet_operator.naming import GROUP, PLURAL, VERSION, job_key
 from fedfleet_operator.reconcile import apply_children
 from fedfleet_operator.settings import OperatorSettings
 from fedfleet_operator.status import changed_fields, spec_status
@@ -33,7 +35,13 @@ def on_create(
         job = job_from_body(body)
     except InvalidJob as exc:
         raise report_invalid(ctx, body, patch, str(exc)) from None
-    applied = apply_children(ctx, job, body)
+    try:
+        state = ctx.store.job_state(job_key(str(body.metadata.namespace), job.name))
+    except StoreUnavailable:
+        state = {}  # the actors wait for the store too; the status timer reports it
+    problem = leftover_in_store(ctx, body, state)
+    if problem is not None:
+        raise report_invalid(ctx, body, patch, problem)
     new = spec_status(
         body.status,
         generation=generation_of(body),
@@ -41,6 +49,8 @@ def on_create(
         suspended=job.spec.suspend,
         rounds_total=job.spec.rounds.total,
     )
+    started = parse_time(new.get("startTime"))
+    applied = apply_children(ctx, job, body, active_since=started.timestamp() if started else None)
     patch.status.update(changed_fields(body.status, new))
     logger.info("created %s", ", ".join(applied))
     ctx.events.info(body, reason=Reason.CHILDREN_APPLIED, message="created " + ", ".join(applied))

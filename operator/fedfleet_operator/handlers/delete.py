@@ -10,6 +10,12 @@ after ``FEDFLEET_CLEANUP_RETRY_DELAY`` seconds, up to ``FEDFLEET_CLEANUP_ATTEMPT
 and the handler returns, so kopf removes the finalizer. A dead Redis must never hold an FLJob,
 and with it its namespace, in Terminating forever; a few orphaned keys are the lesser harm, and
 the Event says which.
+
+A job removed by its ``spec.ttlSecondsAfterFinished`` (finished, and past its TTL: the status
+timer deletes it then, see :mod:`.finish`) keeps its keys: the TTL tidies the cluster, while
+what happens to trained models is the store's business, and the model stays fetchable with
+``fedfleet fetch-model --job <namespace>/<name>``. Deleting the FLJob by hand before its TTL
+cleans the store as always.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import kopf
 from fedfleet.store.base import StoreUnavailable
 from fedfleet_operator.conditions import Reason
 from fedfleet_operator.context import context_of
+from fedfleet_operator.lifetime import ttl_expired
 from fedfleet_operator.naming import GROUP, PLURAL, VERSION, job_key
 from fedfleet_operator.settings import OperatorSettings
 
@@ -30,6 +37,9 @@ __all__ = ["on_delete", "register"]
 def on_delete(body: kopf.Body, retry: int, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     ctx = context_of(memo)
     key = job_key(str(body.metadata.namespace), str(body.metadata.name))
+    if ttl_expired(body.spec, body.status, ctx.clock()):
+        logger.info("removed by ttlSecondsAfterFinished: job %s stays in the store", key)
+        return
     attempts, limit = retry + 1, ctx.settings.cleanup_attempts
     try:
         removed = ctx.store.delete_job(key)

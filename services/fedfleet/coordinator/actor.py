@@ -18,7 +18,7 @@ from typing import Any
 
 from fedfleet.core.dp import PrivacyAccountant
 from fedfleet.core.protocol import SECAGG_FAILED, TERMINAL, Phase, Quota, RoundState
-from fedfleet.core.roles import JobPhase, Role
+from fedfleet.core.roles import DEADLINE_EXCEEDED, JobPhase, Role
 from fedfleet.core.selection import Outcome, reporting_outcome, selection_outcome, split_quota
 from fedfleet.core.spec import FLJob
 from fedfleet.store.base import FencedError, Store
@@ -36,6 +36,11 @@ class CoordinatorSettings:
     """Seconds a finished attempt stays visible so selectors and aggregators can clean up."""
     checkin_headroom: float = 2.0
     """Check-ins steered towards, as a multiple of the rate the round strictly needs."""
+    active_since: float | None = None
+    """When the job's current active period began, on the clock ``tick`` is given: where
+    ``spec.activeDeadlineSeconds`` counts from. None: when the job first started (the store's
+    ``start_time``). The operator passes the time of the job's creation or last resume
+    (``FEDFLEET_ACTIVE_SINCE``), so the deadline's clock resets on resume."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +156,9 @@ class Coordinator:
         if phase in (JobPhase.succeeded, JobPhase.failed):
             return
         rounds = self.store.rounds(self.name)
+        if self._past_deadline(now):
+            self._finish(now, rounds, failed_reason=DEADLINE_EXCEEDED)
+            return
         for r in rounds:
             if r.phase in TERMINAL:
                 if now - max(r.closing_deadline, r.opened_at) >= self.settings.linger:
@@ -329,6 +337,15 @@ class Coordinator:
         if self.on_attempt_end is not None:
             self.on_attempt_end(end)
 
+    def _past_deadline(self, now: float) -> bool:
+        deadline = self.spec.active_deadline_seconds
+        if deadline is None:
+            return False
+        since = self.settings.active_since
+        if since is None:
+            since = self._started_at if self._started_at is not None else now
+        return now - since >= deadline
+
     def _done(self) -> bool:
         version = self.store.model_version(self.name)
         if version >= self._total_rounds:
@@ -340,7 +357,7 @@ class Coordinator:
             return acc is not None and float(acc) >= target
         return False
 
-    def _finish(self, now: float, rounds: list[RoundState]) -> None:
+    def _finish(self, now: float, rounds: list[RoundState], *, failed_reason: str = "") -> None:
         version = self.store.model_version(self.name)
         for r in rounds:
             if not r.active:
@@ -351,6 +368,9 @@ class Coordinator:
                 self._end(r, now, abandoned=False, reason="")
             else:
                 self._end(r, now, abandoned=True, reason="job-finished")
+        if failed_reason:
+            self._publish_job(now, JobPhase.failed, reason=failed_reason, completed=now)
+            return
         if version >= self.spec.rounds.total:
             reason = "rounds"
         elif version >= self._total_rounds:

@@ -30,6 +30,7 @@ def create_app(
     actor_id: str,
     tick_seconds: float = 0.5,
     lease_ttl: float = 10.0,
+    active_since: float | None = None,
 ) -> FastAPI:
     registry = CollectorRegistry()
     coordinator = Coordinator(
@@ -37,7 +38,9 @@ def create_app(
         store,
         actor_id=actor_id,
         settings=CoordinatorSettings(
-            lease_ttl=lease_ttl, commit_timeout=max(10.0, 6 * tick_seconds)
+            lease_ttl=lease_ttl,
+            commit_timeout=max(10.0, 6 * tick_seconds),
+            active_since=active_since,
         ),
         on_attempt_end=lambda end: log.info(
             "attempt ended",

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Final
 
-__all__ = ["JobPhase", "Role"]
+__all__ = ["DEADLINE_EXCEEDED", "JobPhase", "Role"]
+
+DEADLINE_EXCEEDED: Final = "deadline-exceeded"
+"""The job record's ``reason`` when ``spec.activeDeadlineSeconds`` ended the job (Failed),
+written by the coordinator or, when none runs, by the operator; shown as DeadlineExceeded."""
 
 
 class Role(StrEnum):

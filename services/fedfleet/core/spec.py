@@ -297,6 +297,16 @@ class FLJobSpec(_Spec):
     """Sizing of the server actors."""
     suspend: bool = False
     """Suspend the job: actors scale to zero; resuming continues from the last checkpoint."""
+    active_deadline_seconds: int | None = Field(None, ge=1, le=31_536_000)
+    """Seconds the job may stay active before it ends Failed with reason DeadlineExceeded
+    (none: no limit). The clock starts when the job is created, or when it is resumed
+    (suspending stops it and resuming starts it afresh). The coordinator enforces it on the
+    job's clock, simulated time in `fedfleet run`; on Kubernetes the operator also ends a
+    job past its deadline whose coordinator is not running."""
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, le=31_536_000)
+    """Seconds after the job finished (Succeeded or Failed) at which the operator removes its
+    children and then the FLJob itself (none: kept until deleted). The job's keys in the
+    store, and so its model, stay: fetch it with `fedfleet fetch-model --job <ns>/<name>`."""
 
     @model_validator(mode="after")
     def _cross_field(self) -> FLJobSpec:

@@ -49,6 +49,14 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lease-ttl", type=float, default=float(_env("LEASE_TTL", "10") or 10), help="coordinator"
     )
+    parser.add_argument(
+        "--active-since",
+        type=float,
+        default=_env("ACTIVE_SINCE"),
+        metavar="EPOCH",
+        help="coordinator: when the job's active period began, in Unix seconds, for "
+        "spec.activeDeadlineSeconds (FEDFLEET_ACTIVE_SINCE; default: the job's first start)",
+    )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
 
@@ -89,7 +97,12 @@ def run_service(role: str, args: argparse.Namespace) -> int:
         from fedfleet.coordinator.app import create_app as coordinator_app
 
         app = coordinator_app(
-            job, store, actor_id=actor_id, tick_seconds=args.tick, lease_ttl=args.lease_ttl
+            job,
+            store,
+            actor_id=actor_id,
+            tick_seconds=args.tick,
+            lease_ttl=args.lease_ttl,
+            active_since=args.active_since,
         )
     else:
         try:
