@@ -11,7 +11,9 @@
 #   - uv, pinned, and the project's virtualenv (.venv in the clone) installed by uv from its
 #     wheel cache;
 #   - the cluster binaries (etcd, kube-apiserver and friends, kubectl, helm), built from Go
-#     modules by deploy/build-binaries.sh, in the background while the rest is set up.
+#     modules by deploy/build-binaries.sh, in the background while the rest is set up;
+#   - for the browser tier: Debian's chromium and a pinned playwright-core from npm (the client
+#     library only: it downloads no browser of its own).
 # Everything slow is cached OUTSIDE the clone, keyed by version, under
 # ${FEDFLEET_CACHE:-$XDG_CACHE_HOME/fedfleet or ~/.cache/fedfleet}: uv's wheel cache, the Go
 # module and build caches and the built binaries. A fresh clone on a warm machine reaches pytest
@@ -31,7 +33,7 @@ export UV_CACHE_DIR="$cache/uv"
 export GOMODCACHE=${GOMODCACHE:-$cache/go/mod}
 export GOCACHE=${GOCACHE:-$cache/go/build}
 # Debian packages the test tiers run for real.
-APT_PACKAGES=(redis-server)
+APT_PACKAGES=(redis-server chromium)
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'dev.sh: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -93,6 +95,27 @@ setup_python() {
   took[python]=$(($(now) - t0))
 }
 
+# The browser tests drive Debian's chromium with Playwright from a small Node script. Only
+# playwright-core is installed (no browser download), pinned, once per machine outside the clone;
+# the tests find it through FEDFLEET_NODE_PATH (its node_modules folder).
+PLAYWRIGHT_VERSION=1.65.1
+setup_node() {
+  local t0 dir="$cache/node/playwright-core-$PLAYWRIGHT_VERSION"
+  t0=$(now)
+  if [[ ! -f $dir/node_modules/playwright-core/package.json ]]; then
+    command -v npm >/dev/null || die "npm is missing: the browser tests need Node.js 20 and npm"
+    say "installing playwright-core $PLAYWRIGHT_VERSION into $dir"
+    rm -rf "$dir.tmp"
+    npm install --prefix "$dir.tmp" --no-audit --no-fund --loglevel=error \
+      "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null \
+      || die "npm install playwright-core@$PLAYWRIGHT_VERSION failed"
+    rm -rf "$dir"
+    mv "$dir.tmp" "$dir"
+  fi
+  export FEDFLEET_NODE_PATH="$dir/node_modules"
+  took[node]=$(($(now) - t0))
+}
+
 # The cluster binaries take 15-20 minutes to build on a fresh 2-core machine, so they build in
 # the background while Debian and Python packages install; wait_binaries joins the build.
 binaries_pid=""
@@ -122,8 +145,9 @@ setup_all() {
   start_binaries
   setup_apt
   setup_python
+  setup_node
   wait_binaries
-  say "setup done in $(($(now) - t0)) s (apt ${took[apt]} s, python ${took[python]} s, cluster binaries ${took[binaries]} s)"
+  say "setup done in $(($(now) - t0)) s (apt ${took[apt]} s, python ${took[python]} s, node ${took[node]} s, cluster binaries ${took[binaries]} s)"
 }
 
 run_tests() {
