@@ -192,6 +192,18 @@ class StoreContract:
         assert self.store.checkpoint(JOB) is None
         assert self.store.job_state("job-b") == {"x": 1}
 
+    def test_jobs_lists_the_jobs_with_a_job_record(self) -> None:
+        assert self.store.jobs() == []
+        for name in ("ns/b", "ns/a:x"):
+            token = self.store.acquire_lease(name, "c1", ttl=30.0)
+            assert token is not None
+            self.store.put_job_state(name, token, {"phase": "Running"})
+        self.store.acquire_lease("only-a-lease", "c1", ttl=30.0)  # no job record: not listed
+        self.store.job_state("never-written")  # a read creates nothing
+        assert self.store.jobs() == ["ns/a:x", "ns/b"]
+        self.store.delete_job("ns/b")
+        assert self.store.jobs() == ["ns/a:x"]
+
     # -- attempt history (appended by the coordinator, read by `fedfleet up` and the operator)
     def test_attempt_history_is_fenced_and_ordered(self) -> None:
         t1 = self.store.acquire_lease(JOB, "c1", ttl=1.0)

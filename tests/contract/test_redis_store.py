@@ -229,3 +229,20 @@ def test_job_names_with_braces_are_refused(redis_url: str, redis_prefix: str) ->
             store.model_version("a}b")
     finally:
         store.close()
+
+
+def test_jobs_are_listed_per_prefix(redis_url: str, redis_prefix: str) -> None:
+    """Another prefix's jobs (or a prefix that merely starts like this one) are not listed."""
+    stores = [
+        RedisStore.from_url(redis_url, prefix=p)
+        for p in (redis_prefix, f"{redis_prefix}:sub", f"{redis_prefix}x")
+    ]
+    try:
+        for i, store in enumerate(stores):
+            token = store.acquire_lease(f"ns/job-{i}", "c1", ttl=30.0)
+            assert token is not None
+            store.put_job_state(f"ns/job-{i}", token, {"phase": "Running"})
+        assert [s.jobs() for s in stores] == [["ns/job-0"], ["ns/job-1"], ["ns/job-2"]]
+    finally:
+        for store in stores:
+            store.close()

@@ -161,6 +161,13 @@ class Store(Protocol):
 
     def job_state(self, job: str) -> dict[str, Any]: ...
 
+    def jobs(self) -> list[str]:
+        """Keys of the jobs that have a job-level record (:meth:`put_job_state`), sorted.
+
+        Read-only listing for dashboards; a job whose keys were deleted is not listed.
+        """
+        ...
+
     def delete_job(self, job: str) -> int:
         """Remove every key of the job; returns how many were removed."""
         ...

@@ -205,6 +205,10 @@ class MemoryStore:
         with self._lock:
             return dict(self._jobs[job].state) if job in self._jobs else {}
 
+    def jobs(self) -> list[str]:
+        with self._lock:
+            return sorted(name for name, j in self._jobs.items() if j.state)
+
     def delete_job(self, job: str) -> int:
         with self._lock:
             return 1 if self._jobs.pop(job, None) is not None else 0

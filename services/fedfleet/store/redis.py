@@ -456,6 +456,24 @@ class RedisStore:
             raw = cast(bytes | None, self._r.get(self._key(job, "state")))
         return {} if raw is None else dict(json.loads(raw))
 
+    def jobs(self) -> list[str]:
+        """Jobs with a ``state`` key, found with SCAN (never KEYS) under this store's prefix.
+
+        SCAN walks the whole keyspace (O(keys) per call), which is fine for a dashboard's
+        refresh of a store that holds tens of jobs; no index set is kept, since a set spanning
+        jobs would sit outside every job's hash slot.
+        """
+        head = f"{self._prefix}:{{"
+        pattern = _glob_escape(head) + "*}:state"
+        found: set[str] = set()
+        with self._io():
+            for raw in self._r.scan_iter(match=pattern, count=_SCAN_BATCH):
+                key = bytes(raw).decode()
+                job = key[len(head) : -len("}:state")]
+                if job and not any(c in job for c in "{}"):
+                    found.add(job)
+        return sorted(found)
+
     def delete_job(self, job: str) -> int:
         """UNLINK every key under the job's prefix (found with SCAN, never KEYS)."""
         pattern = _glob_escape(self._key(job, "")) + "*"
