@@ -333,6 +333,21 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         _args_fetch_model,
         _cmd_fetch_model,
     ),
+    # fedfleet.dashboard: watching jobs from the store (imported when the command runs).
+    "dashboard": Subcommand(
+        "serve a live web dashboard of the store's jobs (read-only; 127.0.0.1 by default)",
+        lambda parser: __import__(
+            "fedfleet.dashboard.command", fromlist=["add_arguments"]
+        ).add_arguments(parser),
+        lambda args: int(__import__("fedfleet.dashboard.command", fromlist=["run"]).run(args)),
+    ),
+    "report": Subcommand(
+        "write the JSON report and PNG plot of a job from the store (e.g. a cluster job)",
+        lambda parser: __import__(
+            "fedfleet.dashboard.report_cmd", fromlist=["add_arguments"]
+        ).add_arguments(parser),
+        lambda args: int(__import__("fedfleet.dashboard.report_cmd", fromlist=["run"]).run(args)),
+    ),
     "up": Subcommand(
         "run a job through the deployed shape on this machine: redis-server, a coordinator and"
         " a standby, selectors and aggregators as processes, a simulated fleet over HTTP",
