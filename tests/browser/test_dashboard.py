@@ -11,9 +11,7 @@ written to ``out/browser/dashboard.png`` in the repository (git-ignored) and its
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,12 +19,10 @@ import pytest
 
 from fedfleet.dashboard.app import LOOPBACK_HOSTS, create_app
 from fedfleet.dashboard.views import redact_store_url
-from fedfleet.device.http_fleet import HttpFleet
-from fedfleet.local import LocalDeployment
 from fedfleet.store.redis import RedisStore
-from fedfleet.up import UpOptions
 from tests.browser.playwright import BrowserMissing, run_node_script
 from tests.integration.deployed import small_job
+from tests.integration.live_job import live_job
 from tests.redis_server import RedisServer
 from tests.uvicorn_thread import serve
 
@@ -35,32 +31,6 @@ pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "out" / "browser" / "dashboard.png"
 HOSTILE = 'ns/<img src=x onerror="window.__fedfleetPwned=true">'
-
-
-class FleetThread:
-    """The HTTP fleet on its own event loop in a thread, stopped on request."""
-
-    def __init__(self, fleet: HttpFleet) -> None:
-        self._fleet = fleet
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        self._ready.set()
-        await self._fleet.run(until=self._stop)
-
-    def __enter__(self) -> FleetThread:
-        self._thread.start()
-        assert self._ready.wait(30), "the fleet's event loop did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(60)
 
 
 @pytest.fixture
@@ -92,31 +62,8 @@ def test_dashboard_shows_a_running_job_advancing(
         interval=0.5,
         allowed_hosts=LOOPBACK_HOSTS,
     )
-    # One actor per role keeps start-up short on a loaded machine; the start timeout is
-    # generous for the same reason (it bounds a hang, it is not a performance check).
-    d = LocalDeployment(
-        job,
-        store_url=redis_url,
-        tick_seconds=0.1,
-        lease_ttl=2.0,
-        coordinators=1,
-        selectors=1,
-        aggregators=1,
-    )
     try:
-        d.start(timeout=240)
-        with (
-            FleetThread(
-                HttpFleet(
-                    job,
-                    d.urls("selector"),
-                    d.keys,
-                    time_scale=0.01,
-                    rest_seconds=UpOptions().rest_seconds,
-                )
-            ),
-            serve(app) as url,
-        ):
+        with live_job(job, redis_url) as d, serve(app) as url:
             try:
                 seen = run_node_script(
                     Path(__file__).with_name("dashboard.js"),
@@ -133,7 +80,6 @@ def test_dashboard_shows_a_running_job_advancing(
                 pytest.fail(f"cannot run the browser test: {exc}", pytrace=False)
             committed_at_end = d.store.model_version(job.key)
     finally:
-        d.stop()
         reader.close()
 
     print(f"dashboard screenshot: {SCREENSHOT}")
