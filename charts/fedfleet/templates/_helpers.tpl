@@ -170,3 +170,28 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/*
+Where the ServiceMonitor and PodMonitor look for FLJob actors: the operator's watched
+namespaces, or every namespace when it watches all.
+*/}}
+{{- define "fedfleet.monitoring.namespaceSelector" -}}
+namespaceSelector:
+{{- if .Values.operator.watchNamespaces }}
+  matchNames:
+    {{- toYaml .Values.operator.watchNamespaces | nindent 4 }}
+{{- else }}
+  any: true
+{{- end }}
+{{- end }}
+
+{{/*
+Target labels from the actor pods' labels: the FLJob's name and the actor's role (fedfleet_
+prefixed, since Prometheus' own "job" label names the scrape configuration).
+*/}}
+{{- define "fedfleet.monitoring.relabelings" -}}
+- sourceLabels: [__meta_kubernetes_pod_label_fedfleet_dev_job]
+  targetLabel: fedfleet_job
+- sourceLabels: [__meta_kubernetes_pod_label_fedfleet_dev_role]
+  targetLabel: fedfleet_role
+{{- end }}
