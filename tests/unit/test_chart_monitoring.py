@@ -274,3 +274,50 @@ def test_monitoring_values_are_checked(helm: Helm, setting: str) -> None:
         helm, "template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, "--set", setting
     )
     assert proc.returncode != 0 and "schema" in proc.stderr, setting
+
+
+# -- the web dashboard Deployment ---------------------------------------------------------------
+
+
+def _component(obj: Obj) -> str | None:
+    labels: dict[str, str] = obj["metadata"].get("labels", {})
+    return labels.get("app.kubernetes.io/component")
+
+
+def test_web_dashboard_is_off_by_default(helm: Helm) -> None:
+    assert not [o for o in render(helm) if _component(o) == "dashboard"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "redis.external.url=redis://r:6379/1"]])
+def test_web_dashboard_deployment(helm: Helm, extra: list[str]) -> None:
+    objs = render(helm, "--set", "dashboard.enabled=true,dashboard.interval=3", *extra)
+    deployment = _one(objs, "Deployment", "dashboard")
+    service = _one(objs, "Service", "dashboard")
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    others = [o for o in objs if o["kind"] in ("Deployment", "StatefulSet") and o != deployment]
+    assert not any(
+        service["spec"]["selector"].items() <= o["spec"]["template"]["metadata"]["labels"].items()
+        for o in others
+    )
+    assert service["spec"]["type"] == "ClusterIP"
+    [container] = pod["spec"]["containers"]
+    command = container["command"]
+    assert command[:2] == ["fedfleet", "dashboard"]
+    assert command[command.index("--interval") + 1] == "3"
+    port = command[command.index("--port") + 1]
+    assert service["spec"]["ports"][0]["targetPort"] == int(port)
+    assert container["ports"][0]["containerPort"] == int(port)
+    assert container["readinessProbe"]["httpGet"]["port"] == int(port)
+    env = {e["name"]: e for e in container["env"]}
+    operator = _one(objs, "Deployment", "operator")["spec"]["template"]["spec"]["containers"][0]
+    operator_env = {e["name"]: e for e in operator["env"]}
+    assert env["FEDFLEET_STORE_URL"] == operator_env["FEDFLEET_STORE_URL"]
+    assert env.get("FEDFLEET_REDIS_PASSWORD") == operator_env.get("FEDFLEET_REDIS_PASSWORD")
+    assert all("value" not in e or "PASSWORD" not in e["name"] for e in env.values())
+    spec = pod["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["automountServiceAccountToken"] is False  # it needs no Kubernetes API
+    ctx = container["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"]["drop"] == ["ALL"]
