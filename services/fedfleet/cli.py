@@ -102,7 +102,14 @@ def _fits(job: FLJob, args: argparse.Namespace, source: str) -> FLJob:
 
 
 def _load_file(path: Path) -> FLJob:
+    from fedfleet.core.manifest_yaml import YamlLimits
+
+    limit = YamlLimits().max_bytes
     try:
+        if path.is_file() and path.stat().st_size > limit:  # refused unread
+            raise _UsageError(
+                [f"error: invalid FLJob in {path}:", f"  - (document): more than {limit} bytes"]
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise _UsageError([f"error: manifest not found: {path}"]) from None

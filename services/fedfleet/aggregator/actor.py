@@ -237,9 +237,10 @@ class Aggregator:
             raise
         if claim is Claim.taken:
             return
-        if claim is Claim.full:
+        if claim is not Claim.reported:  # the store holds the reason; let it answer again
             with self._lock:
                 self._seen[key].discard(device_id)
+        if claim is Claim.full:
             raise ReportRejected(409, f"round {key} already has its reports")
         if claim is Claim.aborted:
             raise ReportRejected(409, "this device aborted its task for this round")

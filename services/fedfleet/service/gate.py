@@ -158,6 +158,9 @@ class Gate:
             if refusal is not None:
                 await _refuse(send, refusal.status, refusal.detail, refusal.headers or {})
                 return
+        if limit == 0 and "transfer-encoding" in headers:
+            await _refuse(send, 413, "this route takes no body", {})
+            return
         declared = headers.get("content-length")
         if declared is not None:
             if not declared.isdigit() or len(declared) > 18:
