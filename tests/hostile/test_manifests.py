@@ -59,8 +59,6 @@ REFUSED: list[tuple[str, str, str]] = [
     ("nan", _replace("learningRate: 0.1", "learningRate: .nan"), "spec.plan.learningRate"),
     ("negative-inf", _replace("overSelection: 1.3", "overSelection: -.inf"),
      "spec.rounds.overSelection"),
-    ("inputs-differ-from-data", _replace("inputs: 64", "inputs: 100"), "model.inputs"),
-    ("too-few-classes", _replace("classes: 10", "classes: 3"), "model.classes"),
     ("hundreds-of-gib", _with("spec.model", {"kind": "mlp", "inputs": 64, "classes": 10,
                                              "hidden": [1_000_000, 100_000]}), "spec.model"),
     ("ten-million-devices", _replace("devices: 200", "devices: 10000000"), "spec.fleet.devices"),

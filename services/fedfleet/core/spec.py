@@ -90,10 +90,6 @@ class Dataset(StrEnum):
     mnist = "mnist"
 
 
-DATASET_SHAPES: Final = {Dataset.digits: (64, 10), Dataset.mnist: (784, 10)}
-"""Features per example and number of labels of each packaged dataset."""
-
-
 class ModelSpec(_Spec):
     kind: ModelKind = ModelKind.softmax
     """Model family: `softmax` (multinomial logistic regression) or `mlp` (ReLU hidden layers)."""
@@ -335,17 +331,6 @@ class FLJobSpec(_Spec):
 
     @model_validator(mode="after")
     def _cross_field(self) -> FLJobSpec:
-        features, labels = DATASET_SHAPES[self.fleet.dataset]
-        if self.model.inputs != features:
-            raise ValueError(
-                f"model.inputs ({self.model.inputs}) must equal the {features} features of "
-                f"fleet.dataset {self.fleet.dataset.value}"
-            )
-        if self.model.classes < labels:
-            raise ValueError(
-                f"model.classes ({self.model.classes}) must be at least the {labels} labels "
-                f"of fleet.dataset {self.fleet.dataset.value}"
-            )
         if self.rounds.goal_count > self.fleet.devices:
             raise ValueError(
                 f"rounds.goalCount ({self.rounds.goal_count}) exceeds fleet.devices "
