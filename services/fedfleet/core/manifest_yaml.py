@@ -44,6 +44,9 @@ def _where(node: Node) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
+_MERGE = "tag:yaml.org,2002:merge"
+
+
 class _BoundedLoader(yaml.SafeLoader):
     limits = YamlLimits()
 
@@ -98,7 +101,7 @@ class _BoundedLoader(yaml.SafeLoader):
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            if isinstance(key_node, ScalarNode):
+            if isinstance(key_node, ScalarNode) and key_node.tag != _MERGE:  # `<<: *base`
                 key = self.construct_object(key_node, deep=True)
                 if key in seen:
                     raise YamlRefused(f"duplicate key {str(key)[:64]!r} ({_where(key_node)})")

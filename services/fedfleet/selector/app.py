@@ -211,6 +211,8 @@ def create_app(
         "fedfleet_selected_waiting", "Selected devices waiting for a plan", registry=registry
     ).set_function(lambda: float(len(pending)))
 
+    unsettled: list[tuple[str, str]] = []
+
     def tick(now: float) -> None:
         nonlocal aggregators
         selector.tick(now)
@@ -222,8 +224,11 @@ def create_app(
             lost = [k for k, p in pending.items() if p.last_seen < cutoff]
             for k in lost:
                 del pending[k]
-        for round_key, device_id in lost:
+        unsettled.extend(lost)
+        while unsettled:  # a drop the store could not record yet is retried next tick
+            round_key, device_id = unsettled[0]
             selector.dropped(round_key, device_id)
+            unsettled.pop(0)
 
     ticker = Ticker(f"selector-{actor_id}", tick, tick_seconds)
 
