@@ -1,6 +1,9 @@
 """The Selector service: the device API (``/v1``) over the Selector actor.
 
-Devices authenticate every check-in with a bearer token issued at enrollment. A check-in is
+Devices authenticate every check-in with a bearer token issued at enrollment, for the device
+named in ``x-fedfleet-device``, and every later call with their report ticket; both are checked
+from the headers before any body is read, and every body is bounded while it streams
+(:mod:`fedfleet.selector.doors`, :mod:`fedfleet.service.gate`). A check-in is
 decided in memory (no store round trip): either a reconnect window, or a selection whose plan
 the device then long-polls for at ``/v1/tasks/{round}``. The checkpoint is downloaded from
 ``/v1/checkpoints/{version}`` (immutable, cacheable by version); the update is uploaded as a
