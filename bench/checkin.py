@@ -118,6 +118,7 @@ init = function(args)
     reqs[k] = wrk.format("POST", "/v1/checkin", {
       ["Content-Type"] = "application/json",
       ["Authorization"] = "Bearer " .. d[2],
+      ["X-Fedfleet-Device"] = d[1],
     }, d[3])
   end
   i = math.random(#reqs)
@@ -372,7 +373,10 @@ def probe(url: str, keys: JobKeys, device_id: str) -> httpx.Response:
     return httpx.post(
         url + "/v1/checkin",
         json=body(device_id),
-        headers={"Authorization": f"Bearer {keys.device_token(device_id)}"},
+        headers={
+            "Authorization": f"Bearer {keys.device_token(device_id)}",
+            "X-Fedfleet-Device": device_id,
+        },
         timeout=5,
     )
 

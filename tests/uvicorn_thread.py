@@ -19,6 +19,8 @@ from typing import Any
 
 import uvicorn
 
+from fedfleet.service.server import ServerLimits, server_config
+
 __all__ = ["ServerFailed", "listen", "serve"]
 
 
@@ -44,6 +46,7 @@ def serve(
     startup_timeout: float = 15.0,
     shutdown_timeout: float = 15.0,
     graceful_seconds: int = 2,
+    limits: ServerLimits | None = None,
 ) -> Iterator[str]:
     """Serve the ASGI ``app`` on ``sock`` (a fresh one if not given) and yield its base URL."""
     if sock is None:
@@ -51,14 +54,14 @@ def serve(
     else:
         host, port = sock.getsockname()[:2]
         url = f"http://{host}:{port}"
-    config = uvicorn.Config(
+    # The services' own server configuration (fedfleet.service.server): the same protocol,
+    # header and connection limits and timeouts as `fedfleet selector|aggregator|coordinator`.
+    config = server_config(
         app,
-        log_config=None,
+        limits=limits or ServerLimits(keep_alive=30),
         log_level="warning",
-        access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=graceful_seconds,
-        timeout_keep_alive=30,
     )
     server = uvicorn.Server(config)
     errors: list[BaseException] = []

@@ -12,6 +12,7 @@ manifest is reported as one line per offending field, never as a traceback. Heav
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -69,8 +70,46 @@ def _parse(text: str, source: str) -> FLJob:
         ) from None
 
 
-def _load_file(path: Path) -> FLJob:
+def _memory_limit(value: str) -> int:
+    from fedfleet.core.budget import parse_bytes
+
     try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _args_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-memory",
+        type=_memory_limit,
+        default=os.environ.get("FEDFLEET_MAX_MEMORY", "16Gi"),
+        metavar="SIZE",
+        help="refuse a job whose estimated memory exceeds SIZE, e.g. 16Gi or 512Mi "
+        "(FEDFLEET_MAX_MEMORY; default 16Gi)",
+    )
+
+
+def _fits(job: FLJob, args: argparse.Namespace, source: str) -> FLJob:
+    """``job``, unless its memory estimate exceeds ``--max-memory`` (a usage error)."""
+    from fedfleet.core.budget import memory_problem
+
+    limit = args.max_memory
+    problem = memory_problem(job.spec, limit if isinstance(limit, int) else _memory_limit(limit))
+    if problem is not None:
+        raise _UsageError([f"error: invalid FLJob in {source}:", f"  - {problem}"])
+    return job
+
+
+def _load_file(path: Path) -> FLJob:
+    from fedfleet.core.manifest_yaml import YamlLimits
+
+    limit = YamlLimits().max_bytes
+    try:
+        if path.is_file() and path.stat().st_size > limit:  # refused unread
+            raise _UsageError(
+                [f"error: invalid FLJob in {path}:", f"  - (document): more than {limit} bytes"]
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise _UsageError([f"error: manifest not found: {path}"]) from None
@@ -171,6 +210,7 @@ def _args_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quiet", action="store_true", help="no per-round progress; only the final summary"
     )
+    _args_memory(parser)
 
 
 def _args_run(parser: argparse.ArgumentParser) -> None:
@@ -179,7 +219,7 @@ def _args_run(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    job = _load_file(args.manifest)
+    job = _fits(_load_file(args.manifest), args, str(args.manifest))
     return _run(job, out=args.out, report=args.report, quiet=args.quiet)
 
 
@@ -195,7 +235,8 @@ def _args_demo(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     name: str = args.example
-    job = _parse(example_text(name), f"packaged example {name}.yaml")
+    source = f"packaged example {name}.yaml"
+    job = _fits(_parse(example_text(name), source), args, source)
     return _run(job, out=args.out, report=args.report, quiet=args.quiet)
 
 
@@ -204,12 +245,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _args_validate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", type=Path, metavar="MANIFEST", help="FLJob YAML file")
+    _args_memory(parser)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
-    job = _load_file(args.manifest)
+    job = _fits(_load_file(args.manifest), args, str(args.manifest))
     doc = job.model_dump(mode="json", by_alias=True, exclude_none=True)
     # stdout stays valid YAML (the note is a comment) so it can be piped into kubectl or a file;
     # unset optional fields (None) are left out rather than written as null.
@@ -238,9 +280,10 @@ def _args_up(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from fedfleet.local import ActorFailed
     from fedfleet.up import UpOptions, run_up
 
-    job = _load_file(args.manifest)
+    job = _fits(_load_file(args.manifest), args, str(args.manifest))
     opts = UpOptions(
         store_url=args.store,
         selectors=args.selectors,
@@ -248,13 +291,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
         time_scale=args.time_scale,
         timeout=args.timeout,
     )
-    return _run(
-        job,
-        out=args.out,
-        report=args.report,
-        quiet=args.quiet,
-        runner=lambda j, progress: run_up(j, progress, opts),
-    )
+    try:
+        return _run(
+            job,
+            out=args.out,
+            report=args.report,
+            quiet=args.quiet,
+            runner=lambda j, progress: run_up(j, progress, opts),
+        )
+    except ActorFailed as exc:
+        print(f"error: an actor failed to start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _args_service(parser: argparse.ArgumentParser) -> None:
@@ -401,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except _UsageError as exc:
         return _error(exc.lines)
+    except BrokenPipeError:
+        # The reader went away (`fedfleet validate job.yaml | head -1`): stop quietly. Point
+        # stdout at /dev/null so the interpreter's final flush does not complain again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

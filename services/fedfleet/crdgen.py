@@ -44,7 +44,13 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
 from fedfleet.core.roles import JobPhase
-from fedfleet.core.spec import API_VERSION, KIND, FLJobSpec
+from fedfleet.core.spec import (
+    API_VERSION,
+    JOB_NAME_MAX_LENGTH,
+    JOB_NAME_PATTERN,
+    KIND,
+    FLJobSpec,
+)
 
 __all__ = [
     "CATEGORIES",
@@ -76,7 +82,7 @@ IMMUTABLE_FIELDS: Final = ("model", "population")
 PHASES: Final = tuple(phase.value for phase in JobPhase)
 """Values of ``status.phase``: the store's job phases (:class:`fedfleet.core.roles.JobPhase`)."""
 CONDITION_TYPES: Final = ("Ready", "Invalid", "Suspended", "Complete", "Failed")
-NAME_MAX_LENGTH: Final = 54
+NAME_MAX_LENGTH: Final = JOB_NAME_MAX_LENGTH
 """Longest FLJob name: ``<name>-selector`` must still be a 63-character DNS label (Service)."""
 
 HEADER: Final = (
@@ -424,7 +430,7 @@ def crd_document() -> dict[str, Any]:
                         "Name of the job: a DNS label of at most "
                         f"{NAME_MAX_LENGTH} characters, so its child objects' names are valid.",
                         maxLength=NAME_MAX_LENGTH,
-                        pattern="^[a-z]([-a-z0-9]*[a-z0-9])?$",
+                        pattern=JOB_NAME_PATTERN,
                     )
                 },
             },

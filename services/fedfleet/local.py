@@ -5,6 +5,12 @@ server (unless a store URL is given), two coordinators (active and standby), sel
 aggregators, each a real uvicorn process on its own loopback address (127.0.0.2, 127.0.0.3, …)
 and a free port. Processes can be killed one by one, which is how the chaos tests crash
 actors mid-round.
+
+Actors run ``python -P -m fedfleet.cli`` in the deployment's own folder: ``-P`` keeps the
+working directory off ``sys.path``, so a folder named ``fedfleet`` where the user happens to
+stand cannot shadow the package. The folder (with the actors' logs) is deleted when the
+deployment stops, unless an actor failed: then the logs stay and
+:attr:`LocalDeployment.failures` says where they are.
 """
 
 from __future__ import annotations
@@ -32,7 +38,19 @@ from fedfleet.service.keys import JobKeys
 from fedfleet.store.base import Store
 from fedfleet.store.factory import open_store
 
-__all__ = ["ActorProcess", "LocalDeployment", "RedisProcess", "free_port", "manifest_yaml"]
+__all__ = [
+    "ActorFailed",
+    "ActorProcess",
+    "LocalDeployment",
+    "RedisProcess",
+    "free_port",
+    "manifest_yaml",
+]
+
+
+class ActorFailed(RuntimeError):
+    """An actor process exited while it was expected to serve; the message holds its log's
+    path and last lines."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -47,12 +65,26 @@ def manifest_yaml(job: FLJob) -> str:
     )
 
 
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _wait_http(
+    url: str,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    log_path: Path | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with status {proc.returncode}")
+            where = "" if log_path is None else f"; its log is {log_path}:\n{_tail(log_path)}"
+            raise ActorFailed(f"{url}: process exited with status {proc.returncode}{where}")
         try:
             r = httpx.get(url, timeout=1.0)
             if r.status_code == 200:
@@ -169,7 +201,7 @@ class LocalDeployment:
     ) -> None:
         self.job = job
         self._own_workdir = workdir is None
-        self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"fedfleet-{job.name}-"))
+        self.workdir = (workdir or Path(tempfile.mkdtemp(prefix=f"fedfleet-{job.name}-"))).resolve()
         self.redis: RedisProcess | None = None
         self.store_url = store_url or ""
         self.counts = {
@@ -185,6 +217,11 @@ class LocalDeployment:
         self.actors: dict[str, ActorProcess] = {}
         self._store: Store | None = None
         self._next_host = 2
+        self._killed: set[int] = set()
+        """Pids this deployment killed on purpose: their exit is not a failure."""
+        self.failures: list[tuple[str, int, Path]] = []
+        """Actors that exited on their own with a non-zero status: id, status, log path (the
+        logs are kept when the deployment stops)."""
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> None:
@@ -203,7 +240,7 @@ class LocalDeployment:
                 self.spawn(role, f"{role}-{i}")
         for actor in self.actors.values():
             path = "/healthz" if actor.role == "coordinator" else "/readyz"
-            _wait_http(actor.url + path, timeout, actor.proc)
+            _wait_http(actor.url + path, timeout, actor.proc, actor.log_path)
 
     def spawn(self, role: str, actor_id: str) -> ActorProcess:
         """Start (or restart, on the same address) one actor process."""
@@ -216,10 +253,11 @@ class LocalDeployment:
             port = free_port(host)
         actor = ActorProcess(role, actor_id, host, port, self.workdir / f"{actor_id}.log")
         actor.log = actor.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
         actor.proc = subprocess.Popen(
             [
                 self.python,
+                "-P",
                 "-m",
                 "fedfleet.cli",
                 role,
@@ -243,6 +281,7 @@ class LocalDeployment:
             stdout=actor.log,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=self.workdir,
         )
         self.actors[actor_id] = actor
         return actor
@@ -250,10 +289,15 @@ class LocalDeployment:
     def kill(self, actor_id: str, sig: int = signal.SIGKILL) -> None:
         actor = self.actors[actor_id]
         if actor.proc is not None and actor.proc.poll() is None:
+            self._killed.add(actor.proc.pid)
             actor.proc.send_signal(sig)
             actor.proc.wait(15)
 
     def stop(self) -> None:
+        for actor in self.actors.values():
+            if actor.proc is not None and actor.proc.poll() not in (None, 0):
+                if actor.proc.pid not in self._killed:
+                    self.failures.append((actor.actor_id, actor.proc.returncode, actor.log_path))
         for actor in self.actors.values():
             if actor.alive and actor.proc is not None:
                 actor.proc.send_signal(signal.SIGTERM)
@@ -271,8 +315,12 @@ class LocalDeployment:
             self._store = None
         if self.redis is not None:
             self.redis.stop()
-        if self._own_workdir:
+        if self._own_workdir and not self.failures:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        elif self._own_workdir:
+            # Keep the logs for the user to read, not the job's secret.
+            with contextlib.suppress(OSError):
+                (self.workdir / "job-secret").unlink()
 
     def __enter__(self) -> LocalDeployment:
         try:

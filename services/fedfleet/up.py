@@ -9,6 +9,7 @@ progress, the report and the final model are the same as ``fedfleet run``'s.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +123,8 @@ def run_up(
         history = store.metrics(job.key)
         checkpoint = store.checkpoint(job.key)
         result.model_version = store.model_version(job.key)
+    for actor_id, status, log_path in deployment.failures:
+        print(f"actor {actor_id} exited with status {status}; its log: {log_path}", file=sys.stderr)
     result.wall_seconds = time.perf_counter() - wall0
     result.sim_seconds = result.wall_seconds
     result.succeeded = finished and state.get("phase") == JobPhase.succeeded.value

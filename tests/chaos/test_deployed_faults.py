@@ -75,7 +75,10 @@ def test_redis_down_device_api_answers_503_and_everything_recovers() -> None:
             "idle": True,
             "num_examples": 5,
         }
-        auth = {"authorization": f"Bearer {d.keys.device_token('dev-1')}"}
+        auth = {
+            "authorization": f"Bearer {d.keys.device_token('dev-1')}",
+            "x-fedfleet-device": "dev-1",
+        }
         assert httpx.post(f"{selector}/v1/checkin", json=body, headers=auth).status_code == 200
         d.redis.stop(signal.SIGKILL)
         deadline = time.monotonic() + 10

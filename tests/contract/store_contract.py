@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from fedfleet.core.protocol import Phase, Quota, RoundState
-from fedfleet.store.base import ConflictError, FencedError, Store
+from fedfleet.store.base import Claim, ConflictError, FencedError, Store
 
 JOB = "job-a"
 
@@ -145,6 +145,37 @@ class StoreContract:
         assert self.store.counts(JOB, "a1", "reported") == {"agg-0": 5, "agg-1": 1}
         assert self.store.counts(JOB, "a1", "dropped") == {"s0": 1}
         assert self.store.counts(JOB, "a2", "reported") == {}
+
+    def test_a_report_is_claimed_once_per_device_across_aggregators(self) -> None:
+        assert self.store.claim_report(JOB, "a1", "agg-0", 3, "d1") is Claim.taken
+        # The round's other aggregator (and the same one) refuse the device's second report,
+        # and the refusal takes no slot.
+        assert self.store.claim_report(JOB, "a1", "agg-1", 3, "d1") is Claim.reported
+        assert self.store.claim_report(JOB, "a1", "agg-0", 3, "d1") is Claim.reported
+        assert self.store.counts(JOB, "a1", "reported") == {"agg-0": 1}
+        assert self.store.claim_report(JOB, "a1", "agg-1", 3, "d2") is Claim.taken
+        assert self.store.claim_report(JOB, "a1", "agg-1", 3, "d3") is Claim.taken
+        assert self.store.claim_report(JOB, "a1", "agg-0", 3, "d4") is Claim.full
+        # A device refused because the round was full has no claim: it stays a straggler.
+        assert self.store.claim_report(JOB, "a1", "agg-0", 3, "d4") is Claim.full
+        # Claims are per attempt.
+        assert self.store.claim_report(JOB, "a2", "agg-0", 3, "d1") is Claim.taken
+
+    def test_an_abort_bars_a_later_report_and_a_report_bars_an_abort(self) -> None:
+        assert self.store.claim_abort(JOB, "a1", "d1")
+        assert not self.store.claim_abort(JOB, "a1", "d1")  # counted once
+        assert self.store.claim_report(JOB, "a1", "agg-0", 5, "d1") is Claim.aborted
+        assert self.store.counts(JOB, "a1", "reported") == {}
+        assert self.store.claim_report(JOB, "a1", "agg-0", 5, "d2") is Claim.taken
+        assert not self.store.claim_abort(JOB, "a1", "d2")
+        assert self.store.claim_abort(JOB, "a2", "d2")
+
+    def test_clearing_a_round_clears_its_claims(self) -> None:
+        assert self.store.claim_report(JOB, "a1", "agg-0", 5, "d1") is Claim.taken
+        assert self.store.claim_abort(JOB, "a1", "d2")
+        self.store.clear_round(JOB, "a1")
+        assert self.store.claim_report(JOB, "a1", "agg-0", 5, "d2") is Claim.taken
+        assert self.store.claim_report(JOB, "a1", "agg-0", 5, "d1") is Claim.taken
 
     def test_partials_are_kept_per_aggregator(self) -> None:
         self.store.put_partial(JOB, "a1", "agg-0", b"\x00\x01")

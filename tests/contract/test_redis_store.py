@@ -16,7 +16,7 @@ from typing import TypeVar
 import pytest
 
 from fedfleet.core.protocol import Phase, Quota, RoundState
-from fedfleet.store.base import StoreUnavailable
+from fedfleet.store.base import Claim, StoreUnavailable
 from fedfleet.store.factory import open_store
 from fedfleet.store.redis import PASSWORD_ENV, RedisStore
 from tests.contract.store_contract import JOB, StoreContract
@@ -154,7 +154,7 @@ def test_every_key_is_under_the_job_prefix_and_delete_job_removes_them(
         store.put_round(job, token, state)
         store.put_quotas(job, token, {"s0": Quota(1, 1, 3, 0.5, 10.0)})
         store.add_count(job, state.key, "selected", "s0", 3)
-        assert store.claim_report(job, state.key, "agg-0", goal=2)
+        assert store.claim_report(job, state.key, "agg-0", 2, "d1") is Claim.taken
         store.put_partial(job, state.key, "agg-0", b"\x00" * 16)
         store.register(job, "aggregator", "agg-0", "http://127.0.0.4:8000", ttl=30.0)
         store.commit_checkpoint(job, token, 0, 1, b"model", {"accuracy": 0.5})
@@ -169,8 +169,8 @@ def test_every_key_is_under_the_job_prefix_and_delete_job_removes_them(
         assert len(mine) + len(theirs) == len(keys)
         assert {k.split(":", 2)[2] for k in mine} == {
             "lease", "token", "rounds", "quotas", "count:a1:selected", "count:a1:reported",
-            "kinds:a1", "partials:a1", "members:aggregator", "addr:aggregator", "checkpoint",
-            "metrics", "attempts", "state",
+            "kinds:a1", "partials:a1", "claims:a1", "members:aggregator", "addr:aggregator",
+            "checkpoint", "metrics", "attempts", "state",
         }  # fmt: skip
 
         assert store.delete_job(JOB) == len(mine)
@@ -212,11 +212,32 @@ def test_concurrent_claims_stop_at_exactly_the_goal(redis_url: str, redis_prefix
         claimed = _in_threads(
             4,
             lambda i: sum(
-                stores[i].claim_report(JOB, "a1", f"agg-{i}", goal=25) for _ in range(20)
+                stores[i].claim_report(JOB, "a1", f"agg-{i}", 25, f"d{i}-{n}") is Claim.taken
+                for n in range(20)
             ),
         )
         assert sum(claimed) == 25
         assert sum(stores[0].counts(JOB, "a1", "reported").values()) == 25
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_one_device_racing_to_every_aggregator_is_counted_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    stores = [RedisStore.from_url(redis_url, prefix=redis_prefix) for _ in range(4)]
+    try:
+        for n in range(10):
+            answers = _in_threads(
+                4,
+                lambda i, device=f"d{n}": (
+                    stores[i].claim_abort(JOB, "a1", device)
+                    if i == 3
+                    else stores[i].claim_report(JOB, "a1", f"agg-{i}", 100, device) is Claim.taken
+                ),
+            )
+            assert sum(bool(a) for a in answers) == 1, answers
     finally:
         for s in stores:
             s.close()

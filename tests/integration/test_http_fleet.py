@@ -483,7 +483,10 @@ def live() -> Iterator[Round]:
 
 
 def _checkin(url: str, body: Any, token: str | None, *, raw: bytes | None = None) -> httpx.Response:
-    headers = {"authorization": f"Bearer {token}"} if token is not None else {}
+    device = str(body.get("device_id", "bad-9")) if isinstance(body, dict) else "bad-9"
+    headers = {"x-fedfleet-device": device}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
     if raw is not None:
         headers["content-type"] = "application/json"
         return httpx.post(f"{url}/v1/checkin", content=raw, headers=headers, timeout=10)

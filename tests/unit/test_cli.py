@@ -166,7 +166,7 @@ def test_validate_deploy_example(path: Path, capsys: pytest.CaptureFixture[str])
     normalized = load_manifest(out)  # the output is itself a valid manifest ...
     assert normalized == load_manifest(path.read_text(encoding="utf-8"))  # ... of the same job
     doc = yaml.safe_load(out)
-    assert doc["spec"]["aggregation"]["serverLearningRate"] == 1.0  # defaults filled in
+    assert doc["spec"]["aggregation"]["momentum"] == 0.9  # defaults filled in
     assert doc["metadata"]["name"] == path.stem
 
 

@@ -69,7 +69,7 @@ from fedfleet.core.secagg import (
 )
 from fedfleet.core.serde import SerdeError, decode_arrays
 from fedfleet.core.spec import FLJob
-from fedfleet.store.base import ConflictError, FencedError, Store
+from fedfleet.store.base import Claim, ConflictError, FencedError, Store
 from fedfleet.store.checkpoints import CheckpointCache
 from fedfleet.store.registration import Registration
 
@@ -221,23 +221,30 @@ class Aggregator:
         return state
 
     def _claim(self, state: RoundState, device_id: str) -> None:
-        """Take one of the round's K report slots for ``device_id``, once per device; raise
-        :class:`ReportRejected` (409) for a second report or when the round is full."""
+        """Take one of the round's K report slots for ``device_id``, once per device across all
+        of the round's aggregators (the store's claim); raise :class:`ReportRejected` (409) for
+        a second report, a report after the device's abort, or when the round is full."""
         key = state.key
         with self._lock:
             if device_id in self._seen[key]:
                 raise ReportRejected(409, "this device already reported for this round")
             self._seen[key].add(device_id)  # reserved: a concurrent duplicate is refused
         try:
-            claimed = self.store.claim_report(self.name, key, self.actor_id, state.goal)
+            claim = self.store.claim_report(self.name, key, self.actor_id, state.goal, device_id)
         except BaseException:
             with self._lock:
                 self._seen[key].discard(device_id)
             raise
-        if not claimed:
+        if claim is Claim.taken:
+            return
+        if claim is not Claim.reported:  # the store holds the reason; let it answer again
             with self._lock:
                 self._seen[key].discard(device_id)
+        if claim is Claim.full:
             raise ReportRejected(409, f"round {key} already has its reports")
+        if claim is Claim.aborted:
+            raise ReportRejected(409, "this device aborted its task for this round")
+        raise ReportRejected(409, "this device already reported for this round")
 
     # -- secure aggregation ------------------------------------------------------------------
     def secagg(

@@ -6,6 +6,7 @@ internal token, and never exposed to devices.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, HTTPException, Path, Request
@@ -14,14 +15,20 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter
 
 from fedfleet.aggregator.actor import Aggregator, Evaluator
-from fedfleet.core.protocol import SECAGG_STEP_PATTERN, ReportEnvelope, ReportRejected
+from fedfleet.core.protocol import (
+    SECAGG_STEP_PATTERN,
+    ReportEnvelope,
+    ReportRejected,
+    secagg_message_limit,
+)
 from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob
+from fedfleet.service.gate import Door, Refusal, Seen, bearer, install
 from fedfleet.service.keys import JobKeys
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
 from fedfleet.store.base import Store, StoreUnavailable
 
-__all__ = ["create_app", "dataset_evaluator"]
+__all__ = ["create_app", "dataset_evaluator", "internal_doors"]
 
 log = logging.getLogger("fedfleet.aggregator")
 
@@ -38,6 +45,24 @@ def dataset_evaluator(job: FLJob) -> Evaluator:
         return {"loss": loss, "accuracy": acc}
 
     return run
+
+
+def internal_doors(job: FLJob, keys: JobKeys) -> list[Door]:
+    """Every body-carrying route needs the job's internal token, checked before the body."""
+
+    def check(seen: Seen) -> Refusal | None:
+        token = bearer(seen.headers)
+        if token is None or not keys.internal_ok(token):
+            return Refusal(401, "invalid internal token")
+        return None
+
+    agg = job.spec.aggregation
+    return [
+        Door("POST", re.compile(r"/internal/v1/reports/[^/]+"), agg.max_update_bytes, check),
+        Door(
+            "POST", re.compile(r"/internal/v1/secagg/[^/]+/[^/]+"), secagg_message_limit(agg), check
+        ),
+    ]
 
 
 def create_app(
@@ -71,6 +96,7 @@ def create_app(
     app = FastAPI(title="fedfleet aggregator (internal)", version="1", lifespan=lifespan)
     app.state.aggregator = aggregator
     app.state.ticker = ticker
+    install(app, internal_doors(job, keys))
     add_ops_routes(
         app,
         registry,

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from fedfleet.coordinator.actor import Coordinator, CoordinatorSettings
 from fedfleet.core.spec import FLJob
+from fedfleet.service.gate import install
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
 from fedfleet.store.base import Store, StoreUnavailable
 
@@ -67,6 +68,7 @@ def create_app(
 
     app = FastAPI(title="fedfleet coordinator", version="1", lifespan=lifespan)
     app.state.coordinator = coordinator
+    install(app, [])  # no route takes a body
     app.state.ticker = ticker
     add_ops_routes(app, registry, ticker, status=status)
 

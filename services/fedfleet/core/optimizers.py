@@ -216,7 +216,7 @@ def make_server_optimizer(
     spec: AggregationSpec, shapes: Sequence[tuple[int, ...]]
 ) -> ServerOptimizer:
     """The optimizer ``spec.algorithm`` names, with its hyperparameters, in its initial state."""
-    lr = spec.server_learning_rate
+    lr = spec.server_lr
     if spec.algorithm is Algorithm.fedavg:
         return FedAvg(shapes, lr)
     if spec.algorithm is Algorithm.fedavgm:

@@ -307,7 +307,7 @@ class SelectorClient:
                 "idle": msg.idle,
                 "num_examples": msg.num_examples,
             },
-            headers={"authorization": f"Bearer {token}"},
+            headers={"authorization": f"Bearer {token}", "x-fedfleet-device": msg.device_id},
         )
         if r.status_code != 200:
             raise _fail(r)
@@ -470,7 +470,7 @@ class SelectorClient:
             f"/v1/aborts/{round_key}",
             key=device_id,
             json={"device_id": device_id, "reason": reason},
-            headers={"x-fedfleet-ticket": ticket},
+            headers={"x-fedfleet-ticket": ticket, "x-fedfleet-device": device_id},
         )
         if r.status_code not in (200, 202):
             raise _fail(r)

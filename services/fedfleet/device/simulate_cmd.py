@@ -133,7 +133,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="print a stats line every S seconds (default 5)",
     )
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "WARNING"))
+    parser.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "WARNING"),
+        help="DEBUG, INFO, WARNING or ERROR (FEDFLEET_LOG_LEVEL; WARNING)",
+    )
 
 
 def _load(path: Path | None) -> FLJob | str:

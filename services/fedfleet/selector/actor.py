@@ -163,6 +163,7 @@ class Selector:
         """Hand a device's report to its aggregator (raises ReportRejected)."""
         if self.stopped:
             raise ConnectionError("selector is down")
+        self._check_route(env.round_key, aggregator)
         self._forward(aggregator, env)
         with self._lock:
             self._settled[env.round_key].add(env.device_id)
@@ -178,27 +179,45 @@ class Selector:
             raise ReportRejected(404, "this selector does not relay secure aggregation")
         if not self.ticket_ok(round_key, device_id, ticket):
             raise ReportRejected(403, "invalid ticket for this device and round")
+        self._check_route(round_key, aggregator)
         answer = self._forward_secagg(aggregator, round_key, device_id, ticket, step, body)
         if step == "advertise":
             with self._lock:
                 self._settled[round_key].add(device_id)
         return answer
 
+    def _check_route(self, round_key: str, aggregator: str) -> None:
+        """Refuse (421) a message addressed to an aggregator its round does not use: that is
+        the device's mistake, not an outage it should wait out."""
+        state = self._rounds.get(round_key)
+        if state is not None and aggregator not in state.aggregators:
+            raise ReportRejected(421, f"aggregator {aggregator!r} does not serve round {round_key}")
+
     def dropped(self, round_key: str, device_id: str) -> bool:
         """A selected device was lost: it aborted its task or its connection closed.
 
-        Counted once per attempt and device, and only for a device this selector selected
-        that has not reported: repeating an abort cannot talk a round into abandonment.
+        The abort is recorded in the store first (:meth:`Store.claim_abort`, atomic with the
+        aggregators' report claims), so the device can no longer report to any aggregator of
+        the round, and it is counted only when this is the first record of it: once per
+        attempt and device whichever selector hears it, never for a device that reported, so
+        repeating an abort cannot talk a round into abandonment. Raises StoreUnavailable when
+        the store cannot record it (the device retries).
         """
         with self._lock:
-            if device_id not in self._chosen.get(round_key, ()):
+            if device_id in self._settled.get(round_key, ()):
                 return False
+            if device_id not in self._chosen.get(round_key, ()) and round_key not in self._rounds:
+                return False  # not a live attempt: there is nothing left to bar
+        recorded = self.store.claim_abort(self.name, round_key, device_id)
+        with self._lock:
             settled = self._settled[round_key]
             if device_id in settled:
                 return False
             settled.add(device_id)
-            self._unflushed[(round_key, "dropped")] += 1
             self._waiting.get(round_key, {}).pop(device_id, None)
+            if not recorded:  # it reported (or aborted) through another selector
+                return False
+            self._unflushed[(round_key, "dropped")] += 1
             return True
 
     def checkpoint(self, version: int) -> tuple[Weights, bytes]:

@@ -1,6 +1,9 @@
 """The Selector service: the device API (``/v1``) over the Selector actor.
 
-Devices authenticate every check-in with a bearer token issued at enrollment. A check-in is
+Devices authenticate every check-in with a bearer token issued at enrollment, for the device
+named in ``x-fedfleet-device``, and every later call with their report ticket; both are checked
+from the headers before any body is read, and every body is bounded while it streams
+(:mod:`fedfleet.selector.doors`, :mod:`fedfleet.service.gate`). A check-in is
 decided in memory (no store round trip): either a reconnect window, or a selection whose plan
 the device then long-polls for at ``/v1/tasks/{round}``. The checkpoint is downloaded from
 ``/v1/checkpoints/{version}`` (immutable, cacheable by version); the update is uploaded as a
@@ -37,6 +40,8 @@ from fedfleet.core.protocol import (
 from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob
 from fedfleet.selector.actor import Selector
+from fedfleet.selector.doors import ID, ROUND, device_doors
+from fedfleet.service.gate import install
 from fedfleet.service.keys import JobKeys
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
 from fedfleet.store.base import Store, StoreUnavailable
@@ -44,9 +49,6 @@ from fedfleet.store.base import Store, StoreUnavailable
 __all__ = ["CheckInRequest", "CheckInResponse", "TaskResponse", "create_app"]
 
 log = logging.getLogger("fedfleet.selector")
-
-ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-ROUND = r"^a[0-9]{1,18}$"
 
 
 class CheckInRequest(BaseModel):
@@ -138,10 +140,18 @@ def create_app(
         timeout=httpx.Timeout(30.0, connect=2.0), limits=httpx.Limits(max_connections=64)
     )
 
-    def forward(aggregator_id: str, env: ReportEnvelope) -> None:
+    def address_of(aggregator_id: str, round_key: str) -> str:
         addr = aggregators.get(aggregator_id)
-        if addr is None:
-            raise ConnectionError(f"aggregator {aggregator_id} is not registered")
+        if addr is not None:
+            return addr
+        if selector.round_state(round_key) is None:
+            # Neither the round nor the aggregator is known here: the device is mistaken (or
+            # forging), not waiting out an outage, so the answer must not invite a retry.
+            raise ReportRejected(404, "unknown round or aggregator")
+        raise ConnectionError(f"aggregator {aggregator_id} is not registered")
+
+    def forward(aggregator_id: str, env: ReportEnvelope) -> None:
+        addr = address_of(aggregator_id, env.round_key)
         headers = {
             "authorization": f"Bearer {keys.internal_token}",
             "x-fedfleet-device": env.device_id,
@@ -165,9 +175,7 @@ def create_app(
     def forward_secagg(
         aggregator_id: str, round_key: str, device_id: str, ticket: str, step: str, body: bytes
     ) -> dict[str, Any] | None:
-        addr = aggregators.get(aggregator_id)
-        if addr is None:
-            raise ConnectionError(f"aggregator {aggregator_id} is not registered")
+        addr = address_of(aggregator_id, round_key)
         headers = {
             "authorization": f"Bearer {keys.internal_token}",
             "x-fedfleet-device": device_id,
@@ -206,6 +214,8 @@ def create_app(
         "fedfleet_selected_waiting", "Selected devices waiting for a plan", registry=registry
     ).set_function(lambda: float(len(pending)))
 
+    unsettled: list[tuple[str, str]] = []
+
     def tick(now: float) -> None:
         nonlocal aggregators
         selector.tick(now)
@@ -217,8 +227,11 @@ def create_app(
             lost = [k for k, p in pending.items() if p.last_seen < cutoff]
             for k in lost:
                 del pending[k]
-        for round_key, device_id in lost:
+        unsettled.extend(lost)
+        while unsettled:  # a drop the store could not record yet is retried next tick
+            round_key, device_id = unsettled[0]
             selector.dropped(round_key, device_id)
+            unsettled.pop(0)
 
     ticker = Ticker(f"selector-{actor_id}", tick, tick_seconds)
 
@@ -238,6 +251,7 @@ def create_app(
     )
     app.state.selector = selector
     app.state.ticker = ticker
+    install(app, device_doors(job, keys, selector.ticket_ok))
     add_ops_routes(
         app, registry, ticker, status=lambda: {"actor": actor_id, "waiting": len(pending)}
     )
@@ -275,7 +289,15 @@ def create_app(
                 "required": True,
                 "description": "Bearer <device token issued at enrollment>",
                 "schema": {"type": "string"},
-            }
+            },
+            {
+                "name": "x-fedfleet-device",
+                "in": "header",
+                "required": True,
+                "description": "The enrolled device id the token was issued to (checked "
+                "before the body is read; the body's device_id must be the same)",
+                "schema": {"type": "string", "pattern": ID},
+            },
         ]
     }
 
@@ -286,10 +308,13 @@ def create_app(
         openapi_extra=bearer_doc,
         responses={
             401: {"description": "Missing or invalid device token"},
+            413: {"description": "The body exceeds the check-in limit"},
             503: {"description": "The shared store is unreachable; Retry-After says when"},
         },
     )
     async def check_in(body: CheckInRequest, request: Request) -> Any:
+        # The gate checked the token for the x-fedfleet-device header before the body was
+        # read; checking it again for the body's device_id binds the two together.
         authenticate(request.headers.get("authorization"), body.device_id)
         if not ticker.store_ok:
             checkin_unavailable.inc()
@@ -480,11 +505,18 @@ def create_app(
         round_key: Annotated[str, Path(pattern=ROUND)],
         body: AbortRequest,
         x_fedfleet_ticket: Annotated[str, Header()],
+        x_fedfleet_device: Annotated[str, Header(pattern=ID)],
     ) -> Any:
+        if body.device_id != x_fedfleet_device:
+            raise HTTPException(403, "device_id differs from x-fedfleet-device")
         ticketed(round_key, body.device_id, x_fedfleet_ticket)
         with pending_lock:
             pending.pop((round_key, body.device_id), None)
-        selector.dropped(round_key, body.device_id)
+        try:
+            # Recorded in the store, so that no aggregator takes a report from it afterwards.
+            await run_in_threadpool(selector.dropped, round_key, body.device_id)
+        except StoreUnavailable:
+            return unavailable()
         return {"status": "noted"}
 
     return app

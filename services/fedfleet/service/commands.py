@@ -40,14 +40,42 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--id", default=_env("ACTOR_ID") or _env("POD_NAME"), help="actor id (FEDFLEET_ACTOR_ID)"
     )
-    parser.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address")
-    parser.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
+    parser.add_argument(
+        "--host", default=_env("HOST", "127.0.0.1"), help="bind address (FEDFLEET_HOST)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("PORT", "8080") or 8080),
+        help="listen port (FEDFLEET_PORT; default 8080)",
+    )
     parser.add_argument(
         "--advertise", default=_env("ADVERTISE", ""), help="URL other actors use to reach this one"
     )
-    parser.add_argument("--tick", type=float, default=float(_env("TICK_SECONDS", "0.5") or 0.5))
     parser.add_argument(
-        "--lease-ttl", type=float, default=float(_env("LEASE_TTL", "10") or 10), help="coordinator"
+        "--tick",
+        type=float,
+        default=float(_env("TICK_SECONDS", "0.5") or 0.5),
+        help="seconds between the actor's exchanges with the store (FEDFLEET_TICK_SECONDS; 0.5)",
+    )
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=float(_env("LEASE_TTL", "10") or 10),
+        help="coordinator only: seconds the job lease lasts without renewal; a standby takes "
+        "over this long after the active coordinator dies (FEDFLEET_LEASE_TTL; 10)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=int(_env("MAX_CONNECTIONS", "4096") or 4096),
+        help="concurrent connections before the server answers 503; selected devices' plan "
+        "polls hold one each (FEDFLEET_MAX_CONNECTIONS; 4096)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (FEDFLEET_LOG_LEVEL; INFO)",
     )
     parser.add_argument(
         "--active-since",
@@ -57,7 +85,6 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
         help="coordinator: when the job's active period began, in Unix seconds, for "
         "spec.activeDeadlineSeconds (FEDFLEET_ACTIVE_SINCE; default: the job's first start)",
     )
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
 
 def run_service(role: str, args: argparse.Namespace) -> int:
@@ -66,6 +93,7 @@ def run_service(role: str, args: argparse.Namespace) -> int:
 
     from fedfleet.service.keys import JobKeys, load_secret
     from fedfleet.service.ops import configure_logging
+    from fedfleet.service.server import ServerLimits, server_config
     from fedfleet.store.factory import open_store
 
     actor_id = args.id or f"{role}-{os.getpid()}"
@@ -129,13 +157,11 @@ def run_service(role: str, args: argparse.Namespace) -> int:
                 tick_seconds=args.tick,
                 evaluator=dataset_evaluator(job),
             )
-    config = uvicorn.Config(
+    config = server_config(
         app,
         host=args.host,
         port=args.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
+        limits=ServerLimits(max_connections=args.max_connections),
     )
     uvicorn.Server(config).run()
     return 0

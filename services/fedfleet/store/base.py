@@ -16,11 +16,20 @@ was issued, so a deposed coordinator that wakes up cannot move the job backwards
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 from fedfleet.core.protocol import Quota, RoundState
 
-__all__ = ["Checkpoint", "ConflictError", "FencedError", "Lease", "Store", "StoreUnavailable"]
+__all__ = [
+    "Checkpoint",
+    "Claim",
+    "ConflictError",
+    "FencedError",
+    "Lease",
+    "Store",
+    "StoreUnavailable",
+]
 
 
 class FencedError(RuntimeError):
@@ -33,6 +42,19 @@ class ConflictError(RuntimeError):
 
 class StoreUnavailable(ConnectionError):
     """The backing service cannot be reached; callers retry later (HTTP 503)."""
+
+
+class Claim(StrEnum):
+    """What :meth:`Store.claim_report` decided about one device's report for one attempt."""
+
+    taken = "taken"
+    """The report took one of the attempt's K slots."""
+    reported = "reported"
+    """The device already reported for this attempt (to this or another aggregator)."""
+    aborted = "aborted"
+    """The device aborted its task for this attempt; it may not report after all."""
+    full = "full"
+    """The attempt already has its K reports: the report is a straggler."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +128,23 @@ class Store(Protocol):
         """Per-actor totals of a counter for an attempt."""
         ...
 
-    def claim_report(self, job: str, round_key: str, aggregator_id: str, goal: int) -> bool:
-        """Count one accepted report unless the attempt already has ``goal`` (atomic).
+    def claim_report(
+        self, job: str, round_key: str, aggregator_id: str, goal: int, device_id: str
+    ) -> Claim:
+        """Count ``device_id``'s report unless the device already reported or aborted in this
+        attempt, or the attempt already has ``goal`` reports (one atomic step).
 
-        This is what closes a round at exactly K reports across all aggregators: a report
-        that finds the round full is a straggler and is refused.
+        This is what closes a round at exactly K reports across all aggregators (a report
+        that finds the round full is a straggler), and what makes a report count exactly once:
+        the claim is per attempt and device, so a second aggregator of the round refuses a
+        report the first one took.
+        """
+        ...
+
+    def claim_abort(self, job: str, round_key: str, device_id: str) -> bool:
+        """Record that ``device_id`` gave up its task in this attempt, unless it already
+        reported or aborted (atomic, with :meth:`claim_report`): True when recorded now. A
+        device that aborted can no longer report, so it is never both dropped and reported.
         """
         ...
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedfleet.core.protocol import Quota, RoundState
-from fedfleet.store.base import Checkpoint, ConflictError, FencedError, Lease
+from fedfleet.store.base import Checkpoint, Claim, ConflictError, FencedError, Lease
 
 __all__ = ["MemoryStore"]
 
@@ -31,6 +31,8 @@ class _Job:
     quotas: dict[str, Quota] = field(default_factory=dict)
     counts: dict[tuple[str, str], dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
     partials: dict[str, dict[str, bytes]] = field(default_factory=lambda: defaultdict(dict))
+    claims: dict[str, dict[str, Claim]] = field(default_factory=lambda: defaultdict(dict))
+    """Per attempt: device -> reported or aborted."""
     checkpoint: Checkpoint | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
@@ -113,6 +115,7 @@ class MemoryStore:
             for key in [k for k in j.counts if k[0] == round_key]:
                 del j.counts[key]
             j.partials.pop(round_key, None)
+            j.claims.pop(round_key, None)
 
     # -- quotas and counters ----------------------------------------------------------------------
     def put_quotas(self, job: str, token: int, quotas: dict[str, Quota]) -> None:
@@ -130,12 +133,27 @@ class MemoryStore:
             per = self._jobs[job].counts[(round_key, kind)]
             per[actor_id] = per.get(actor_id, 0) + n
 
-    def claim_report(self, job: str, round_key: str, aggregator_id: str, goal: int) -> bool:
+    def claim_report(
+        self, job: str, round_key: str, aggregator_id: str, goal: int, device_id: str
+    ) -> Claim:
         with self._lock:
-            per = self._jobs[job].counts[(round_key, "reported")]
+            j = self._jobs[job]
+            prior = j.claims[round_key].get(device_id)
+            if prior is not None:
+                return prior
+            per = j.counts[(round_key, "reported")]
             if sum(per.values()) >= goal:
-                return False
+                return Claim.full
             per[aggregator_id] = per.get(aggregator_id, 0) + 1
+            j.claims[round_key][device_id] = Claim.reported
+            return Claim.taken
+
+    def claim_abort(self, job: str, round_key: str, device_id: str) -> bool:
+        with self._lock:
+            claims = self._jobs[job].claims[round_key]
+            if device_id in claims:
+                return False
+            claims[device_id] = Claim.aborted
             return True
 
     def counts(self, job: str, round_key: str, kind: str) -> dict[str, int]:

@@ -47,7 +47,14 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from fedfleet.core.protocol import Quota, RoundState
-from fedfleet.store.base import Checkpoint, ConflictError, FencedError, Lease, StoreUnavailable
+from fedfleet.store.base import (
+    Checkpoint,
+    Claim,
+    ConflictError,
+    FencedError,
+    Lease,
+    StoreUnavailable,
+)
 
 __all__ = ["PASSWORD_ENV", "RedisStore"]
 
@@ -166,21 +173,37 @@ redis.call('SADD', KEYS[2], ARGV[3])
 return 0
 """
 
-# KEYS: "reported" counter hash, kinds set. ARGV: aggregator id, goal, kind.
+# A device's claim on an attempt (reported or aborted) lives in the attempt's claims hash until
+# clear_round; the expiry only bounds what an attempt that is never cleared can leave behind.
+_CLAIMS_TTL_MS = 7 * 86_400_000
+
+# KEYS: "reported" counter hash, kinds set, claims hash. ARGV: aggregator id, goal, kind,
+# device id, claims ttl_ms. Answers a Claim value.
 _CLAIM = """
+local prior = redis.call('HGET', KEYS[3], ARGV[4])
+if prior then return prior end
 local total = 0
 for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
-if total >= tonumber(ARGV[2]) then return 0 end
+if total >= tonumber(ARGV[2]) then return 'full' end
+redis.call('HSET', KEYS[3], ARGV[4], 'reported')
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('SADD', KEYS[2], ARGV[3])
+return 'taken'
+"""
+
+# KEYS: claims hash. ARGV: device id, claims ttl_ms. 1 when the abort is recorded now.
+_ABORT = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], 'aborted') == 0 then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: rounds hash, kinds set, partials hash. ARGV: attempt key, counter-key prefix.
+# KEYS: rounds hash, kinds set, partials hash, claims hash. ARGV: attempt key, counter-key prefix.
 # The counter keys are built from the kinds set; they share the job's hash tag (same slot).
 _CLEAR_ROUND = """
 for _, kind in ipairs(redis.call('SMEMBERS', KEYS[2])) do redis.call('DEL', ARGV[2] .. kind) end
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 0
 """
@@ -239,6 +262,7 @@ class RedisStore:
         self._members = register(_MEMBERS)
         self._add_count = register(_ADD_COUNT)
         self._claim = register(_CLAIM)
+        self._abort = register(_ABORT)
         self._clear_round = register(_CLEAR_ROUND)
 
     @classmethod
@@ -363,6 +387,7 @@ class RedisStore:
             self._key(job, "rounds"),
             self._key(job, "kinds", round_key),
             self._key(job, "partials", round_key),
+            self._key(job, "claims", round_key),
         ]
         self._run(self._clear_round, keys, [round_key, self._key(job, "count", round_key, "")])
 
@@ -390,9 +415,21 @@ class RedisStore:
             )
         return {k.decode(): int(v) for k, v in raw.items()}
 
-    def claim_report(self, job: str, round_key: str, aggregator_id: str, goal: int) -> bool:
-        keys = [self._key(job, "count", round_key, _REPORTED), self._key(job, "kinds", round_key)]
-        return bool(self._run(self._claim, keys, [aggregator_id, int(goal), _REPORTED]))
+    def claim_report(
+        self, job: str, round_key: str, aggregator_id: str, goal: int, device_id: str
+    ) -> Claim:
+        keys = [
+            self._key(job, "count", round_key, _REPORTED),
+            self._key(job, "kinds", round_key),
+            self._key(job, "claims", round_key),
+        ]
+        args = [aggregator_id, int(goal), _REPORTED, device_id, _CLAIMS_TTL_MS]
+        answer = self._run(self._claim, keys, args)
+        return Claim(answer.decode() if isinstance(answer, bytes) else str(answer))
+
+    def claim_abort(self, job: str, round_key: str, device_id: str) -> bool:
+        keys = [self._key(job, "claims", round_key)]
+        return bool(self._run(self._abort, keys, [device_id, _CLAIMS_TTL_MS]))
 
     # -- partial sums -----------------------------------------------------------------------------
     def put_partial(self, job: str, round_key: str, aggregator_id: str, data: bytes) -> None:
