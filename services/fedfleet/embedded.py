@@ -19,7 +19,7 @@ from typing import Any
 
 from fedfleet.aggregator.actor import Aggregator
 from fedfleet.coordinator.actor import AttemptEnd, Coordinator, CoordinatorSettings
-from fedfleet.core.models import Weights, evaluate
+from fedfleet.core.models import Weights
 from fedfleet.core.protocol import ReportEnvelope
 from fedfleet.core.roles import JobPhase
 from fedfleet.core.spec import FLJob
@@ -29,8 +29,10 @@ from fedfleet.device.simloop import SimLoop
 from fedfleet.results import JobResult, ProgressSink, RoundRecord
 from fedfleet.selector.actor import Selector
 from fedfleet.store.memory import MemoryStore
+from fedfleet.tasks import check_data, task_of
+from fedfleet.tasks.evaluation import task_evaluator
 
-__all__ = ["EmbeddedOptions", "Fault", "run_job"]
+__all__ = ["EmbeddedOptions", "Fault", "check_job_data", "run_job"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +54,19 @@ class EmbeddedOptions:
     settings: CoordinatorSettings = field(default_factory=CoordinatorSettings)
 
 
-def _evaluator(job: FLJob, data: DatasetSplit) -> Callable[[Weights], dict[str, float]]:
-    def run(weights: Weights) -> dict[str, float]:
-        loss, acc = evaluate(job.spec.model, weights, data.x_test, data.y_test)
-        return {"loss": loss, "accuracy": acc}
+def _evaluator(job: FLJob, data: DatasetSplit) -> Callable[[Weights], dict[str, float]] | None:
+    """Server-side evaluation with the task's evaluate on the held-out examples, if any."""
+    return None if data.test is None else task_evaluator(task_of(job), data.test)
 
-    return run
+
+def check_job_data(job: FLJob, data: DatasetSplit) -> None:
+    """Refuse (``TaskError`` naming the field and shapes) data the job's task cannot use."""
+    loaded = task_of(job)
+    where = "spec.fleet.data" if job.spec.fleet.data is not None else "spec.fleet.dataset"
+    check_data(loaded, data.train, where)
+    if data.test is not None:
+        named = job.spec.evaluation.data is not None
+        check_data(loaded, data.test, "spec.evaluation.data" if named else where)
 
 
 def run_job(
@@ -70,7 +79,8 @@ def run_job(
     loop = SimLoop()
     store = MemoryStore(clock=loop.clock)
     secret = secrets.token_bytes(32)
-    data = prepare(spec.fleet)
+    data = prepare(spec.fleet, spec.evaluation)
+    check_job_data(job, data)
     evaluator = _evaluator(job, data)
 
     aggregators = {
