@@ -26,7 +26,13 @@ from fedfleet.core.spec import FLJob
 from fedfleet.device.datasets import DatasetSplit, prepare
 from fedfleet.device.fleet import SelectorPort, SimulatedFleet
 from fedfleet.device.simloop import SimLoop
-from fedfleet.results import JobResult, ProgressSink, RoundRecord
+from fedfleet.results import (
+    JobResult,
+    ProgressSink,
+    RoundRecord,
+    device_metrics,
+    numeric_metrics,
+)
 from fedfleet.selector.actor import Selector
 from fedfleet.store.memory import MemoryStore
 from fedfleet.tasks import check_data, task_of
@@ -137,6 +143,7 @@ def run_job(
             model_version=end.model_version,
             reason=end.reason,
             epsilon=None if eps is None else float(eps),
+            device_metrics={} if end.abandoned else device_metrics(end.metrics),
         )
         last_wall[0] = now_wall
         if end.reason == "job-finished":
@@ -207,8 +214,10 @@ def run_job(
     result.succeeded = state.get("phase") == JobPhase.succeeded.value
     result.reason = str(state.get("reason", "time-limit" if not result.succeeded else ""))
     if history:
-        result.final_accuracy = float(history[-1]["accuracy"])
-        result.final_loss = float(history[-1]["loss"])
+        last = history[-1]
+        result.final_metrics = numeric_metrics(last)
+        result.final_accuracy = result.final_metrics.get("accuracy")
+        result.final_loss = result.final_metrics.get("loss")
         eps, delta = history[-1].get("epsilon"), history[-1].get("delta")
         result.epsilon = None if eps is None else float(eps)
         result.delta = None if delta is None else float(delta)

@@ -27,6 +27,7 @@ from fedfleet.device.userdata import (
     Fields,
     dirichlet_partition,
     iid_partition,
+    label_key,
     natural_partition,
     read_directory,
     read_file,
@@ -253,18 +254,19 @@ def _split_fields(fields: Fields, test_fraction: float, seed: int) -> tuple[Fiel
 def _partition_fields(
     fleet: FleetSpec, data: DataSpec, train: Fields, rng: np.random.Generator
 ) -> list[NDArray[np.int64]]:
-    n = len(train[data.label])
+    label = label_key(train, data)
+    n = len(train[label])
     if n < fleet.devices:
         raise DataError(
             f"spec.fleet.data: {n} training examples for {fleet.devices} devices "
             "(spec.fleet.devices): every device needs one"
         )
-    labels = train[data.label]
+    labels = train[label]
     if data.partition in ("dirichlet", "shards"):
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(
                 f"spec.fleet.data.partition: {data.partition} needs integer class labels in "
-                f"{data.label!r}, got shape {labels.shape[1:]} {labels.dtype}"
+                f"{label!r}, got shape {labels.shape[1:]} {labels.dtype}"
             )
     if data.partition == "iid":
         return iid_partition(n, fleet.devices, rng)
@@ -292,7 +294,7 @@ def _user_data(
                 f"spec.fleet.devices: {fleet.devices} devices, but spec.fleet.data.path holds "
                 f"{len(per_device)} files (one per device)"
             )
-        sizes = [len(f[data.label]) for f in per_device]
+        sizes = [len(f[label_key(f, data)]) for f in per_device]
         train = {k: np.concatenate([f[k] for f in per_device]) for k in per_device[0]}
         starts = np.cumsum([0, *sizes])
         shards = [np.arange(a, b, dtype=np.int64) for a, b in itertools.pairwise(starts)]

@@ -92,7 +92,7 @@ class ExampleStore:
         record = self._record
         if record is None or record.fields is None:
             return {}
-        return {name: (record[name].shape, record[name].base) for name in record.names}
+        return {name: (record[name].shape, record[name].base) for name in record.names or ()}
 
     def _cutoff(self, now: float) -> float:
         # Rows created before the cutoff are expired; one expression keeps query, count and

@@ -32,6 +32,7 @@ __all__ = [
     "Fields",
     "dirichlet_partition",
     "iid_partition",
+    "label_key",
     "natural_partition",
     "read_directory",
     "read_file",
@@ -47,6 +48,11 @@ _MAX_ROWS = 50_000_000
 
 class DataError(ValueError):
     """Data the simulator cannot use; the message starts with the manifest field."""
+
+
+def label_key(fields: Fields, spec: DataSpec) -> str:
+    """The field holding the labels: ``spec.label`` in an ``.npz`` file, ``y`` in a table."""
+    return spec.label if spec.label in fields else "y"
 
 
 def take(fields: Fields, idx: NDArray[np.int64]) -> Fields:
@@ -126,7 +132,7 @@ def read_file(path: Path, spec: DataSpec, where: str) -> Fields:
     lengths = {k: len(v) if v.ndim else -1 for k, v in fields.items()}
     if len(set(lengths.values())) != 1 or -1 in lengths.values():
         raise DataError(f"{where}: {path.name}: fields differ in length: {lengths}")
-    if spec.label not in fields:
+    if path.suffix == ".npz" and spec.label not in fields:
         raise DataError(
             f"{where}: {path.name} has no label field {spec.label!r} (fields: "
             f"{', '.join(fields)}; set spec.fleet.data.label)"

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["WEIGHT_SUFFIXES", "load_weights", "save_weights"]
+from fedfleet.core.serde import decode_state
+
+__all__ = ["WEIGHT_SUFFIXES", "checkpoint_weights", "default_names", "load_weights", "save_weights"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".npz")
 """File suffixes that select a weights format."""
@@ -90,3 +92,17 @@ def load_weights(path: Path) -> dict[str, NDArray[Any]]:
         arr = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
         out[name] = arr.astype(dtype.newbyteorder("="))
     return out
+
+
+def checkpoint_weights(data: bytes) -> list[NDArray[Any]]:
+    """The model's arrays of a checkpoint (``w/0..n``; the optimizer state is left out)."""
+    named = decode_state(data)
+    out: list[NDArray[Any]] = []
+    while (arr := named.get(f"w/{len(out)}")) is not None:
+        out.append(arr)
+    return out
+
+
+def default_names(count: int) -> list[str]:
+    """Names for arrays whose task is unknown (``fetch-model`` without ``--manifest``)."""
+    return [f"w.{i}" for i in range(count)]
