@@ -1,7 +1,8 @@
 """Federated linear regression: a task written against ``fedfleet.tasks`` with numpy only.
 
 The model is ``y = x @ w + b``, trained with minibatch SGD on the mean squared error (plus an
-optional L2 penalty on ``w``). The manifest names it as ``spec.task.ref: linreg.task:LinearRegression``
+optional L2 penalty on ``w``). The manifest names it as
+``spec.task.ref: linreg.task:LinearRegression``
 and passes ``spec.task.config`` to the constructor, which checks it.
 """
 
