@@ -89,12 +89,13 @@ def _check_task_and_data(job: FLJob) -> None:
     """Load the job's task and data and check they fit, before any work starts (the error
     names the manifest field and the shapes)."""
     from fedfleet.device.datasets import DataError, prepare
-    from fedfleet.embedded import check_job_data
     from fedfleet.tasks import TaskError, task_of
+    from fedfleet.tasks.validation import check_job_data
 
     try:
         task_of(job)
-        check_job_data(job, prepare(job.spec.fleet, job.spec.evaluation))
+        data = prepare(job.spec.fleet, job.spec.evaluation)
+        check_job_data(job, data.train, data.test)
     except (TaskError, DataError) as exc:
         raise _UsageError([f"error: {exc}"]) from None
 
@@ -228,6 +229,7 @@ def _args_run(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     job = _load_file(args.manifest)
+    _check_task_and_data(job)  # before the output folder exists
     return _run(job, out=args.out, report=args.report, quiet=args.quiet)
 
 

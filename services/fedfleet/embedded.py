@@ -35,10 +35,11 @@ from fedfleet.results import (
 )
 from fedfleet.selector.actor import Selector
 from fedfleet.store.memory import MemoryStore
-from fedfleet.tasks import check_data, task_of
+from fedfleet.tasks import task_of
 from fedfleet.tasks.evaluation import task_evaluator
+from fedfleet.tasks.validation import check_job_data
 
-__all__ = ["EmbeddedOptions", "Fault", "check_job_data", "run_job"]
+__all__ = ["EmbeddedOptions", "Fault", "run_job"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,16 +66,6 @@ def _evaluator(job: FLJob, data: DatasetSplit) -> Callable[[Weights], dict[str, 
     return None if data.test is None else task_evaluator(task_of(job), data.test)
 
 
-def check_job_data(job: FLJob, data: DatasetSplit) -> None:
-    """Refuse (``TaskError`` naming the field and shapes) data the job's task cannot use."""
-    loaded = task_of(job)
-    where = "spec.fleet.data" if job.spec.fleet.data is not None else "spec.fleet.dataset"
-    check_data(loaded, data.train, where)
-    if data.test is not None:
-        named = job.spec.evaluation.data is not None
-        check_data(loaded, data.test, "spec.evaluation.data" if named else where)
-
-
 def run_job(
     job: FLJob, *, progress: ProgressSink | None = None, options: EmbeddedOptions | None = None
 ) -> JobResult:
@@ -86,7 +77,7 @@ def run_job(
     store = MemoryStore(clock=loop.clock)
     secret = secrets.token_bytes(32)
     data = prepare(spec.fleet, spec.evaluation)
-    check_job_data(job, data)
+    check_job_data(job, data.train, data.test)
     evaluator = _evaluator(job, data)
 
     aggregators = {
