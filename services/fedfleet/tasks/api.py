@@ -68,7 +68,9 @@ class FLTask(ABC):
 
     Weights are always passed as float32 arrays in the order of :meth:`initial_weights`; the
     task must not modify them in place. Everything random takes the ``rng`` it is given so a
-    simulation is reproducible.
+    simulation is reproducible. One task object serves every device of a process, and a
+    simulated fleet over HTTP trains in a thread pool: :meth:`train` and :meth:`evaluate` may
+    run in several threads at once, so keep per-call state local (or per thread).
     """
 
     @abstractmethod
