@@ -420,18 +420,27 @@ class Round:
         return 0 if partial is None else int(partial.count)
 
     def report(
-        self, device: str, body: bytes, *, ticket: str | None = None, round_key: str | None = None
+        self,
+        device: str,
+        body: bytes,
+        *,
+        ticket: str | None = None,
+        round_key: str | None = None,
+        metrics: str | None = None,
     ) -> httpx.Response:
+        headers = {
+            "content-type": "application/octet-stream",
+            "x-fedfleet-device": device,
+            "x-fedfleet-ticket": self.tickets[device] if ticket is None else ticket,
+            "x-fedfleet-examples": "10",
+            "x-fedfleet-aggregator": self.aggregator,
+        }
+        if metrics is not None:
+            headers["x-fedfleet-metrics"] = metrics
         return httpx.post(
             f"{self.d.selector_url}/v1/reports/{round_key or self.round_key}",
             content=body,
-            headers={
-                "content-type": "application/octet-stream",
-                "x-fedfleet-device": device,
-                "x-fedfleet-ticket": self.tickets[device] if ticket is None else ticket,
-                "x-fedfleet-examples": "10",
-                "x-fedfleet-aggregator": self.aggregator,
-            },
+            headers=headers,
             timeout=10,
         )
 
@@ -574,6 +583,16 @@ def test_report_of_the_wrong_dtype_is_refused(live: Round) -> None:
     r = live.report("bad-2", encode_arrays([np.zeros(s, np.int32) for s in shapes]))
     assert r.status_code == 422, r.text
     assert "int32, expected float32" in r.json()["detail"]
+    assert live.count() == before
+
+
+@pytest.mark.parametrize(
+    "metrics", ['{"train_loss": NaN}', '["loss"]', '{"Loss!": 1}', '{"a": "' + "x" * 5000 + '"}']
+)
+def test_report_with_hostile_metrics_is_refused(live: Round, metrics: str) -> None:
+    before = live.count()
+    r = live.report("bad-2", _good_update(), metrics=metrics)
+    assert r.status_code == 422, r.text
     assert live.count() == before
 
 
