@@ -128,8 +128,10 @@ class TorchTask(FLTask):
         module: torch.nn.Module | None = getattr(self._local, "module", None)
         if module is None:
             module = self._local.module = copy.deepcopy(self.module)
+        # load_state_dict copies the values; only read-only arrays (version 0, cached
+        # checkpoints) need a writable copy for torch.from_numpy.
         state = OrderedDict(
-            (name, torch.from_numpy(np.asarray(w)))
+            (name, torch.from_numpy(w if w.flags.writeable else w.copy()))
             for name, w in zip(self._names, weights, strict=True)
         )
         module.load_state_dict(state)
