@@ -130,9 +130,10 @@ class TorchTask(FLTask):
             module = self._local.module = copy.deepcopy(self.module)
         # load_state_dict copies the values; only read-only arrays (version 0, cached
         # checkpoints) need a writable copy for torch.from_numpy.
+        arrays = [np.asarray(w) for w in weights]
         state = OrderedDict(
-            (name, torch.from_numpy(w if w.flags.writeable else w.copy()))
-            for name, w in zip(self._names, weights, strict=True)
+            (name, torch.from_numpy(a if a.flags.writeable else a.copy()))
+            for name, a in zip(self._names, arrays, strict=True)
         )
         module.load_state_dict(state)
         return module
