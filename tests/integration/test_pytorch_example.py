@@ -41,6 +41,6 @@ def test_pytorch_cnn_example_reaches_085_and_loads_back(tmp_path: Path) -> None:
     test = prepare(load_manifest(manifest.read_text()).spec.fleet).test
     assert test is not None
     with torch.no_grad():
-        images = torch.from_numpy(np.asarray(test["x"], np.float32).reshape(-1, 1, 28, 28))
+        images = torch.from_numpy(np.array(test["x"], np.float32).reshape(-1, 1, 28, 28))
         predicted = model(images).argmax(dim=1).numpy()
     assert np.mean(predicted == test["y"]) == pytest.approx(totals["final_accuracy"], abs=1e-9)
