@@ -38,9 +38,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedfleet.core.aggregation import StreamingSum, validate_update
-from fedfleet.core.models import weight_shapes
 from fedfleet.core.serde import decode_arrays, encode_arrays
 from fedfleet.core.spec import ModelKind, ModelSpec
+from fedfleet.tasks.builtin import weight_shapes as _shapes
 
 TARGET_RATIO = 0.5
 MAX_UPDATE_BYTES = 64 * 1024 * 1024
@@ -50,7 +50,7 @@ Shapes = list[tuple[int, ...]]
 
 
 def model_sizes() -> list[tuple[str, Shapes]]:
-    mlp = weight_shapes(ModelSpec(kind=ModelKind.mlp, inputs=784, classes=10, hidden=[200]))
+    mlp = _shapes(ModelSpec(kind=ModelKind.mlp, inputs=784, classes=10, hidden=[200]))
     # Exact 1M and 4M: a dense layer plus its bias, so both paths handle two arrays per update.
     return [
         ("mlp 784-200-10", mlp),

@@ -48,9 +48,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedfleet.core.aggregation import StreamingSum
-from fedfleet.core.models import weight_shapes
 from fedfleet.core.spec import FLJob, parse_manifest
 from fedfleet.results import JobResult
+from fedfleet.tasks import load_task, task_of
 
 GOAL_COUNT = 1000
 OVER_SELECTION = 1.3
@@ -321,7 +321,7 @@ def fold_batch(shapes: Sequence[tuple[int, ...]], n: int, seed: int) -> FoldResu
 
 
 def memory_table(sizes: Sequence[int], batch_max: int) -> None:
-    shapes = weight_shapes(parse_manifest(manifest(1, DEVICES, 0)).spec.model)
+    shapes = task_of(parse_manifest(manifest(1, DEVICES, 0))).shapes
     p = sum(math.prod(s) for s in shapes)
     scratch = min(max(math.prod(s) for s in shapes), 65536) * 8
     print(
@@ -398,7 +398,7 @@ def main() -> None:
         run_untraced(job)
         if not args.no_trace:
             print("\n==> part 2: the same run under tracemalloc (slower; memory only)", flush=True)
-            update_bytes = sum(math.prod(s) for s in weight_shapes(spec.model)) * 4
+            update_bytes = sum(math.prod(s) for s in load_task(spec.effective_task).shapes) * 4
             print_trace(run_traced(job), update_bytes)
     print("\n==> part 3: aggregation memory against devices per round", flush=True)
     memory_table(args.sizes, args.batch_max)

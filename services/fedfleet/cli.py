@@ -12,6 +12,7 @@ manifest is reported as one line per offending field, never as a traceback. Heav
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -21,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from fedfleet import __version__
-from fedfleet.core.spec import FLJob, ManifestError, load_manifest
+from fedfleet.core.spec import FLJob, ManifestError, load_manifest, with_base_dir
 from fedfleet.results import JobResult, ProgressSink
 
 __all__ = ["EXAMPLES", "SUBCOMMANDS", "Subcommand", "build_parser", "main"]
@@ -95,10 +96,26 @@ def _fits(job: FLJob, args: argparse.Namespace, source: str) -> FLJob:
     from fedfleet.core.budget import memory_problem
 
     limit = args.max_memory
-    problem = memory_problem(job.spec, limit if isinstance(limit, int) else _memory_limit(limit))
+    limit = limit if isinstance(limit, int) else _memory_limit(limit)
+    problem = memory_problem(job.spec, limit, _parameters(job))
     if problem is not None:
         raise _UsageError([f"error: invalid FLJob in {source}:", f"  - {problem}"])
     return job
+
+
+def _parameters(job: FLJob) -> int:
+    """The model's parameter count: a built-in model's from its spec, without allocating it;
+    the user's task's from its initial weights (loading it: a task that fails to load is the
+    usage error that names spec.task)."""
+    from fedfleet.tasks import TaskError, task_of
+    from fedfleet.tasks.builtin import weight_shapes
+
+    if job.spec.task is None:
+        return sum(math.prod(shape) for shape in weight_shapes(job.spec.model))
+    try:
+        return task_of(job).num_parameters
+    except TaskError as exc:
+        raise _UsageError([f"error: {exc}"]) from None
 
 
 def _load_file(path: Path) -> FLJob:
@@ -119,7 +136,24 @@ def _load_file(path: Path) -> FLJob:
         raise _UsageError([f"error: manifest {path} is not UTF-8 text: {exc}"]) from None
     except OSError as exc:
         raise _UsageError([f"error: cannot read manifest {path}: {exc.strerror or exc}"]) from None
-    return _parse(text, str(path))
+    job = _parse(text, str(path))
+    # Relative task and data paths are the manifest's directory's, wherever fedfleet runs.
+    return with_base_dir(job, str(path.resolve().parent))
+
+
+def _check_task_and_data(job: FLJob) -> None:
+    """Load the job's task and data and check they fit, before any work starts (the error
+    names the manifest field and the shapes)."""
+    from fedfleet.device.datasets import DataError, prepare
+    from fedfleet.tasks import TaskError, task_of
+    from fedfleet.tasks.validation import check_job_data
+
+    try:
+        task_of(job)
+        data = prepare(job.spec.fleet, job.spec.evaluation)
+        check_job_data(job, data.train, data.test)
+    except (TaskError, DataError) as exc:
+        raise _UsageError([f"error: {exc}"]) from None
 
 
 def example_text(name: str) -> str:
@@ -157,9 +191,14 @@ def _run(
 
     from fedfleet.progress import QuietProgress, make_progress
     from fedfleet.report import summary_rows, write_plot, write_report
+    from fedfleet.tasks.weights_file import WEIGHT_SUFFIXES
 
     stem = _safe_stem(job.name)
+    weights_path: Path | None = None
+    if out is not None and out.suffix in WEIGHT_SUFFIXES:  # --out model.safetensors
+        weights_path, out = out, (out.parent if str(out.parent) else Path("."))
     out_dir = out if out is not None else Path("runs") / stem
+    weights_path = weights_path or out_dir / f"{stem}.safetensors"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)  # fail before training, not after
     except OSError as exc:
@@ -173,6 +212,13 @@ def _run(
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ValueError as exc:
+        from fedfleet.device.datasets import DataError
+        from fedfleet.tasks import TaskError
+
+        if isinstance(exc, TaskError | DataError):  # the task or data do not fit: no traceback
+            return _error([f"error: {exc}"])
+        raise
 
     files: list[tuple[str, Path]] = [
         ("model", out_dir / f"{stem}.model"),
@@ -182,6 +228,8 @@ def _run(
     files[0][1].write_bytes(result.model_bytes)
     write_plot(result, files[1][1])
     write_report(result, files[2][1])
+    _write_weights(job, result, weights_path)
+    files.append(("weights", weights_path))
     if report is not None:
         write_report(result, report)
         files.append(("report", report))
@@ -197,12 +245,30 @@ def _run(
     return EXIT_OK if result.succeeded else EXIT_FAILED
 
 
+def _write_weights(job: FLJob, result: JobResult, path: Path) -> None:
+    """The final weights under the task's names (version 0 if nothing was committed)."""
+    from fedfleet.core.checkpoint import unpack_checkpoint
+    from fedfleet.tasks import task_of
+    from fedfleet.tasks.weights_file import save_weights
+
+    loaded = task_of(job)
+    weights = (
+        unpack_checkpoint(result.model_bytes, loaded.shapes)[0]
+        if result.model_bytes
+        else loaded.initial
+    )
+    meta = {"format": "fedfleet", "job": job.name, "model_version": str(result.model_version)}
+    save_weights(path, loaded.names, weights, meta)
+
+
 def _args_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        metavar="DIR",
-        help="folder for <job>.model, <job>.png and <job>.json (default: ./runs/<job-name>)",
+        metavar="DIR|FILE",
+        help="folder for <job>.model, <job>.safetensors (the final weights), <job>.png and "
+        "<job>.json (default: ./runs/<job-name>); a path ending in .safetensors or .npz "
+        "names the weights file itself (the rest goes next to it)",
     )
     parser.add_argument(
         "--report", type=Path, metavar="PATH", help="also write the JSON report to PATH"
@@ -220,6 +286,7 @@ def _args_run(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     job = _fits(_load_file(args.manifest), args, str(args.manifest))
+    _check_task_and_data(job)  # before the output folder exists
     return _run(job, out=args.out, report=args.report, quiet=args.quiet)
 
 
@@ -252,6 +319,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
     job = _fits(_load_file(args.manifest), args, str(args.manifest))
+    _check_task_and_data(job)
     doc = job.model_dump(mode="json", by_alias=True, exclude_none=True)
     # stdout stays valid YAML (the note is a comment) so it can be piped into kubectl or a file;
     # unset optional fields (None) are left out rather than written as null.
@@ -284,6 +352,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from fedfleet.up import UpOptions, run_up
 
     job = _fits(_load_file(args.manifest), args, str(args.manifest))
+    _check_task_and_data(job)
     opts = UpOptions(
         store_url=args.store,
         selectors=args.selectors,

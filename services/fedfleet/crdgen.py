@@ -244,7 +244,11 @@ def _convert(
             out[bound] = value
             out[key] = True
         elif key == "additionalProperties":
-            if value is not False:
+            if value is True or value == {}:
+                # A free-form object (a task's own config): the task validates it, so the API
+                # server keeps it as written instead of pruning it.
+                out["x-kubernetes-preserve-unknown-fields"] = True
+            elif value is not False:
                 raise SchemaGenerationError(f"{path}: maps (additionalProperties) unsupported")
         elif key in ("title", "properties", "items"):
             pass  # titles repeat the field name; properties and items are handled below

@@ -19,16 +19,25 @@ from typing import Any
 
 from fedfleet.aggregator.actor import Aggregator
 from fedfleet.coordinator.actor import AttemptEnd, Coordinator, CoordinatorSettings
-from fedfleet.core.models import Weights, evaluate
+from fedfleet.core.models import Weights
 from fedfleet.core.protocol import ReportEnvelope
 from fedfleet.core.roles import JobPhase
 from fedfleet.core.spec import FLJob
 from fedfleet.device.datasets import DatasetSplit, prepare
 from fedfleet.device.fleet import SelectorPort, SimulatedFleet
 from fedfleet.device.simloop import SimLoop
-from fedfleet.results import JobResult, ProgressSink, RoundRecord
+from fedfleet.results import (
+    JobResult,
+    ProgressSink,
+    RoundRecord,
+    device_metrics,
+    numeric_metrics,
+)
 from fedfleet.selector.actor import Selector
 from fedfleet.store.memory import MemoryStore
+from fedfleet.tasks import task_of
+from fedfleet.tasks.evaluation import task_evaluator
+from fedfleet.tasks.validation import check_job_data
 
 __all__ = ["EmbeddedOptions", "Fault", "run_job"]
 
@@ -52,12 +61,9 @@ class EmbeddedOptions:
     settings: CoordinatorSettings = field(default_factory=CoordinatorSettings)
 
 
-def _evaluator(job: FLJob, data: DatasetSplit) -> Callable[[Weights], dict[str, float]]:
-    def run(weights: Weights) -> dict[str, float]:
-        loss, acc = evaluate(job.spec.model, weights, data.x_test, data.y_test)
-        return {"loss": loss, "accuracy": acc}
-
-    return run
+def _evaluator(job: FLJob, data: DatasetSplit) -> Callable[[Weights], dict[str, float]] | None:
+    """Server-side evaluation with the task's evaluate on the held-out examples, if any."""
+    return None if data.test is None else task_evaluator(task_of(job), data.test)
 
 
 def run_job(
@@ -70,7 +76,8 @@ def run_job(
     loop = SimLoop()
     store = MemoryStore(clock=loop.clock)
     secret = secrets.token_bytes(32)
-    data = prepare(spec.fleet)
+    data = prepare(spec.fleet, spec.evaluation)
+    check_job_data(job, data.train, data.test)
     evaluator = _evaluator(job, data)
 
     aggregators = {
@@ -127,6 +134,7 @@ def run_job(
             model_version=end.model_version,
             reason=end.reason,
             epsilon=None if eps is None else float(eps),
+            device_metrics={} if end.abandoned else device_metrics(end.metrics),
         )
         last_wall[0] = now_wall
         if end.reason == "job-finished":
@@ -197,8 +205,10 @@ def run_job(
     result.succeeded = state.get("phase") == JobPhase.succeeded.value
     result.reason = str(state.get("reason", "time-limit" if not result.succeeded else ""))
     if history:
-        result.final_accuracy = float(history[-1]["accuracy"])
-        result.final_loss = float(history[-1]["loss"])
+        last = history[-1]
+        result.final_metrics = numeric_metrics(last)
+        result.final_accuracy = result.final_metrics.get("accuracy")
+        result.final_loss = result.final_metrics.get("loss")
         eps, delta = history[-1].get("epsilon"), history[-1].get("delta")
         result.epsilon = None if eps is None else float(eps)
         result.delta = None if delta is None else float(delta)

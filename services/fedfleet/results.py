@@ -6,10 +6,31 @@ same record without importing the actors.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["JobResult", "ProgressSink", "RoundRecord"]
+__all__ = ["JobResult", "ProgressSink", "RoundRecord", "device_metrics", "numeric_metrics"]
+
+DEVICE_METRIC_PREFIXES = ("train_", "federated_")
+"""Metrics devices report, averaged per round by examples: training metrics (``train_loss``)
+and federated evaluation of the global model on their own data (``federated_accuracy``)."""
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers among a commit's metrics."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def device_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The device-reported metrics among a commit's metrics."""
+    return {
+        k: v for k, v in numeric_metrics(metrics).items() if k.startswith(DEVICE_METRIC_PREFIXES)
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +54,9 @@ class RoundRecord:
     """Why the attempt was abandoned, empty when it committed."""
     epsilon: float | None = None
     """With differential privacy on: the job's epsilon after this round committed."""
+    device_metrics: dict[str, float] = field(default_factory=dict)
+    """Device-reported metrics averaged by examples (``train_*``; ``federated_*`` with
+    federated evaluation on); empty when abandoned."""
 
 
 @dataclass(slots=True)
@@ -53,6 +77,8 @@ class JobResult:
     delta: float | None = None
     model_bytes: bytes = b""
     """The final global model, serialized with fedfleet.core.serde (no pickle)."""
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    """Every metric of the last commit: server-side evaluation, device metrics, counts."""
 
     def to_report(self) -> dict[str, Any]:
         """The JSON report: per-round rows and totals."""
@@ -73,6 +99,7 @@ class JobResult:
                 "reason": self.reason,
                 "epsilon": self.epsilon,
                 "delta": self.delta,
+                "metrics": self.final_metrics,
             },
         }
 

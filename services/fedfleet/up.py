@@ -17,7 +17,13 @@ from typing import Any
 from fedfleet.core.roles import JobPhase
 from fedfleet.core.spec import FLJob
 from fedfleet.local import LocalDeployment
-from fedfleet.results import JobResult, ProgressSink, RoundRecord
+from fedfleet.results import (
+    JobResult,
+    ProgressSink,
+    RoundRecord,
+    device_metrics,
+    numeric_metrics,
+)
 
 __all__ = ["UpOptions", "follow", "record_from_attempt", "run_up"]
 
@@ -54,6 +60,7 @@ def record_from_attempt(a: dict[str, Any], seconds: float) -> RoundRecord:
         sim_seconds=float(a["ended_at"]) - float(a["opened_at"]),
         model_version=int(a["model_version"]),
         reason=str(a.get("reason", "")),
+        device_metrics={} if a["abandoned"] else device_metrics(metrics),
     )
 
 
@@ -130,8 +137,9 @@ def run_up(
     result.succeeded = finished and state.get("phase") == JobPhase.succeeded.value
     result.reason = str(state.get("reason", "" if finished else "timeout"))
     if history:
-        result.final_accuracy = float(history[-1]["accuracy"])
-        result.final_loss = float(history[-1]["loss"])
+        result.final_metrics = numeric_metrics(history[-1])
+        result.final_accuracy = result.final_metrics.get("accuracy")
+        result.final_loss = result.final_metrics.get("loss")
     if checkpoint is not None:
         result.model_bytes = checkpoint.data
     return result

@@ -26,7 +26,6 @@ from fastapi import FastAPI
 
 from fedfleet.aggregator.app import create_app as aggregator_app
 from fedfleet.coordinator.app import create_app as coordinator_app
-from fedfleet.core.models import weight_shapes
 from fedfleet.core.protocol import Assignment, CheckIn
 from fedfleet.core.serde import encode_arrays
 from fedfleet.core.spec import FLJob, parse_manifest
@@ -35,6 +34,7 @@ from fedfleet.selector.app import create_app as selector_app
 from fedfleet.service.keys import JobKeys, new_secret
 from fedfleet.service.server import ServerLimits
 from fedfleet.store.redis import RedisStore
+from fedfleet.tasks.builtin import weight_shapes
 from tests.uvicorn_thread import listen, serve
 
 __all__ = ["LIMITS", "Live", "RawAnswer", "hostile_job", "live_round", "raw_exchange"]

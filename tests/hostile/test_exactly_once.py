@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from fedfleet.core.checkpoint import unpack_checkpoint
-from fedfleet.core.models import init_weights
 from fedfleet.core.serde import decode_arrays
+from fedfleet.tasks.builtin import init_weights
 from tests.hostile.harness import Live, good_update
 
 pytestmark = pytest.mark.hostile

@@ -9,6 +9,7 @@ import pytest
 from fedfleet.core.checkpoint import unpack_checkpoint
 from fedfleet.core.spec import FLJob, load_manifest, parse_manifest
 from fedfleet.embedded import run_job
+from fedfleet.tasks import task_of
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def test_digits_example_reaches_088_in_50_rounds() -> None:
     assert all(r.reported >= 16 for r in committed)
     # Drop-outs happen (8% of selected devices), and are counted.
     assert sum(r.dropped for r in result.rounds) > 0
-    weights, _ = unpack_checkpoint(result.model_bytes, job.spec.model)
+    weights, _ = unpack_checkpoint(result.model_bytes, task_of(job).shapes)
     assert [w.shape for w in weights] == [(64, 10), (10,)]
 
 

@@ -26,7 +26,6 @@ from fedfleet.aggregator.app import create_app as aggregator_app
 from fedfleet.aggregator.app import dataset_evaluator
 from fedfleet.cli import main
 from fedfleet.coordinator.app import create_app as coordinator_app
-from fedfleet.core.models import weight_shapes
 from fedfleet.core.protocol import Assignment, CheckIn, Reconnect, ReportEnvelope, report_ticket
 from fedfleet.core.serde import encode_arrays
 from fedfleet.core.spec import FLJob, parse_manifest
@@ -36,6 +35,7 @@ from fedfleet.selector.app import create_app as selector_app
 from fedfleet.service.keys import JobKeys, new_secret
 from fedfleet.store.base import Store, StoreUnavailable
 from fedfleet.store.memory import MemoryStore
+from fedfleet.tasks import task_of
 from tests.redis_server import free_port
 from tests.uvicorn_thread import listen, serve
 
@@ -346,7 +346,7 @@ def test_checkpoint_is_downloaded_once_for_many_devices() -> None:
         results = asyncio.run(many(url))
     first = results[0]
     assert all(r is first for r in results)
-    assert [w.shape for w in first] == weight_shapes(job.spec.model)
+    assert [w.shape for w in first] == task_of(job).shapes
     assert not any(w.flags.writeable for w in first)
 
 
@@ -423,25 +423,34 @@ class Round:
         return 0 if partial is None else int(partial.count)
 
     def report(
-        self, device: str, body: bytes, *, ticket: str | None = None, round_key: str | None = None
+        self,
+        device: str,
+        body: bytes,
+        *,
+        ticket: str | None = None,
+        round_key: str | None = None,
+        metrics: str | None = None,
     ) -> httpx.Response:
+        headers = {
+            "content-type": "application/octet-stream",
+            "x-fedfleet-device": device,
+            "x-fedfleet-ticket": self.tickets[device] if ticket is None else ticket,
+            "x-fedfleet-examples": "10",
+            "x-fedfleet-aggregator": self.aggregator,
+        }
+        if metrics is not None:
+            headers["x-fedfleet-metrics"] = metrics
         return httpx.post(
             f"{self.d.selector_url}/v1/reports/{round_key or self.round_key}",
             content=body,
-            headers={
-                "content-type": "application/octet-stream",
-                "x-fedfleet-device": device,
-                "x-fedfleet-ticket": self.tickets[device] if ticket is None else ticket,
-                "x-fedfleet-examples": "10",
-                "x-fedfleet-aggregator": self.aggregator,
-            },
+            headers=headers,
             timeout=10,
         )
 
 
 def _good_update() -> bytes:
     rng = np.random.default_rng(0)
-    shapes = weight_shapes(BAD_JOB.spec.model)
+    shapes = task_of(BAD_JOB).shapes
     return encode_arrays([rng.normal(0, 0.01, s).astype(np.float32) for s in shapes])
 
 
@@ -555,7 +564,7 @@ def test_report_with_a_wrong_shape_is_refused(live: Round) -> None:
 
 def test_report_with_nan_is_refused(live: Round) -> None:
     before = live.count()
-    shapes = weight_shapes(BAD_JOB.spec.model)
+    shapes = task_of(BAD_JOB).shapes
     arrays = [np.zeros(s, np.float32) for s in shapes]
     arrays[0][0, 0] = np.nan
     r = live.report("bad-2", encode_arrays(arrays))
@@ -565,7 +574,7 @@ def test_report_with_nan_is_refused(live: Round) -> None:
 
 def test_report_with_infinity_is_refused(live: Round) -> None:
     before = live.count()
-    shapes = weight_shapes(BAD_JOB.spec.model)
+    shapes = task_of(BAD_JOB).shapes
     arrays = [np.zeros(s, np.float32) for s in shapes]
     arrays[-1][0] = -np.inf
     r = live.report("bad-2", encode_arrays(arrays))
@@ -575,11 +584,21 @@ def test_report_with_infinity_is_refused(live: Round) -> None:
 
 def test_report_of_the_wrong_dtype_is_refused(live: Round) -> None:
     before = live.count()
-    shapes = weight_shapes(BAD_JOB.spec.model)
+    shapes = task_of(BAD_JOB).shapes
     # int32: the same size as float32, so the size limit cannot be what refuses it
     r = live.report("bad-2", encode_arrays([np.zeros(s, np.int32) for s in shapes]))
     assert r.status_code == 422, r.text
     assert "int32, expected float32" in r.json()["detail"]
+    assert live.count() == before
+
+
+@pytest.mark.parametrize(
+    "metrics", ['{"train_loss": NaN}', '["loss"]', '{"Loss!": 1}', '{"a": "' + "x" * 5000 + '"}']
+)
+def test_report_with_hostile_metrics_is_refused(live: Round, metrics: str) -> None:
+    before = live.count()
+    r = live.report("bad-2", _good_update(), metrics=metrics)
+    assert r.status_code == 422, r.text
     assert live.count() == before
 
 

@@ -18,7 +18,6 @@ import pytest
 from fedfleet.aggregator.actor import Aggregator
 from fedfleet.coordinator.actor import Coordinator
 from fedfleet.core.checkpoint import unpack_checkpoint
-from fedfleet.core.models import weight_shapes
 from fedfleet.core.privacy import secagg_params, secagg_vector
 from fedfleet.core.protocol import CheckIn, Reconnect, ReportEnvelope, ReportRejected, Task
 from fedfleet.core.secagg import SecAggClient
@@ -28,6 +27,7 @@ from fedfleet.device.runtime import SecureContribution
 from fedfleet.device.secure import SecureSession
 from fedfleet.selector.actor import Selector
 from fedfleet.store.memory import MemoryStore
+from fedfleet.tasks import task_of
 
 pytestmark = pytest.mark.integration
 
@@ -125,7 +125,7 @@ class World:
             if all(link.task is not None for link in links.values()):
                 break
             self.tick()
-        shapes = weight_shapes(self.job.spec.model)
+        shapes = task_of(self.job).shapes
         devices = []
         for i, (device_id, link) in enumerate(links.items()):
             assert link.task is not None and link.task.privacy is not None
@@ -147,7 +147,7 @@ class World:
             a.round_key,
             a.aggregator,
             a.ticket,
-            secagg_params(plan, weight_shapes(self.job.spec.model)),
+            secagg_params(plan, task_of(self.job).shapes),
             secagg_vector(plan, dev.delta, dev.examples),
             {},
         )
@@ -191,7 +191,7 @@ class World:
     def model(self) -> list[np.ndarray]:
         ckpt = self.store.checkpoint(self.job.key)
         assert ckpt is not None
-        weights, _ = unpack_checkpoint(ckpt.data, self.job.spec.model)
+        weights, _ = unpack_checkpoint(ckpt.data, task_of(self.job).shapes)
         return weights
 
 
@@ -259,7 +259,7 @@ def test_forged_and_replayed_advertisements_are_refused_and_the_round_still_comm
     devices = world.configured(GOAL, np.random.default_rng(4))
     honest, other, replayer = devices[0], devices[1], devices[2]
     a = replayer.task.assignment
-    shapes = weight_shapes(world.job.spec.model)
+    shapes = task_of(world.job).shapes
     assert replayer.task.privacy is not None
     params = secagg_params(replayer.task.privacy, shapes)
 

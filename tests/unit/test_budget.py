@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from fedfleet.core.budget import estimate_memory, format_bytes, memory_problem, parse_bytes
+from fedfleet.core.budget import (
+    MemoryEstimate,
+    estimate_memory,
+    format_bytes,
+    memory_problem,
+    parse_bytes,
+)
 from fedfleet.core.spec import FLJobSpec
+from fedfleet.tasks.builtin import weight_shapes
 
 pytestmark = pytest.mark.unit
 
@@ -14,20 +23,28 @@ def _spec(**fields: object) -> FLJobSpec:
     return FLJobSpec.model_validate({"population": "p", **fields})
 
 
+def _params(spec: FLJobSpec) -> int:
+    return sum(math.prod(shape) for shape in weight_shapes(spec.model))
+
+
+def estimate(spec: FLJobSpec) -> MemoryEstimate:
+    return estimate_memory(spec, _params(spec))
+
+
 def test_the_estimate_grows_with_devices_and_model_size() -> None:
-    small = estimate_memory(_spec()).total
-    assert estimate_memory(_spec(fleet={"devices": 100_000})).total > small + 100 * 2**20
+    small = estimate(_spec()).total
+    assert estimate(_spec(fleet={"devices": 100_000})).total > small + 100 * 2**20
     big_model = _spec(model={"kind": "mlp", "inputs": 64, "classes": 10, "hidden": [100_000]})
-    assert estimate_memory(big_model).largest()[2] == "spec.model"
+    assert estimate(big_model).largest()[2] == "spec.model"
 
 
 def test_a_job_over_the_limit_is_refused_with_the_estimate() -> None:
     spec = _spec(fleet={"devices": 1_000_000})
-    problem = memory_problem(spec, 1 << 30)
+    problem = memory_problem(spec, 1 << 30, _params(spec))
     assert problem is not None
     assert problem.startswith("spec.fleet.devices: the job needs an estimated ")
-    assert format_bytes(estimate_memory(spec).total) in problem
-    assert memory_problem(spec, 64 << 30) is None
+    assert format_bytes(estimate(spec).total) in problem
+    assert memory_problem(spec, 64 << 30, _params(spec)) is None
 
 
 @pytest.mark.parametrize(

@@ -14,15 +14,18 @@ import types
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from rich.console import Console
 
 from fedfleet.cli import EXAMPLES, SUBCOMMANDS, main
+from fedfleet.core.checkpoint import pack_checkpoint
 from fedfleet.core.spec import FLJob, load_manifest
 from fedfleet.progress import LineProgress, LiveProgress, QuietProgress, make_progress
 from fedfleet.report import summary_rows, write_plot, write_report
 from fedfleet.results import JobResult, ProgressSink, RoundRecord
+from fedfleet.tasks.weights_file import load_weights
 
 pytestmark = pytest.mark.unit
 
@@ -42,6 +45,11 @@ spec:
 """
 
 
+# A real checkpoint of the default model (softmax 64 -> 10): run writes it out as safetensors.
+FINAL_WEIGHTS = [np.full((64, 10), 0.5, np.float32), np.arange(10, dtype=np.float32)]
+MODEL_BYTES = pack_checkpoint(FINAL_WEIGHTS, {"m": np.zeros(3)})
+
+
 def _result(job: str = "tiny", *, succeeded: bool = True) -> JobResult:
     rounds = [
         RoundRecord(1, 3, 2, 1, False, 0.50, 1.20, 0.4, sim_seconds=30.0, model_version=1),
@@ -59,7 +67,7 @@ def _result(job: str = "tiny", *, succeeded: bool = True) -> JobResult:
         final_loss=0.60,
         succeeded=succeeded,
         reason="rounds" if succeeded else "stopped",
-        model_bytes=b"FFMODEL\x00weights",
+        model_bytes=MODEL_BYTES,
     )
 
 
@@ -190,7 +198,11 @@ def test_run_writes_model_plot_and_reports(
     code = main(["run", str(_write(tmp_path, VALID)), "--out", str(out), "--report", str(extra)])
     assert code == 0
     assert [job.name for job in fake_runner] == ["tiny"]
-    assert (out / "tiny.model").read_bytes() == b"FFMODEL\x00weights"
+    assert (out / "tiny.model").read_bytes() == MODEL_BYTES
+    weights = load_weights(out / "tiny.safetensors")
+    assert list(weights) == ["dense_0.weight", "dense_0.bias"]
+    for got, want in zip(weights.values(), FINAL_WEIGHTS, strict=True):
+        np.testing.assert_array_equal(got, want)
     assert (out / "tiny.png").read_bytes().startswith(PNG_MAGIC)
     assert json.loads((out / "tiny.json").read_text())["totals"]["rounds"] == 3
     assert json.loads(extra.read_text()) == json.loads((out / "tiny.json").read_text())
@@ -199,6 +211,16 @@ def test_run_writes_model_plot_and_reports(
     assert "round 2/3  selected 3  reports 1  dropped 2  ABANDONED (too few reports)" in stdout
     for path in (out / "tiny.model", out / "tiny.png", out / "tiny.json", extra):
         assert str(path) in stdout
+    assert str(out / "tiny.safetensors") in stdout
+
+
+def test_run_out_may_name_the_weights_file(tmp_path: Path, fake_runner: list[FLJob]) -> None:
+    target = tmp_path / "final" / "model.npz"
+    target.parent.mkdir()
+    assert main(["run", str(_write(tmp_path, VALID)), "--out", str(target), "--quiet"]) == 0
+    weights = load_weights(target)
+    np.testing.assert_array_equal(weights["dense_0.bias"], FINAL_WEIGHTS[1])
+    assert (target.parent / "tiny.json").exists()
 
 
 def test_run_quiet_has_no_round_lines_and_unsuccessful_job_exits_1(
@@ -228,6 +250,7 @@ def test_run_default_out_is_runs_job_name(
         "tiny.json",
         "tiny.model",
         "tiny.png",
+        "tiny.safetensors",
     ]
 
 

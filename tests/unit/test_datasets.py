@@ -212,7 +212,7 @@ def test_prepare_splits_and_shards_for_the_fleet() -> None:
     assert len(split.shards) == 40
     _assert_exact_cover(list(split.shards), len(split.y_train))
     assert all(len(np.unique(split.y_train[s])) <= 2 for s in split.shards)
-    x0, y0 = split.device_examples(0)
+    x0, y0 = split.device_examples(0)["x"], split.device_examples(0)["y"]
     np.testing.assert_array_equal(y0, split.y_train[split.shards[0]])
     assert len(x0) == len(y0)
     with pytest.raises(ValueError, match="read-only"):

@@ -1,22 +1,21 @@
-"""Unit tests of fedfleet.core.models: shapes, backprop, local training, FedProx."""
+"""Unit tests of the built-in numpy task (fedfleet.tasks.builtin) and fedfleet.core.models'
+weight arithmetic: shapes, backprop, local training, FedProx."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedfleet.core.models import (
-    TrainingAborted,
+from fedfleet.core.models import TrainingAborted, apply_delta, delta
+from fedfleet.core.spec import ModelKind, ModelSpec, PlanSpec
+from fedfleet.tasks.builtin import (
     TrainResult,
-    apply_delta,
-    delta,
     evaluate,
     init_weights,
     loss_and_grads,
     train_local,
     weight_shapes,
 )
-from fedfleet.core.spec import ModelKind, ModelSpec, PlanSpec
 
 pytestmark = pytest.mark.unit
 

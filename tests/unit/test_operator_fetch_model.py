@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedfleet import fetch_model
 from fedfleet.cli import main
+from fedfleet.core.checkpoint import pack_checkpoint
 from fedfleet.store.base import Store, StoreUnavailable
 from fedfleet.store.memory import MemoryStore
+from fedfleet.tasks.weights_file import load_weights
 
 pytestmark = pytest.mark.unit
 
@@ -71,3 +74,28 @@ def test_the_store_url_is_required(
     assert main(parser_default_free) == 2
     assert "--store" in capsys.readouterr().err
     assert main(["fetch-model", "--store", "ftp://x", "--job", KEY, "-o", "m"]) == 2
+
+
+def test_weights_alone_as_safetensors_named_by_the_manifests_task(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    weights = [np.full((64, 10), 0.25, np.float32), np.arange(10, dtype=np.float32)]
+    seeded = MemoryStore()
+    token = seeded.acquire_lease(KEY, "c", 60)
+    assert token is not None
+    seeded.commit_checkpoint(KEY, token, 0, 1, pack_checkpoint(weights, {"m": np.ones(2)}), {})
+    monkeypatch.setattr(fetch_model, "open_store", lambda url: seeded)
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(
+        "apiVersion: fedfleet.dev/v1alpha1\nkind: FLJob\nmetadata: {name: mnist}\n"
+        "spec: {population: p, fleet: {devices: 10}}\n"
+    )
+    base = ["fetch-model", "--store", "redis://x:6379/0", "--job", KEY]
+    named, plain = tmp_path / "m.safetensors", tmp_path / "m.npz"
+    assert main([*base, "-o", str(named), "--manifest", str(manifest)]) == 0
+    assert main([*base, "-o", str(plain)]) == 0
+    got = load_weights(named)
+    assert list(got) == ["dense_0.weight", "dense_0.bias"]  # the optimizer state is left out
+    np.testing.assert_array_equal(got["dense_0.weight"], weights[0])
+    assert list(load_weights(plain)) == ["w.0", "w.1"]
+    np.testing.assert_array_equal(load_weights(plain)["w.1"], weights[1])

@@ -38,7 +38,8 @@ from typing import Any
 from fedfleet.core.aggregation import StreamingSum, UpdateRejected, validate_update
 from fedfleet.core.checkpoint import pack_checkpoint
 from fedfleet.core.dp import PrivacyAccountant, capped_weight, clip_update, noise_rng, noise_stddev
-from fedfleet.core.models import Weights, weight_shapes
+from fedfleet.core.metrics import MetricsRejected, MetricSums, validate_metrics
+from fedfleet.core.models import Weights
 from fedfleet.core.optimizers import make_server_optimizer
 from fedfleet.core.privacy import secagg_params, sum_from_secagg
 from fedfleet.core.protocol import (
@@ -72,6 +73,7 @@ from fedfleet.core.spec import FLJob
 from fedfleet.store.base import Claim, ConflictError, FencedError, Store
 from fedfleet.store.checkpoints import CheckpointCache
 from fedfleet.store.registration import Registration
+from fedfleet.tasks import task_of
 
 log = logging.getLogger("fedfleet.aggregator")
 
@@ -101,6 +103,10 @@ class _Session:
         self.error = ""
 
 
+METRICS_PARTIAL = "#metrics"
+"""Suffix of the partial an aggregator publishes, next to its sum, with its device metrics."""
+
+
 class Aggregator:
     def __init__(
         self,
@@ -122,7 +128,8 @@ class Aggregator:
         self.address = address
         self._secret = secret
         self._evaluator = evaluator
-        self._shapes = weight_shapes(job.spec.model)
+        self._task = task_of(job)
+        self._shapes = self._task.shapes
         self._max_bytes = job.spec.aggregation.max_update_bytes
         self._registration = Registration(
             store,
@@ -138,7 +145,9 @@ class Aggregator:
         self._seen: dict[str, set[str]] = defaultdict(set)
         self._published: set[str] = set()
         self._committed: set[str] = set()
-        self._checkpoints = CheckpointCache(store, job)
+        self._checkpoints = CheckpointCache(store, job, self._task.initial)
+        self._metrics: dict[str, MetricSums] = {}
+        """Per round, the device-reported metrics' running sums (never with secure aggregation)."""
         self._lock = threading.Lock()
         self.stopped = False
         self.last_commit_error = ""
@@ -189,6 +198,10 @@ class Aggregator:
             validate_update(update, self._shapes)
         except (SerdeError, UpdateRejected) as exc:
             raise ReportRejected(422, f"update refused: {exc}") from None
+        try:
+            device_metrics = validate_metrics(env.metrics)
+        except MetricsRejected as exc:
+            raise ReportRejected(422, f"metrics refused: {exc}") from None
         key = env.round_key
         # Only a valid update may take one of the round's K slots; folding it in cannot fail.
         self._claim(state, env.device_id)
@@ -204,6 +217,7 @@ class Aggregator:
                 acc.add(update, capped_weight(env.num_examples, self._weight_cap), validated=True)
             else:
                 acc.add(update, float(env.num_examples), validated=True)
+            self._metrics.setdefault(key, MetricSums()).add(device_metrics, env.num_examples)
 
     def _serving(self, round_key: str) -> RoundState:
         """The round a device message is for, refused unless it is reporting here."""
@@ -418,6 +432,9 @@ class Aggregator:
                         secure.append(key)
                         continue
                     data = (self._sums.get(key) or StreamingSum(self._shapes)).to_bytes()
+                    metrics = self._metrics.get(key)
+                    if metrics is not None:  # before the sum: the master reads both together
+                        to_publish.append((key + METRICS_PARTIAL, metrics.to_bytes()))
                     to_publish.append((key, data))
                     self._published.add(key)
             for key in {*self._sums, *self._sessions, *self._seen}:
@@ -434,7 +451,8 @@ class Aggregator:
                 self._published.add(key)
             to_publish.append((key, partial))
         for key, data in to_publish:
-            self.store.put_partial(self.name, key, self.actor_id, data)
+            key, metrics_part, _ = key.partition(METRICS_PARTIAL)
+            self.store.put_partial(self.name, key, self.actor_id + metrics_part, data)
         for key, state in rounds.items():
             if (
                 state.phase is Phase.closing
@@ -445,6 +463,7 @@ class Aggregator:
 
     def _forget(self, key: str) -> None:
         self._sums.pop(key, None)
+        self._metrics.pop(key, None)
         self._sessions.pop(key, None)
         self._seen.pop(key, None)
         self._published.discard(key)
@@ -453,6 +472,9 @@ class Aggregator:
     # -- master aggregator ---------------------------------------------------------------------
     def _try_commit(self, state: RoundState, now: float) -> None:
         partials = self.store.partials(self.name, state.key)
+        device_metrics = MetricSums()
+        for name in [k for k in partials if k.endswith(METRICS_PARTIAL)]:
+            device_metrics.merge(MetricSums.from_bytes(partials.pop(name)))
         live = self.store.members(self.name, Role.aggregator)
         expected = [a for a in state.aggregators if a in live]
         grace_over = now >= state.closing_deadline - self._commit_grace(state)
@@ -477,7 +499,7 @@ class Aggregator:
             )
             return
         try:
-            self._commit(state, total)
+            self._commit(state, total, device_metrics.means())
         except (FencedError, ConflictError, ValueError) as exc:
             self._commit_failed(state, str(exc))
 
@@ -498,7 +520,9 @@ class Aggregator:
             else 0.0
         )
 
-    def _commit(self, state: RoundState, total: StreamingSum) -> None:
+    def _commit(
+        self, state: RoundState, total: StreamingSum, device_metrics: dict[str, float] | None = None
+    ) -> None:
         weights, opt_state = self._checkpoints.load(state.model_version)
         optimizer = make_server_optimizer(self.spec.aggregation, self._shapes)
         if opt_state:
@@ -519,6 +543,7 @@ class Aggregator:
             metrics["epsilon"] = self._accountant.epsilon(state.round)
             metrics["delta"] = self._dp.delta
         new = optimizer.step(weights, total.mean(denominator))
+        metrics.update(device_metrics or {})
         if self._evaluator is not None:
             metrics.update(self._evaluator(new))
         self.store.commit_checkpoint(
@@ -535,6 +560,7 @@ class Aggregator:
         self.stopped = True
         with self._lock:
             self._sums.clear()
+            self._metrics.clear()
             self._sessions.clear()
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter
 
 from fedfleet.aggregator.actor import Aggregator, Evaluator
+from fedfleet.core.metrics import MetricsRejected, parse_metrics
 from fedfleet.core.protocol import (
     SECAGG_STEP_PATTERN,
     ReportEnvelope,
@@ -33,18 +34,21 @@ __all__ = ["create_app", "dataset_evaluator", "internal_doors"]
 log = logging.getLogger("fedfleet.aggregator")
 
 
-def dataset_evaluator(job: FLJob) -> Evaluator:
-    """Server-side evaluation on the held-out split of the job's dataset."""
-    from fedfleet.core.models import evaluate
-    from fedfleet.device.datasets import prepare
+def dataset_evaluator(job: FLJob) -> Evaluator | None:
+    """Server-side evaluation with the job's task on its held-out examples (None: the
+    manifest names none). Raises ``TaskError``/``DataError`` naming the field if they do not
+    fit the task."""
+    from fedfleet.device.datasets import load_evaluation
+    from fedfleet.tasks import check_data, task_of
+    from fedfleet.tasks.evaluation import task_evaluator
 
-    split = prepare(job.spec.fleet)
-
-    def run(weights: list[Any]) -> dict[str, float]:
-        loss, acc = evaluate(job.spec.model, weights, split.x_test, split.y_test)
-        return {"loss": loss, "accuracy": acc}
-
-    return run
+    test = load_evaluation(job.spec.fleet, job.spec.evaluation)
+    if test is None:
+        return None
+    loaded = task_of(job)
+    where = "spec.evaluation.data" if job.spec.evaluation.data else "spec.fleet"
+    check_data(loaded, test, where)
+    return task_evaluator(loaded, test)
 
 
 def internal_doors(job: FLJob, keys: JobKeys) -> list[Door]:
@@ -112,13 +116,18 @@ def create_app(
         x_fedfleet_device: Annotated[str, Header(min_length=1, max_length=128)],
         x_fedfleet_ticket: Annotated[str, Header(min_length=1, max_length=128)],
         x_fedfleet_examples: Annotated[int, Header(ge=1)],
+        x_fedfleet_metrics: Annotated[str | None, Header(max_length=4096)] = None,
     ) -> Any:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not keys.internal_ok(token.strip()):
             raise HTTPException(401, "invalid internal token")
         body = await request.body()
+        try:
+            metrics = parse_metrics(x_fedfleet_metrics) if x_fedfleet_metrics else {}
+        except MetricsRejected as exc:
+            raise HTTPException(422, f"x-fedfleet-metrics: {exc}") from None
         env = ReportEnvelope(
-            x_fedfleet_device, round_key, x_fedfleet_ticket, x_fedfleet_examples, body
+            x_fedfleet_device, round_key, x_fedfleet_ticket, x_fedfleet_examples, body, metrics
         )
         try:
             await run_in_threadpool(aggregator.accept, env)

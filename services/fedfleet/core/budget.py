@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from typing import Final
 
-from fedfleet.core.models import weight_shapes
 from fedfleet.core.spec import Algorithm, Dataset, FLJobSpec
 
 __all__ = [
@@ -54,13 +53,9 @@ class MemoryEstimate:
         return name, size, field, how
 
 
-def _parameters(spec: FLJobSpec) -> int:
-    return sum(math.prod(shape) for shape in weight_shapes(spec.model))
-
-
-def estimate_memory(spec: FLJobSpec) -> MemoryEstimate:
-    """Peak bytes of an embedded run of ``spec`` (``fedfleet run``; ``up`` is no larger)."""
-    params = _parameters(spec)
+def estimate_memory(spec: FLJobSpec, params: int) -> MemoryEstimate:
+    """Peak bytes of an embedded run of ``spec`` (``fedfleet run``; ``up`` is no larger) whose
+    model has ``params`` parameters (the task's; core knows no model)."""
     model = 4 * params
     aggregators = spec.actors.aggregator_count(spec.rounds)
     in_flight = spec.rounds.selection_target
@@ -76,7 +71,7 @@ def estimate_memory(spec: FLJobSpec) -> MemoryEstimate:
         {
             "model": (
                 model_bytes,
-                "spec.model",
+                "spec.task" if spec.task is not None else "spec.model",
                 f"{params:,} parameters x ({model_copies} copies + {aggregators} "
                 f"aggregator sums + {in_flight} updates in flight)",
             ),
@@ -117,9 +112,9 @@ def parse_bytes(text: str) -> int:
     return int(value * factor)
 
 
-def memory_problem(spec: FLJobSpec, limit: int) -> str | None:
+def memory_problem(spec: FLJobSpec, limit: int, params: int) -> str | None:
     """Why ``spec`` cannot run within ``limit`` bytes, naming its largest part; or ``None``."""
-    estimate = estimate_memory(spec)
+    estimate = estimate_memory(spec, params)
     if estimate.total <= limit:
         return None
     name, size, field, how = estimate.largest()

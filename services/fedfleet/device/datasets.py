@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,11 +21,24 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from fedfleet.core.spec import Dataset, FleetSpec
+from fedfleet.core.spec import Dataset, DataSpec, EvaluationSpec, FleetSpec
+from fedfleet.device.userdata import (
+    DataError,
+    Fields,
+    dirichlet_partition,
+    iid_partition,
+    label_key,
+    natural_partition,
+    read_directory,
+    read_file,
+    take,
+)
 
 __all__ = [
+    "DataError",
     "DatasetSplit",
     "load_dataset",
+    "load_evaluation",
     "partition",
     "prepare",
     "train_test_split",
@@ -188,35 +202,149 @@ def partition(
 # eq=False: field-wise == on arrays is elementwise and ambiguous, so compare by identity.
 @dataclass(frozen=True, eq=False)
 class DatasetSplit:
-    """A dataset split for one fleet: the held-out test set and each device's training indices."""
+    """A dataset split for one fleet: each device's training rows and the held-out set.
 
-    x_train: NDArray[np.float32]
-    """Training features, one row per example."""
-    y_train: NDArray[np.int64]
-    """Training labels."""
-    x_test: NDArray[np.float32]
-    """Held-out features for server-side evaluation."""
-    y_test: NDArray[np.int64]
-    """Held-out labels."""
+    Examples are named fields (``x``/``y`` for the built-in datasets and tables); the fields of
+    ``train`` are shared by all devices and ``shards`` index into them.
+    """
+
+    train: Fields
+    """Training examples, one row per example in every field."""
+    test: Fields | None
+    """Held-out examples for server-side evaluation (None: the manifest names none)."""
     shards: tuple[NDArray[np.int64], ...]
-    """Per device, indices into ``x_train``/``y_train``; disjoint and covering every row."""
+    """Per device, indices into ``train``; disjoint and covering every row."""
 
-    def device_examples(self, device: int) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    def device_examples(self, device: int) -> Fields:
         """The training examples held by ``device`` (0-based)."""
-        idx = self.shards[device]
-        return self.x_train[idx], self.y_train[idx]
+        return take(self.train, self.shards[device])
+
+    @property
+    def x_train(self) -> NDArray[Any]:
+        return self.train["x"]
+
+    @property
+    def y_train(self) -> NDArray[Any]:
+        return self.train["y"]
+
+    @property
+    def x_test(self) -> NDArray[Any]:
+        assert self.test is not None
+        return self.test["x"]
+
+    @property
+    def y_test(self) -> NDArray[Any]:
+        assert self.test is not None
+        return self.test["y"]
 
 
-def prepare(fleet: FleetSpec) -> DatasetSplit:
-    """Load ``fleet.dataset``, hold out ``fleet.test_fraction`` and shard it over the devices."""
-    x, y = load_dataset(fleet.dataset)
-    x_train, y_train, x_test, y_test = train_test_split(x, y, fleet.test_fraction, fleet.seed)
+def _read_only_fields(fields: Fields) -> Fields:
+    return {k: _read_only(np.ascontiguousarray(v)) for k, v in fields.items()}
+
+
+def _split_fields(fields: Fields, test_fraction: float, seed: int) -> tuple[Fields, Fields]:
+    n = len(next(iter(fields.values())))
+    if n < 2:
+        raise DataError("spec.fleet.data: need at least two examples to hold some out")
+    n_test = min(n - 1, max(1, round(n * test_fraction)))
+    order = np.random.default_rng(seed).permutation(n)
+    return take(fields, order[n_test:]), take(fields, order[:n_test])
+
+
+def _partition_fields(
+    fleet: FleetSpec, data: DataSpec, train: Fields, rng: np.random.Generator
+) -> list[NDArray[np.int64]]:
+    label = label_key(train, data)
+    n = len(train[label])
+    if n < fleet.devices:
+        raise DataError(
+            f"spec.fleet.data: {n} training examples for {fleet.devices} devices "
+            "(spec.fleet.devices): every device needs one"
+        )
+    labels = train[label]
+    if data.partition in ("dirichlet", "shards"):
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(
+                f"spec.fleet.data.partition: {data.partition} needs integer class labels in "
+                f"{label!r}, got shape {labels.shape[1:]} {labels.dtype}"
+            )
+    if data.partition == "iid":
+        return iid_partition(n, fleet.devices, rng)
+    if data.partition == "dirichlet":
+        return dirichlet_partition(labels, fleet.devices, data.alpha, rng)
+    if data.partition == "shards":
+        return partition(labels, fleet.devices, max(1, fleet.shards_per_device), rng)
+    if data.id_column is None or data.id_column not in train:
+        raise DataError(
+            "spec.fleet.data.idColumn: the natural partition needs the field naming each "
+            "example's owner"
+        )
+    return natural_partition(train[data.id_column], fleet.devices, "spec.fleet.data.idColumn")
+
+
+def _user_data(
+    fleet: FleetSpec, data: DataSpec, held_out: bool
+) -> tuple[Fields, Fields | None, list[NDArray[np.int64]]]:
+    path = Path(data.path)
     rng = np.random.default_rng([fleet.seed, _PARTITION_STREAM])
-    shards = partition(y_train, fleet.devices, fleet.shards_per_device, rng)
+    if path.is_dir():
+        per_device = read_directory(path, data, "spec.fleet.data.path")
+        if len(per_device) != fleet.devices:
+            raise DataError(
+                f"spec.fleet.devices: {fleet.devices} devices, but spec.fleet.data.path holds "
+                f"{len(per_device)} files (one per device)"
+            )
+        sizes = [len(f[label_key(f, data)]) for f in per_device]
+        train = {k: np.concatenate([f[k] for f in per_device]) for k in per_device[0]}
+        starts = np.cumsum([0, *sizes])
+        shards = [np.arange(a, b, dtype=np.int64) for a, b in itertools.pairwise(starts)]
+        return train, None, shards
+    if not path.is_file():
+        raise DataError(f"spec.fleet.data.path: {path} is neither a file nor a directory")
+    fields = read_file(path, data, "spec.fleet.data.path")
+    test: Fields | None = None
+    if held_out:
+        fields, test = _split_fields(fields, fleet.test_fraction, fleet.seed)
+    return fields, test, _partition_fields(fleet, data, fields, rng)
+
+
+def load_evaluation(fleet: FleetSpec, evaluation: EvaluationSpec | None) -> Fields | None:
+    """The held-out examples server-side evaluation uses (see :func:`prepare`)."""
+    if evaluation is not None and evaluation.data is not None:
+        spec = fleet.data or DataSpec(path=evaluation.data)
+        return read_file(Path(evaluation.data), spec, "spec.evaluation.data")
+    return prepare(fleet, evaluation).test
+
+
+def prepare(fleet: FleetSpec, evaluation: EvaluationSpec | None = None) -> DatasetSplit:
+    """Load the fleet's examples (``fleet.data``, else the built-in ``fleet.dataset``) and
+    deal them out to the devices.
+
+    The held-out set is ``evaluation.data`` when the manifest names it (and then no example is
+    held out of the fleet's); otherwise ``fleet.test_fraction`` of a single file or built-in
+    dataset; none for a directory of per-device files.
+    """
+    named_eval = evaluation is not None and evaluation.data is not None
+    if fleet.data is not None:
+        train, test, shards = _user_data(fleet, fleet.data, held_out=not named_eval)
+    else:
+        x, y = load_dataset(fleet.dataset)
+        if named_eval:
+            x_train, y_train, test = x, y, None
+        else:
+            x_train, y_train, x_test, y_test = train_test_split(
+                x, y, fleet.test_fraction, fleet.seed
+            )
+            test = {"x": x_test, "y": y_test}
+        train = {"x": x_train, "y": y_train}
+        rng = np.random.default_rng([fleet.seed, _PARTITION_STREAM])
+        shards = partition(train["y"], fleet.devices, fleet.shards_per_device, rng)
+    if named_eval:
+        assert evaluation is not None and evaluation.data is not None
+        spec = fleet.data or DataSpec(path=evaluation.data)
+        test = read_file(Path(evaluation.data), spec, "spec.evaluation.data")
     return DatasetSplit(
-        x_train=_read_only(x_train),
-        y_train=_read_only(y_train),
-        x_test=_read_only(x_test),
-        y_test=_read_only(y_test),
+        train=_read_only_fields(train),
+        test=None if test is None else _read_only_fields(test),
         shards=tuple(_read_only(s) for s in shards),
     )

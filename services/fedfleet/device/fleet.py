@@ -42,6 +42,7 @@ from fedfleet.device.runtime import (
 )
 from fedfleet.device.secure import SecureSession
 from fedfleet.device.simloop import SimLoop
+from fedfleet.device.userdata import take
 from fedfleet.selector.actor import DeviceLink
 
 __all__ = ["FleetStats", "SelectorPort", "SimulatedFleet", "availability"]
@@ -120,7 +121,7 @@ class SimulatedFleet:
         self.stats = FleetStats()
         self.devices: list[_Device] = []
         for i, idx in enumerate(data.shards):
-            examples = ArrayExamples(data.x_train[idx], data.y_train[idx])
+            examples = ArrayExamples(take(data.train, idx))
             runtime = FLRuntime(
                 f"dev-{i:06d}",
                 population,

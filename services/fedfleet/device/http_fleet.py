@@ -63,6 +63,7 @@ from fedfleet.device.runtime import (
     TaskAborted,
 )
 from fedfleet.device.secure import SecureSession
+from fedfleet.device.userdata import take
 from fedfleet.service.keys import JobKeys
 
 __all__ = ["HttpFleet", "HttpFleetStats"]
@@ -228,7 +229,7 @@ class HttpFleet:
         self.weights = WeightsCache()
         self.rng = np.random.default_rng(self.fleet.seed + 1)
         self._pick = random.Random(self.fleet.seed + 2)
-        split = data if data is not None else prepare(self.fleet)
+        split = data if data is not None else prepare(self.fleet, job.spec.evaluation)
         indices = range(len(split.shards)) if devices is None else devices
         self.devices: list[_Device] = []
         for i in indices:
@@ -238,7 +239,7 @@ class HttpFleet:
             runtime = FLRuntime(
                 f"{id_prefix}-{i:06d}",
                 self.spec.population,
-                ArrayExamples(split.x_train[idx], split.y_train[idx]),
+                ArrayExamples(take(split.train, idx)),
                 policy=self.spec.eligibility,
                 rng=np.random.default_rng([self.fleet.seed, i]),
             )

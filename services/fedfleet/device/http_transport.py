@@ -26,6 +26,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import ssl
@@ -41,7 +42,7 @@ import httpx
 import numpy as np
 from pydantic import ValidationError
 
-from fedfleet.core.models import Weights, weight_shapes
+from fedfleet.core.models import Weights
 from fedfleet.core.protocol import (
     Assignment,
     CheckIn,
@@ -51,7 +52,7 @@ from fedfleet.core.protocol import (
     Task,
 )
 from fedfleet.core.serde import SerdeError, decode_arrays
-from fedfleet.core.spec import ModelSpec, PlanSpec
+from fedfleet.core.spec import PlanSpec, TaskSpec
 
 __all__ = [
     "ProtocolError",
@@ -106,10 +107,11 @@ class TaskInfo:
     round_key: str
     model_version: int
     checkpoint_url: str
-    model: ModelSpec
+    task: TaskSpec
     plan: PlanSpec
     aggregator: str
     privacy: PrivacyPlan | None = None
+    evaluate: bool = False
 
 
 def _retry_after(response: httpx.Response) -> float:
@@ -369,12 +371,13 @@ class SelectorClient:
                 round_key=str(body["round_key"]),
                 model_version=int(body["model_version"]),
                 checkpoint_url=str(body["checkpoint_url"]),
-                model=ModelSpec.model_validate(body["model"]),
+                task=TaskSpec.model_validate(body["task"]),
                 plan=PlanSpec.model_validate(body["plan"]),
                 aggregator=str(body["aggregator"]),
                 privacy=(
                     None if body.get("privacy") is None else PrivacyPlan.from_dict(body["privacy"])
                 ),
+                evaluate=bool(body.get("evaluate", False)),
             )
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             raise ProtocolError(f"bad task description: {exc}") from None
@@ -397,19 +400,14 @@ class SelectorClient:
     async def task(self, assignment: Assignment, info: TaskInfo) -> Task:
         """The core :class:`Task` for a configured assignment: plan plus downloaded weights."""
         weights = await self.checkpoint(info.model_version, info.checkpoint_url)
-        expected = weight_shapes(info.model)
-        if [tuple(w.shape) for w in weights] != expected:
-            raise ProtocolError(
-                f"checkpoint {info.model_version} has shapes "
-                f"{[w.shape for w in weights]}, the model needs {expected}"
-            )
         return Task(
             Assignment(assignment.round_key, info.aggregator, assignment.ticket),
-            info.model,
+            info.task,
             info.plan,
             info.model_version,
             weights,
             info.privacy,
+            info.evaluate,
         )
 
     async def report(self, env: ReportEnvelope, aggregator: str) -> None:
@@ -425,6 +423,7 @@ class SelectorClient:
                 "x-fedfleet-ticket": env.ticket,
                 "x-fedfleet-examples": str(env.num_examples),
                 "x-fedfleet-aggregator": aggregator,
+                "x-fedfleet-metrics": json.dumps(env.metrics),
             },
         )
         if r.status_code not in (200, 202):

@@ -8,21 +8,24 @@ lives with the caller; this module only decides and computes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedfleet.core.dp import clip_update
 from fedfleet.core.eligibility import ineligibility_reason
-from fedfleet.core.models import TrainingAborted, delta, train_local, weight_shapes
+from fedfleet.core.metrics import MetricsRejected, validate_metrics
+from fedfleet.core.models import TrainingAborted, shapes_of
 from fedfleet.core.privacy import secagg_params, secagg_vector
 from fedfleet.core.protocol import CheckIn, Reconnect, ReportEnvelope, Task
 from fedfleet.core.secagg import SecAggParams
 from fedfleet.core.serde import encode_arrays
-from fedfleet.core.spec import EligibilitySpec
+from fedfleet.core.spec import EligibilitySpec, TaskSpec
+from fedfleet.tasks import Examples, LoadedTask, TaskError, load_task
+from fedfleet.tasks.api import metrics_of
 
 __all__ = [
     "ArrayExamples",
@@ -63,28 +66,40 @@ class DeviceConditions:
 
 
 class ExampleSource(Protocol):
-    """What the runtime reads training data from (the Example Store's query API)."""
+    """What the runtime reads training data from (the Example Store's query API): records as
+    named fields of equal length (:data:`fedfleet.tasks.Examples`)."""
 
     def count(self, now: float) -> int: ...
 
-    def query(
-        self, now: float, *, limit: int | None = None
-    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]: ...
+    def query(self, now: float, *, limit: int | None = None) -> Examples: ...
 
 
 class ArrayExamples:
     """An Example Store over arrays already in memory (a shard of a dataset, in simulation)."""
 
-    def __init__(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> None:
-        self._x, self._y = x, y
+    def __init__(self, fields: Mapping[str, NDArray[Any]]) -> None:
+        self._fields = dict(fields)
+        self._n = len(next(iter(self._fields.values()))) if self._fields else 0
 
     def count(self, now: float) -> int:
-        return len(self._y)
+        return self._n
 
-    def query(
-        self, now: float, *, limit: int | None = None
-    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-        return self._x[:limit], self._y[:limit]
+    def query(self, now: float, *, limit: int | None = None) -> Examples:
+        if limit is None:
+            return self._fields
+        return {k: v[:limit] for k, v in self._fields.items()}
+
+
+def _reported(prefix: str, values: Mapping[str, Any]) -> dict[str, float]:
+    """A task's metrics as the server takes them: ``<prefix>_<name>``, valid names only."""
+    out: dict[str, float] = {}
+    for name, value in metrics_of(values).items():
+        key = f"{prefix}_{name}".lower()
+        try:
+            out.update(validate_metrics({key: value}))
+        except MetricsRejected:
+            continue
+    return out
 
 
 class FLRuntime:
@@ -96,8 +111,14 @@ class FLRuntime:
         *,
         policy: EligibilitySpec | None = None,
         rng: np.random.Generator,
+        tasks: Callable[[TaskSpec], LoadedTask] = load_task,
     ) -> None:
+        """``tasks`` turns the task a plan names into the code to run. The default imports
+        it (the simulator's devices run what the manifest names); an app on a real device
+        passes one that answers only for the tasks it ships and raises ``TaskError``
+        otherwise."""
         self.device_id = device_id
+        self.tasks = tasks
         self.population = population
         self.examples = examples
         self.policy = policy or EligibilitySpec()
@@ -143,17 +164,29 @@ class FLRuntime:
         clipped to the plan's L2 norm first. Raises :class:`TaskAborted` when eligibility is
         lost, before anything is reported.
         """
-        x, y = self.examples.query(now)
+        records = self.examples.query(now)
         if not still_eligible(0):
             raise TaskAborted("eligibility lost before training")
         try:
-            result = train_local(
-                task.model, task.plan, task.weights, x, y, self.rng, should_continue=still_eligible
+            loaded = self.tasks(task.task)
+        except TaskError as exc:
+            raise TaskAborted(f"cannot run task {task.task.ref}: {exc}") from None
+        if shapes_of(task.weights) != loaded.shapes:
+            raise TaskAborted(
+                f"checkpoint {task.model_version} has shapes {shapes_of(task.weights)}, "
+                f"the task needs {loaded.shapes}"
             )
+        fl_task = loaded.task
+        examples = fl_task.decode(records)
+        metrics: dict[str, float] = {}
+        if task.evaluate:
+            metrics.update(_reported("federated", fl_task.evaluate(task.weights, examples)))
+        try:
+            result = fl_task.train(task.weights, examples, task.plan, self.rng, still_eligible)
         except TrainingAborted as exc:
             raise TaskAborted(str(exc)) from None
-        diff = delta(result.weights, task.weights)
-        metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy}
+        diff = [np.asarray(u, dtype=np.float32) for u in result.update]
+        metrics.update(_reported("train", result.metrics))
         privacy = task.privacy
         if privacy is not None and privacy.secure_aggregation:
             return SecureContribution(
@@ -161,7 +194,7 @@ class FLRuntime:
                 round_key=task.assignment.round_key,
                 aggregator=task.assignment.aggregator,
                 ticket=task.assignment.ticket,
-                params=secagg_params(privacy, weight_shapes(task.model)),
+                params=secagg_params(privacy, loaded.shapes),
                 vector=secagg_vector(privacy, diff, result.num_examples),
                 metrics=metrics,
             )

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedfleet.core.spec import FLJob, ManifestError, load_manifest
+from fedfleet.core.spec import FLJob, ManifestError, load_manifest, with_base_dir
 
 __all__ = ["add_arguments", "parse_devices", "run"]
 
@@ -144,13 +144,15 @@ def _load(path: Path | None) -> FLJob | str:
     if path is None:
         return "error: a MANIFEST (or FEDFLEET_MANIFEST) is required"
     try:
-        return load_manifest(Path(path).read_text(encoding="utf-8"))
+        job = load_manifest(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         return f"error: cannot read manifest {path}: {exc.strerror or exc}"
     except UnicodeDecodeError as exc:
         return f"error: manifest {path} is not UTF-8 text: {exc}"
     except ManifestError as exc:
         return "\n".join([f"error: invalid FLJob in {path}:", *(f"  - {p}" for p in exc.problems)])
+    # Relative task and data paths are the manifest's directory's.
+    return with_base_dir(job, str(Path(path).resolve().parent))
 
 
 FINISHED = ("Succeeded", "Failed")
@@ -266,8 +268,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     started = time.monotonic()
+    from fedfleet.device.userdata import DataError
+    from fedfleet.tasks import TaskError
+
     try:
         why = asyncio.run(_simulate(args, loaded, selectors))
+    except (TaskError, DataError) as exc:  # the task or the fleet's data do not load
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down
         why = "interrupted"
     print(f"stopped ({why}) after {time.monotonic() - started:.1f}s", flush=True)

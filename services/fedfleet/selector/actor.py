@@ -43,6 +43,7 @@ from fedfleet.core.spec import FLJob
 from fedfleet.store.base import Store
 from fedfleet.store.checkpoints import CheckpointCache
 from fedfleet.store.registration import Registration
+from fedfleet.tasks import task_of
 
 __all__ = ["DeviceLink", "Forward", "ForwardSecAgg", "Selector"]
 
@@ -108,7 +109,7 @@ class Selector:
         self._rounds: dict[str, RoundState] = {}
         self._waiting: dict[str, dict[str, tuple[DeviceLink, Assignment]]] = defaultdict(dict)
         self._unflushed: dict[tuple[str, str], int] = defaultdict(int)
-        self._checkpoints = CheckpointCache(store, job)
+        self._checkpoints = CheckpointCache(store, job, task_of(job).initial)
         self._lock = threading.Lock()
         self.stopped = False
 
@@ -284,11 +285,12 @@ class Selector:
                     link.configure(
                         Task(
                             assignment,
-                            self.spec.model,
+                            self.spec.effective_task,
                             self.spec.plan,
                             state.model_version,
                             weights,
                             PrivacyPlan.for_group(self.spec.aggregation, group),
+                            self.spec.evaluation.federated,
                         )
                     )
             else:

@@ -15,6 +15,7 @@ Aggregation the update never travels as such: the device walks the protocol's st
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -28,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_json
 
+from fedfleet.core.metrics import MetricsRejected, parse_metrics
 from fedfleet.core.protocol import (
     SECAGG_STEP_PATTERN,
     CheckIn,
@@ -75,8 +77,15 @@ class TaskResponse(BaseModel):
     round_key: str
     model_version: int
     checkpoint_url: str
-    model: dict[str, Any]
+    task: dict[str, Any] = Field(
+        description="The task to run (`ref`, `config`); a device refuses one it does not have."
+    )
     plan: dict[str, Any]
+    evaluate: bool = Field(
+        False,
+        description="Federated evaluation: also evaluate the checkpoint on the device's "
+        "examples and report the metrics as `federated_<name>`.",
+    )
     aggregator: str
     privacy: dict[str, Any] | None = Field(
         None,
@@ -157,6 +166,7 @@ def create_app(
             "x-fedfleet-device": env.device_id,
             "x-fedfleet-ticket": env.ticket,
             "x-fedfleet-examples": str(env.num_examples),
+            "x-fedfleet-metrics": json.dumps(env.metrics),
             "content-type": "application/octet-stream",
         }
         try:
@@ -394,8 +404,9 @@ def create_app(
             round_key=round_key,
             model_version=t.model_version,
             checkpoint_url=f"/v1/checkpoints/{t.model_version}",
-            model=t.model.model_dump(by_alias=True, mode="json"),
+            task=t.task.model_dump(mode="json", include={"ref", "config"}),
             plan=t.plan.model_dump(by_alias=True, mode="json"),
+            evaluate=t.evaluate,
             aggregator=t.assignment.aggregator,
             privacy=None if t.privacy is None else t.privacy.to_dict(),
         )
@@ -425,6 +436,13 @@ def create_app(
         x_fedfleet_examples: Annotated[int, Header(ge=1)],
         x_fedfleet_aggregator: Annotated[str, Header(pattern=ID)],
         content_length: Annotated[int | None, Header()] = None,
+        x_fedfleet_metrics: Annotated[
+            str | None,
+            Header(
+                max_length=4096,
+                description="Optional JSON object of the device's metrics (name: number).",
+            ),
+        ] = None,
     ) -> Any:
         limit = job.spec.aggregation.max_update_bytes
         if content_length is not None and content_length > limit:
@@ -435,8 +453,13 @@ def create_app(
         if len(body) > limit:
             reports.labels("413").inc()
             raise HTTPException(413, f"update exceeds {limit} bytes")
+        try:
+            metrics = parse_metrics(x_fedfleet_metrics) if x_fedfleet_metrics else {}
+        except MetricsRejected as exc:
+            reports.labels("422").inc()
+            raise HTTPException(422, f"x-fedfleet-metrics: {exc}") from None
         env = ReportEnvelope(
-            x_fedfleet_device, round_key, x_fedfleet_ticket, x_fedfleet_examples, body
+            x_fedfleet_device, round_key, x_fedfleet_ticket, x_fedfleet_examples, body, metrics
         )
         try:
             await run_in_threadpool(selector.report, env, x_fedfleet_aggregator)
@@ -466,6 +489,13 @@ def create_app(
         x_fedfleet_ticket: Annotated[str, Header(min_length=1, max_length=128)],
         x_fedfleet_aggregator: Annotated[str, Header(pattern=ID)],
         content_length: Annotated[int | None, Header()] = None,
+        x_fedfleet_metrics: Annotated[
+            str | None,
+            Header(
+                max_length=4096,
+                description="Optional JSON object of the device's metrics (name: number).",
+            ),
+        ] = None,
     ) -> Any:
         """One step of a Secure Aggregation session (Bonawitz et al., CCS 2017).
 

@@ -11,8 +11,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedfleet.core.spec import ManifestError, load_manifest
+from fedfleet.core.spec import FLJob, ManifestError, load_manifest, with_base_dir
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from fedfleet.store.base import Store
 
 __all__ = ["add_service_arguments", "run_service"]
 
@@ -91,7 +97,6 @@ def run_service(role: str, args: argparse.Namespace) -> int:
     """Build the role's app and serve it until SIGTERM/SIGINT (graceful shutdown)."""
     import uvicorn
 
-    from fedfleet.service.keys import JobKeys, load_secret
     from fedfleet.service.ops import configure_logging
     from fedfleet.service.server import ServerLimits, server_config
     from fedfleet.store.factory import open_store
@@ -115,11 +120,35 @@ def run_service(role: str, args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
+    if args.manifest:  # relative task and data paths are the manifest's directory's
+        job = with_base_dir(job, str(Path(args.manifest).resolve().parent))
     try:
         store = open_store(args.store)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        app = _build_app(role, args, job, store, actor_id)
+    except ValueError as exc:  # the task or its data does not fit (TaskError, DataError)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if app is None:
+        return 2
+    config = server_config(
+        app,
+        host=args.host,
+        port=args.port,
+        limits=ServerLimits(max_connections=args.max_connections),
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _build_app(
+    role: str, args: argparse.Namespace, job: FLJob, store: Store, actor_id: str
+) -> FastAPI | None:
+    from fedfleet.service.keys import JobKeys, load_secret
+
     address = args.advertise or f"http://{args.host}:{args.port}"
     if role == "coordinator":
         from fedfleet.coordinator.app import create_app as coordinator_app
@@ -137,7 +166,7 @@ def run_service(role: str, args: argparse.Namespace) -> int:
             keys = JobKeys.from_secret(load_secret(args.secret_file))
         except (OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return None
         if role == "selector":
             from fedfleet.selector.app import create_app as selector_app
 
@@ -157,11 +186,4 @@ def run_service(role: str, args: argparse.Namespace) -> int:
                 tick_seconds=args.tick,
                 evaluator=dataset_evaluator(job),
             )
-    config = server_config(
-        app,
-        host=args.host,
-        port=args.port,
-        limits=ServerLimits(max_connections=args.max_connections),
-    )
-    uvicorn.Server(config).run()
-    return 0
+    return app

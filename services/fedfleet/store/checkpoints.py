@@ -11,8 +11,8 @@ import threading
 import numpy as np
 from numpy.typing import NDArray
 
-from fedfleet.core.checkpoint import initial_checkpoint, unpack_checkpoint
-from fedfleet.core.models import Weights
+from fedfleet.core.checkpoint import unpack_checkpoint
+from fedfleet.core.models import Weights, shapes_of
 from fedfleet.core.serde import encode_arrays
 from fedfleet.core.spec import FLJob
 from fedfleet.store.base import Store
@@ -21,9 +21,12 @@ __all__ = ["CheckpointCache"]
 
 
 class CheckpointCache:
-    def __init__(self, store: Store, job: FLJob) -> None:
+    def __init__(self, store: Store, job: FLJob, initial: Weights) -> None:
+        """``initial`` is the task's version 0, which is never stored."""
         self._store = store
         self._job = job
+        self._initial = initial
+        self._shapes = shapes_of(initial)
         self._version = -1
         self._weights: Weights = []
         self._opt: dict[str, NDArray[np.generic]] = {}
@@ -40,7 +43,7 @@ class CheckpointCache:
     def _load(self, version: int) -> tuple[Weights, dict[str, NDArray[np.generic]]]:
         if version != self._version:
             if version == 0:
-                self._weights, self._opt = initial_checkpoint(self._job.spec.model)
+                self._weights, self._opt = list(self._initial), {}
                 self._raw = b""
             else:
                 cp = self._store.checkpoint(self._job.key)
@@ -49,7 +52,7 @@ class CheckpointCache:
                     raise ValueError(
                         f"checkpoint version {version} not available (store has {have})"
                     )
-                self._weights, self._opt = unpack_checkpoint(cp.data, self._job.spec.model)
+                self._weights, self._opt = unpack_checkpoint(cp.data, self._shapes)
                 self._raw = cp.data
             self._version = version
         return self._weights, self._opt

@@ -1,0 +1,1 @@
+"""A linear-regression task for fedfleet, in plain numpy (see ``linreg.task``)."""
