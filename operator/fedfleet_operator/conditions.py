@@ -60,6 +60,8 @@ class Reason:
     EPSILON_BUDGET_SPENT: Final = "EpsilonBudgetSpent"
     SUCCEEDED: Final = "Succeeded"
     FAILED: Final = "Failed"
+    COMMIT_FAILURES: Final = "CommitFailures"
+    """The master could not evaluate or commit for ``rounds.maxCommitFailures`` attempts."""
     CHILDREN_APPLIED: Final = "ChildrenApplied"
     CLEANUP_SKIPPED: Final = "StoreCleanupSkipped"
     CLEANED_UP: Final = "StoreCleanedUp"

@@ -36,6 +36,8 @@ __all__ = [
     "LastRound",
     "ModelLocation",
     "changed_fields",
+    "failure_message",
+    "failure_reason",
     "fetch_command",
     "model_location",
     "phase_from_store",
@@ -182,9 +184,27 @@ def _complete(phase: JobPhase, job_state: Mapping[str, Any], round_: int) -> Con
             )
         return condition(COMPLETE, True, Reason.ROUNDS_COMPLETED, f"{round_} rounds committed")
     if phase is JobPhase.failed:
-        reason = str(job_state.get("reason") or "the coordinator reported failure")
-        return condition(COMPLETE, False, Reason.FAILED, reason)
+        return condition(COMPLETE, False, failure_reason(job_state), failure_message(job_state))
     return condition(COMPLETE, False, Reason.IN_PROGRESS, "")
+
+
+def failure_reason(job_state: Mapping[str, Any]) -> str:
+    """The condition and Event reason of a failed job."""
+    if job_state.get("reason") == "commit-failures":
+        return Reason.COMMIT_FAILURES
+    return Reason.FAILED
+
+
+def failure_message(job_state: Mapping[str, Any]) -> str:
+    """Why a job failed, with the last error the coordinator recorded."""
+    reason = str(job_state.get("reason") or "the coordinator reported failure")
+    if job_state.get("reason") == "commit-failures":
+        reason = (
+            f"{_int(job_state.get('commit_failures'))} consecutive attempts could not be "
+            "committed (spec.rounds.maxCommitFailures)"
+        )
+    error = str(job_state.get("last_error") or "")
+    return f"{reason}; last error: {error}" if error else reason
 
 
 def _invalid(invalid: str | None) -> ConditionSpec:

@@ -73,7 +73,7 @@ async def follow(
         for a in fresh:
             now = time.perf_counter()
             seen += 1
-            if a.get("reason") == "job-finished":
+            if a.get("reason") in ("job-finished", "job-failed"):
                 continue
             record = record_from_attempt(a, now - last)
             last = now
@@ -126,6 +126,8 @@ def run_up(
     result.sim_seconds = result.wall_seconds
     result.succeeded = finished and state.get("phase") == JobPhase.succeeded.value
     result.reason = str(state.get("reason", "" if finished else "timeout"))
+    if not result.succeeded:
+        result.error = str(state.get("last_error", ""))
     if history:
         result.final_accuracy = float(history[-1]["accuracy"])
         result.final_loss = float(history[-1]["loss"])

@@ -33,6 +33,8 @@ from fedfleet_operator.status import (
     TERMINAL_PHASES,
     FLJobStatus,
     changed_fields,
+    failure_message,
+    failure_reason,
     fetch_command,
     status_from_store,
     store_unavailable_status,
@@ -102,8 +104,9 @@ def sync_status(
     if new.get("phase") == JobPhase.succeeded.value:
         _finish(ctx, body, new, logger)  # before the patch: if deleting fails, retry it all
     elif new.get("phase") == JobPhase.failed.value:
-        reason = state.get("reason") or "no reason given"
-        ctx.events.warn(body, reason=Reason.FAILED, message=f"the job failed: {reason}")
+        ctx.events.warn(
+            body, reason=failure_reason(state), message=f"the job failed: {failure_message(state)}"
+        )
     patch.status.update(changed_fields(previous, new))
 
 
