@@ -22,6 +22,8 @@ from fedfleet_operator.conditions import (
 from fedfleet_operator.status import (
     FLJobStatus,
     changed_fields,
+    failure_message,
+    failure_reason,
     model_location,
     spec_status,
     status_from_store,
@@ -141,6 +143,26 @@ def test_succeeded_early_on_target_accuracy() -> None:
     state = running_state(9, phase="Succeeded", reason="target", completion_time=START + 60)
     complete = cond(compute(state, [metric(9, 0.95)]), COMPLETE)
     assert (complete["status"], complete["reason"]) == ("True", Reason.TARGET_ACCURACY_REACHED)
+
+
+def test_failed_on_commit_failures_names_the_reason_and_the_last_error() -> None:
+    state = running_state(
+        0,
+        phase="Failed",
+        reason="commit-failures",
+        commit_failures=5,
+        last_error="ValueError: x must have shape (n, 20), got (359, 64)",
+        completion_time=START + 60,
+    )
+    status = compute(state, [])
+    assert status["phase"] == "Failed"
+    complete = cond(status, COMPLETE)
+    assert (complete["status"], complete["reason"]) == ("False", Reason.COMMIT_FAILURES)
+    assert "5 consecutive attempts" in complete["message"]
+    assert "got (359, 64)" in complete["message"]
+    assert failure_reason(state) == Reason.COMMIT_FAILURES
+    assert failure_reason({"phase": "Failed", "reason": "other"}) == Reason.FAILED
+    assert failure_message({"reason": "other"}) == "other"
 
 
 def test_dp_job_shows_epsilon_and_ends_on_its_budget() -> None:

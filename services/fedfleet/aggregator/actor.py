@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -548,10 +549,14 @@ class Aggregator:
             metrics["delta"] = self._dp.delta
         new = optimizer.step(weights, total.mean(denominator))
         metrics["model_norm"] = check_commit(
-            weights, new, max_norm_ratio=self._robust.max_model_norm_ratio
+            weights, new, max_norm_ratio=self._robust.max_model_norm_ratio or None
         )
         if self._evaluator is not None:
-            metrics.update(self._evaluator(new))
+            scores = self._evaluator(new)
+            bad = sorted(k for k, v in scores.items() if not math.isfinite(float(v)))
+            if bad:
+                raise CommitRefused(f"the new model evaluates to a non-finite {', '.join(bad)}")
+            metrics.update(scores)
         self.store.commit_checkpoint(
             self.name,
             state.token,

@@ -63,9 +63,9 @@ class InfluencePolicy:
     @classmethod
     def from_spec(cls, spec: RobustnessSpec) -> InfluencePolicy:
         return cls(
-            weight_cap_multiple=spec.weight_cap_multiple,
+            weight_cap_multiple=spec.weight_cap_multiple or None,
             norm_bound=spec.norm_bound,
-            adaptive_norm_multiple=spec.adaptive_norm_multiple,
+            adaptive_norm_multiple=spec.adaptive_norm_multiple or None,
             adaptive_norm_quantile=spec.adaptive_norm_quantile,
             window=spec.history_window,
             warmup=spec.warmup_reports,

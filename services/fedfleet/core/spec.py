@@ -199,16 +199,16 @@ class RobustnessSpec(_Spec):
 
     max_examples_per_report: int = Field(1_000_000, ge=1, le=1_000_000_000)
     """A report claiming more examples than this is refused (422)."""
-    weight_cap_multiple: float | None = Field(2.0, ge=1, le=1_000_000)
+    weight_cap_multiple: float = Field(2.0, ge=0, le=1_000_000)
     """A report weighs min(examples, this x the median example count of the last
     historyWindow reports its aggregator accepted): a device claiming a million examples
-    where devices hold seven weighs 14. null weighs reports by their claimed counts."""
+    where devices hold seven weighs 14. 0 weighs reports by their claimed counts."""
     norm_bound: float | None = Field(None, gt=0, le=1e12)
     """Fixed L2 bound on each device's update: larger updates are scaled down to it. null
     uses the adaptive bound below."""
-    adaptive_norm_multiple: float | None = Field(2.0, ge=1, le=1_000_000)
+    adaptive_norm_multiple: float = Field(2.0, ge=0, le=1_000_000)
     """Without normBound, updates are scaled down to this x the adaptiveNormQuantile of the
-    last historyWindow update norms. null (with normBound null) leaves norms unbounded."""
+    last historyWindow update norms. 0 (with normBound unset) leaves norms unbounded."""
     adaptive_norm_quantile: float = Field(0.5, gt=0, lt=1)
     """Quantile of recent update norms the adaptive bound multiplies (0.5: the median, which
     liars move only when they are half the reports)."""
@@ -227,10 +227,11 @@ class RobustnessSpec(_Spec):
     trim_fraction: float = Field(0.1, ge=0, lt=0.5)
     """trimmedMean drops this fraction of the largest and of the smallest values of every
     coordinate."""
-    max_model_norm_ratio: float | None = Field(10.0, gt=1, le=1e9)
+    max_model_norm_ratio: float = Field(10.0, ge=0, le=1e9)
     """Pre-commit check: a new model whose L2 norm exceeds this x the committed model's (a
     model of norm below 1 counts as 1) is refused, the attempt abandoned and the previous
-    model kept. The new model must always be finite; null checks only that."""
+    model kept. The new model (and its evaluation) must always be finite; 0 checks only
+    that."""
 
 
 class AggregationSpec(_Spec):
