@@ -124,9 +124,7 @@ class World:
     def honest(self) -> list[np.ndarray]:
         return [self.rng.uniform(-0.1, 0.1, s).astype(np.float32) for s in self.shapes]
 
-    def report(
-        self, device: tuple[str, Task], update: list[np.ndarray], examples: int = 7
-    ) -> None:
+    def report(self, device: tuple[str, Task], update: list[np.ndarray], examples: int = 7) -> None:
         device_id, task = device
         a = task.assignment
         env = ReportEnvelope(device_id, a.round_key, a.ticket, examples, encode_arrays(update), {})
@@ -252,7 +250,7 @@ def _run(kind: str, robustness: dict[str, Any], **attacker: Any) -> tuple[Attack
 
 
 def test_million_example_claim_poisons_a_job_without_bounds() -> None:
-    spy, result = _run("examples", OFF)
+    spy, _ = _run("examples", OFF)
     assert spy.sent >= 1
     assert min(spy.accuracies[20:]) < 0.3
 
@@ -281,7 +279,7 @@ def test_several_liars_are_bounded_too() -> None:
 
 
 def test_an_embedded_job_that_cannot_commit_ends_failed_and_says_why() -> None:
-    spy, result = _run(
+    _, result = _run(
         "huge",
         {"weightCapMultiple": 0, "adaptiveNormMultiple": 0},
         devices=200,
