@@ -22,6 +22,7 @@ from pathlib import Path
 from fedfleet import __version__
 from fedfleet.core.spec import FLJob, ManifestError, load_manifest
 from fedfleet.results import JobResult, ProgressSink
+from fedfleet.store.base import StoreUnavailable
 
 __all__ = ["EXAMPLES", "SUBCOMMANDS", "Subcommand", "build_parser", "main"]
 
@@ -134,6 +135,9 @@ def _run(
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except StoreUnavailable as exc:  # an outage that outlasted the job's timeout
+        print(f"error: the store stayed unavailable: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
     files: list[tuple[str, Path]] = [
         ("model", out_dir / f"{stem}.model"),

@@ -499,6 +499,7 @@ class Aggregator:
         except CommitRefused as exc:
             self._commit_failed(state, f"pre-commit check refused the model: {exc}", publish=True)
         except StoreUnavailable:
+            self._committed.discard(state.key)  # try again once the store is back
             raise
         except Exception as exc:
             # Evaluation or the optimizer failed on this model: the coordinator must hear of it

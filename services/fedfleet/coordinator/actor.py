@@ -132,9 +132,16 @@ class Coordinator:
         """Adopt the job after taking the lease: abandon whatever the old leader had in flight."""
         assert self.token is not None
         rounds = self.store.rounds(self.name)
-        self._next_attempt = max((r.attempt for r in rounds), default=0) + 1
         prev = self.store.job_state(self.name)
-        self._next_attempt = max(self._next_attempt, int(prev.get("next_attempt", 1)))
+        # Attempt numbers name attempts and their tickets, so they must never repeat. The
+        # store's record gives the next one; the fencing token (which grows even when the
+        # store lost its data: see the Redis store) is a floor for when it has no record.
+        self._next_attempt = max(
+            self._next_attempt,
+            max((r.attempt for r in rounds), default=0) + 1,
+            int(prev.get("next_attempt", 1)),
+            self.token,
+        )
         self._started_at = float(prev.get("start_time", now))
         self._commit_failures = int(prev.get("commit_failures", 0))
         self._last_error = str(prev.get("last_error", ""))
