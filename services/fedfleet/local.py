@@ -116,7 +116,7 @@ class LocalDeployment:
         self._next_host = 2
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 180.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.store_url:
             self.redis = RedisServer(self.workdir / "redis")
