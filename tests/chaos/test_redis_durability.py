@@ -33,6 +33,8 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.integration
 
 JOB = "durable"
+ROUNDS = {"total": 8, "selectionTimeoutSeconds": 20, "reportingTimeoutSeconds": 40}
+"""Generous timeouts: the devices train in this process, on a machine other tests load too."""
 
 
 def test_a_durable_redis_keeps_every_acknowledged_commit_across_sigkill(tmp_path: Path) -> None:
@@ -89,8 +91,9 @@ def _committed(attempts: list[dict[str, Any]]) -> list[int]:
     return [int(a["model_version"]) for a in attempts if not a["abandoned"]]
 
 
+@pytest.mark.timeout(900)  # six actor processes and a job, on a shared two-core machine
 def test_redis_sigkilled_mid_job_committed_versions_survive_and_the_job_finishes() -> None:
-    job = small_job("chaos-redis-kill")
+    job = small_job("chaos-redis-kill", rounds=ROUNDS)
     total = job.spec.rounds.total
     result = JobResult(job=job.name)
     seen: dict[str, Any] = {}
@@ -105,7 +108,7 @@ def test_redis_sigkilled_mid_job_committed_versions_survive_and_the_job_finishes
                     reporting = any(r.phase.value == "reporting" for r in d.store.rounds(job.key))
                 except StoreUnavailable:
                     version, reporting = 0, False
-                if version >= 4 and reporting:
+                if version >= 3 and reporting:
                     seen["version"] = version
                     seen["metrics"] = d.store.metrics(job.key)
                     seen["attempts"] = d.store.attempts(job.key)
@@ -124,7 +127,7 @@ def test_redis_sigkilled_mid_job_committed_versions_survive_and_the_job_finishes
                 asyncio.create_task(kill_mid_job(stop)),
             ]
             try:
-                return await follow(d, result, None, timeout=300, watch=watch)
+                return await follow(d, result, None, timeout=600, watch=watch)
             finally:
                 stop.set()
                 await asyncio.gather(*tasks)
@@ -159,9 +162,10 @@ def _wait_for(predicate: Any, timeout: float) -> None:
     raise AssertionError("condition not reached")
 
 
+@pytest.mark.timeout(900)
 def test_fedfleet_up_rides_out_a_redis_outage(tmp_path: Path) -> None:
     """The command itself (a subprocess) keeps going while its store is down for a while."""
-    job = small_job("chaos-up-outage")
+    job = small_job("chaos-up-outage", rounds=ROUNDS)
     manifest = tmp_path / "job.yaml"
     manifest.write_text(manifest_yaml(job))
     report = tmp_path / "report.json"
@@ -171,11 +175,11 @@ def test_fedfleet_up_rides_out_a_redis_outage(tmp_path: Path) -> None:
         cmd += ["--store", srv.url, "--report", str(report), "--out", str(tmp_path / "out")]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            _wait_for(lambda: store.model_version(job.key) >= 3, timeout=240)
+            _wait_for(lambda: store.model_version(job.key) >= 3, timeout=600)
             srv.stop(kill=True)
             time.sleep(2.0)  # an outage of two seconds, twice the one that killed the command
             srv.start()
-            out, err = proc.communicate(timeout=300)
+            out, err = proc.communicate(timeout=600)
         finally:
             if proc.poll() is None:
                 proc.kill()
