@@ -38,7 +38,12 @@ from typing import Any
 
 from fedfleet.core.aggregation import StreamingSum, UpdateRejected, validate_update
 from fedfleet.core.checkpoint import pack_checkpoint
-from fedfleet.core.commitcheck import COMMIT_ERROR_FIELD, CommitRefused, check_commit
+from fedfleet.core.commitcheck import (
+    COMMIT_ERROR_FIELD,
+    COMMIT_REFUSED_COUNT,
+    CommitRefused,
+    check_commit,
+)
 from fedfleet.core.dp import PrivacyAccountant, capped_weight, clip_update, noise_rng, noise_stddev
 from fedfleet.core.influence import BoundedFold, InfluenceHistory, RobustFold, make_fold
 from fedfleet.core.models import Weights, weight_shapes
@@ -514,6 +519,7 @@ class Aggregator:
         log.warning("round %d (%s): nothing committed: %s", state.round, state.key, reason)
         if publish:
             self.store.put_partial(self.name, state.key, COMMIT_ERROR_FIELD, reason.encode()[:2000])
+            self.store.add_count(self.name, state.key, COMMIT_REFUSED_COUNT, self.actor_id, 1)
 
     def _commit_grace(self, state: RoundState) -> float:
         """Wait at most half the commit window for partial sums of aggregators that vanished.

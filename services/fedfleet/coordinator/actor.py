@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fedfleet.core.commitcheck import COMMIT_ERROR_FIELD
+from fedfleet.core.commitcheck import COMMIT_ERROR_FIELD, COMMIT_REFUSED_COUNT
 from fedfleet.core.dp import PrivacyAccountant
 from fedfleet.core.protocol import SECAGG_FAILED, TERMINAL, Phase, Quota, RoundState
 from fedfleet.core.roles import JobPhase, Role
@@ -223,8 +223,10 @@ class Coordinator:
 
     def _commit_error(self, r: RoundState) -> str | None:
         """Why the round's master could not commit, once it published that."""
+        if not self.store.counts(self.name, r.key, COMMIT_REFUSED_COUNT):
+            return None
         data = self.store.partials(self.name, r.key).get(COMMIT_ERROR_FIELD)
-        return None if data is None else data.decode(errors="replace")
+        return "no reason given" if data is None else data.decode(errors="replace")
 
     def _group_failed(self, r: RoundState) -> bool:
         """A Secure Aggregation group of the round failed: nothing can be committed for it."""

@@ -18,11 +18,20 @@ from numpy.typing import NDArray
 
 from fedfleet.core.dp import update_norm
 
-__all__ = ["COMMIT_ERROR_FIELD", "NORM_FLOOR", "CommitRefused", "check_commit"]
+__all__ = [
+    "COMMIT_ERROR_FIELD",
+    "COMMIT_REFUSED_COUNT",
+    "NORM_FLOOR",
+    "CommitRefused",
+    "check_commit",
+]
 
 COMMIT_ERROR_FIELD = "!commit-error"
 """Where, among an attempt's partial sums, the master publishes why it could not commit (no
 aggregator id starts with ``!``); the coordinator abandons the attempt when it sees it."""
+COMMIT_REFUSED_COUNT = "commit-refused"
+"""The attempt counter the master bumps once it published a commit error: the coordinator
+polls this small counter, and reads the (partial-sized) partials hash only once it is set."""
 
 NORM_FLOOR = 1.0
 """A committed model of smaller norm (the zero initial softmax) is compared as if its norm
