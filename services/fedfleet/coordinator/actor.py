@@ -145,9 +145,17 @@ class Coordinator:
         self._started_at = float(prev.get("start_time", now))
         self._commit_failures = int(prev.get("commit_failures", 0))
         self._last_error = str(prev.get("last_error", ""))
+        version = self.store.model_version(self.name)
         for state in rounds:
             if state.active:
-                self._end(state, now, abandoned=True, reason="coordinator-failover")
+                # A closing attempt whose commit landed before the failover did commit.
+                landed = state.phase is Phase.closing and version > state.model_version
+                self._end(
+                    state,
+                    now,
+                    abandoned=not landed,
+                    reason="" if landed else "coordinator-failover",
+                )
         self._publish_job(now, JobPhase(prev.get("phase", JobPhase.running.value)))
 
     def step_down(self) -> None:
