@@ -78,7 +78,7 @@ class Reason:
     DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
     """``spec.activeDeadlineSeconds`` passed before the job finished."""
     COMMIT_FAILURES: Final = "CommitFailures"
-    """The job's rounds kept failing to commit (the coordinator gave up)."""
+    """The master could not evaluate or commit for ``rounds.maxCommitFailures`` attempts."""
     JOB_FAILED: Final = "JobFailed"
     """The coordinator reported a failure of another kind; the message carries its words."""
     TTL_EXPIRED: Final = "TTLExpired"

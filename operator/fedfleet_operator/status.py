@@ -39,6 +39,7 @@ __all__ = [
     "ModelLocation",
     "active_since",
     "changed_fields",
+    "failure_reason",
     "fetch_command",
     "model_location",
     "phase_from_store",
@@ -196,9 +197,14 @@ def _failed(phase: JobPhase, job_state: Mapping[str, Any], round_: int) -> Condi
         if reason == Reason.DEADLINE_EXCEEDED:
             message = f"spec.activeDeadlineSeconds passed after {round_} rounds"
         elif reason == Reason.COMMIT_FAILURES:
-            message = f"rounds kept failing to commit after round {round_}"
+            message = (
+                f"{_int(job_state.get('commit_failures'))} consecutive attempts could not be "
+                f"committed after round {round_} (spec.rounds.maxCommitFailures)"
+            )
         else:
             message = f"the coordinator reported failure: {said or 'no reason given'}"
+        if error := str(job_state.get("last_error") or ""):
+            message = f"{message}; last error: {error[:500]}"
         return condition(FAILED, True, reason, message)
     if phase is JobPhase.succeeded:
         return condition(FAILED, False, Reason.SUCCEEDED, "")

@@ -24,6 +24,7 @@ from pathlib import Path
 from fedfleet import __version__
 from fedfleet.core.spec import FLJob, ManifestError, load_manifest, with_base_dir
 from fedfleet.results import JobResult, ProgressSink
+from fedfleet.store.base import StoreUnavailable
 
 __all__ = ["EXAMPLES", "SUBCOMMANDS", "Subcommand", "build_parser", "main"]
 
@@ -219,6 +220,9 @@ def _run(
         if isinstance(exc, TaskError | DataError):  # the task or data do not fit: no traceback
             return _error([f"error: {exc}"])
         raise
+    except StoreUnavailable as exc:  # an outage that outlasted the job's timeout
+        print(f"error: the store stayed unavailable: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
     files: list[tuple[str, Path]] = [
         ("model", out_dir / f"{stem}.model"),

@@ -19,6 +19,7 @@ from typing import Any
 
 from fedfleet.aggregator.actor import Aggregator
 from fedfleet.coordinator.actor import AttemptEnd, Coordinator, CoordinatorSettings
+from fedfleet.core.checkpoint import unpack_checkpoint
 from fedfleet.core.models import Weights
 from fedfleet.core.protocol import ReportEnvelope
 from fedfleet.core.roles import JobPhase
@@ -39,7 +40,11 @@ from fedfleet.tasks import task_of
 from fedfleet.tasks.evaluation import task_evaluator
 from fedfleet.tasks.validation import check_job_data
 
-__all__ = ["EmbeddedOptions", "Fault", "run_job"]
+__all__ = ["Adversary", "EmbeddedOptions", "Fault", "run_job"]
+
+Adversary = Callable[[ReportEnvelope, Weights], ReportEnvelope]
+"""A hostile device in one process: gets each report (authenticated, ticketed) and the model
+its round trains from, and returns the report the aggregator receives instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,8 @@ class EmbeddedOptions:
     """Run a standby coordinator that takes the lease if the active one dies."""
     faults: Sequence[Fault] = field(default_factory=tuple)
     settings: CoordinatorSettings = field(default_factory=CoordinatorSettings)
+    adversary: Adversary | None = None
+    """Rewrites reports before they reach the aggregator (the hostile tests' attacker)."""
 
 
 def _evaluator(job: FLJob, data: DatasetSplit) -> Callable[[Weights], dict[str, float]] | None:
@@ -91,6 +98,15 @@ def run_job(
         agg = aggregators.get(aggregator_id)
         if agg is None or agg.stopped:
             raise ConnectionError(f"aggregator {aggregator_id} unreachable")
+        if opts.adversary is not None:
+            checkpoint = store.checkpoint(job.key)
+            loaded = task_of(job)
+            weights = (
+                unpack_checkpoint(checkpoint.data, loaded.shapes)[0]
+                if checkpoint is not None
+                else loaded.initial
+            )
+            env = opts.adversary(env, weights)
         agg.accept(env)
 
     def forward_secagg(
@@ -137,7 +153,7 @@ def run_job(
             device_metrics={} if end.abandoned else device_metrics(end.metrics),
         )
         last_wall[0] = now_wall
-        if end.reason == "job-finished":
+        if end.reason in ("job-finished", "job-failed"):
             return  # a pipelined selection cut short by the end of the job is not a round
         result.rounds.append(record)
         if progress is not None:
@@ -204,6 +220,8 @@ def run_job(
     result.model_version = store.model_version(job.key)
     result.succeeded = state.get("phase") == JobPhase.succeeded.value
     result.reason = str(state.get("reason", "time-limit" if not result.succeeded else ""))
+    if not result.succeeded:
+        result.error = str(state.get("last_error", ""))
     if history:
         last = history[-1]
         result.final_metrics = numeric_metrics(last)

@@ -1,10 +1,10 @@
 """The deployed shape on one machine: redis-server and every actor as its own process.
 
-``fedfleet up`` and the integration and chaos tests use :class:`LocalDeployment`: a Redis
-server (unless a store URL is given), two coordinators (active and standby), selectors and
-aggregators, each a real uvicorn process on its own loopback address (127.0.0.2, 127.0.0.3, …)
-and a free port. Processes can be killed one by one, which is how the chaos tests crash
-actors mid-round.
+``fedfleet up`` and the integration and chaos tests use :class:`LocalDeployment`: a durable
+Redis server (:mod:`fedfleet.redis_server`, unless a store URL is given), two coordinators
+(active and standby), selectors and aggregators, each a real uvicorn process on its own
+loopback address (127.0.0.2, 127.0.0.3, …) and a free port. Processes can be killed one by
+one, which is how the chaos tests crash actors mid-round.
 
 Actors run ``python -P -m fedfleet.cli`` in the deployment's own folder: ``-P`` keeps the
 working directory off ``sys.path``, so a folder named ``fedfleet`` where the user happens to
@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import httpx
 import yaml
 
 from fedfleet.core.spec import FLJob
+from fedfleet.redis_server import RedisServer, free_port
 from fedfleet.service.keys import JobKeys
 from fedfleet.store.base import Store
 from fedfleet.store.factory import open_store
@@ -51,12 +51,6 @@ __all__ = [
 class ActorFailed(RuntimeError):
     """An actor process exited while it was expected to serve; the message holds its log's
     path and last lines."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def manifest_yaml(job: FLJob) -> str:
@@ -96,72 +90,8 @@ def _wait_http(
     raise TimeoutError(f"{url} not ready after {timeout:.0f}s ({last})")
 
 
-class RedisProcess:
-    """A private redis-server on a loopback port with a random password.
-
-    Durable (append-only file, fsync on every write) in its own folder, so stopping and
-    starting it again on the same port loses no committed checkpoint.
-    """
-
-    def __init__(self, workdir: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server not found: run `bash deploy/dev.sh setup` (Debian)")
-        self.binary = binary
-        self.host = host
-        self.port = port or free_port(host)
-        self.password = secrets.token_hex(16)
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{self.password}@{self.host}:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--bind",
-                self.host,
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--requirepass",
-                self.password,
-                "--dir",
-                str(self.workdir),
-                "--protected-mode",
-                "yes",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.port), 0.2) as s,
-            ):
-                s.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
-                if b"PONG" in s.recv(64):
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"redis-server on {self.host}:{self.port} did not answer")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+RedisProcess = RedisServer
+"""The launcher's former name here (benchmarks use it)."""
 
 
 @dataclass
@@ -202,7 +132,7 @@ class LocalDeployment:
         self.job = job
         self._own_workdir = workdir is None
         self.workdir = (workdir or Path(tempfile.mkdtemp(prefix=f"fedfleet-{job.name}-"))).resolve()
-        self.redis: RedisProcess | None = None
+        self.redis: RedisServer | None = None
         self.store_url = store_url or ""
         self.counts = {
             "coordinator": coordinators,
@@ -224,10 +154,10 @@ class LocalDeployment:
         logs are kept when the deployment stops)."""
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 180.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.store_url:
-            self.redis = RedisProcess(self.workdir / "redis")
+            self.redis = RedisServer(self.workdir / "redis")
             self.redis.start()
             self.store_url = self.redis.url
         self.manifest_path = self.workdir / "fljob.yaml"

@@ -127,4 +127,5 @@ def _outcome(result: JobResult) -> str:
             "epsilon-budget": "privacy budget spent",
         }
         return f"succeeded ({why.get(result.reason, result.reason or 'done')})"
-    return f"failed ({result.reason or 'no reason given'})"
+    error = f": {result.error}" if result.error else ""
+    return f"failed ({result.reason or 'no reason given'}{error})"

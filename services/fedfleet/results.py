@@ -71,7 +71,10 @@ class JobResult:
     succeeded: bool = False
     reason: str = ""
     """Why the job ended: 'rounds' (all rounds done), 'target' (target accuracy reached) or
-    'epsilon-budget' (another round would exceed the privacy budget)."""
+    'epsilon-budget' (another round would exceed the privacy budget); when it failed,
+    'commit-failures' (rounds.maxCommitFailures attempts in a row could not be committed)."""
+    error: str = ""
+    """When the job failed: the last error that stopped a commit."""
     epsilon: float | None = None
     """With differential privacy on: epsilon spent by the final model (at the job's delta)."""
     delta: float | None = None
@@ -97,6 +100,7 @@ class JobResult:
                 "sim_seconds": self.sim_seconds,
                 "succeeded": self.succeeded,
                 "reason": self.reason,
+                "error": self.error,
                 "epsilon": self.epsilon,
                 "delta": self.delta,
                 "metrics": self.final_metrics,

@@ -4,6 +4,11 @@ Starts a :class:`~fedfleet.local.LocalDeployment` (redis-server unless a URL is 
 coordinator and its standby, selectors, aggregators — each its own uvicorn process), drives it
 with the HTTP simulated fleet, and follows the job through the store's attempt history, so
 progress, the report and the final model are the same as ``fedfleet run``'s.
+
+A Redis outage does not end the command: every read of the store is retried with exponential
+backoff (said once per outage on stderr, and again when the store is back), and a private
+redis-server that died is started again from its append-only file. Only an outage longer than
+the job's timeout ends it, with a one-line error.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO, TypeVar
 
 from fedfleet.core.roles import JobPhase
 from fedfleet.core.spec import FLJob
@@ -24,8 +30,11 @@ from fedfleet.results import (
     device_metrics,
     numeric_metrics,
 )
+from fedfleet.store.base import StoreUnavailable
 
-__all__ = ["UpOptions", "follow", "record_from_attempt", "run_up"]
+__all__ = ["StoreWatch", "UpOptions", "follow", "record_from_attempt", "run_up"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +52,67 @@ class UpOptions:
     a device out for 1-3 rounds as in the embedded simulator; shorter rests let the same
     devices win every concentrated selection and skew a non-IID model."""
     timeout: float = 3600.0
+    restart_redis: bool = True
+    """Start the private redis-server again if it dies (it reloads its append-only file)."""
+
+
+class StoreWatch:
+    """Calls the store until it answers: exponential backoff from ``first`` to ``longest``
+    seconds, one line on ``out`` when an outage starts and one when it ends, and the private
+    redis-server restarted if it died (``restart_redis``)."""
+
+    def __init__(
+        self,
+        deployment: LocalDeployment,
+        *,
+        restart_redis: bool = True,
+        out: TextIO | None = None,
+        first: float = 0.2,
+        longest: float = 5.0,
+    ) -> None:
+        self.deployment = deployment
+        self.restart_redis = restart_redis
+        self.out = out
+        self.first = first
+        self.longest = longest
+        self.outages = 0
+        self.restarts = 0
+        self._down_since: float | None = None
+
+    def _say(self, line: str) -> None:
+        print(f"fedfleet up: {line}", file=self.out or sys.stderr, flush=True)
+
+    async def call(self, fn: Callable[..., T], *args: Any, deadline: float) -> T:
+        delay = self.first
+        while True:
+            try:
+                value = await asyncio.to_thread(fn, *args)
+            except StoreUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    self.outages += 1
+                    self._say(f"store unavailable ({exc}); retrying with backoff")
+                await asyncio.to_thread(self._revive)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, self.longest)
+                continue
+            if self._down_since is not None:
+                self._say(f"store reachable again after {time.monotonic() - self._down_since:.1f}s")
+                self._down_since = None
+            return value
+
+    def _revive(self) -> None:
+        redis = self.deployment.redis
+        if not self.restart_redis or redis is None or redis.running:
+            return
+        status = redis.exit_status
+        self._say(
+            f"redis-server exited (status {status}); starting it again from its append-only file"
+        )
+        redis.start()
+        self.restarts += 1
 
 
 def record_from_attempt(a: dict[str, Any], seconds: float) -> RoundRecord:
@@ -71,24 +141,28 @@ async def follow(
     *,
     timeout: float,
     poll: float = 0.2,
+    watch: StoreWatch | None = None,
 ) -> bool:
-    """Turn the store's attempt history into progress until the job ends; True if it did."""
+    """Turn the store's attempt history into progress until the job ends; True if it did.
+
+    Store outages are ridden out through ``watch`` (a default :class:`StoreWatch`)."""
     store, name = deployment.store, deployment.job.key
+    watch = watch or StoreWatch(deployment)
     seen, last = 0, time.perf_counter()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        fresh = await asyncio.to_thread(store.attempts, name, seen)
+        fresh = await watch.call(store.attempts, name, seen, deadline=deadline)
         for a in fresh:
             now = time.perf_counter()
             seen += 1
-            if a.get("reason") == "job-finished":
+            if a.get("reason") in ("job-finished", "job-failed"):
                 continue
             record = record_from_attempt(a, now - last)
             last = now
             result.rounds.append(record)
             if progress is not None:
                 progress.round_ended(record)
-        state = await asyncio.to_thread(store.job_state, name)
+        state = await watch.call(store.job_state, name, deadline=deadline)
         if state.get("phase") in (JobPhase.succeeded.value, JobPhase.failed.value) and not fresh:
             return True
         await asyncio.sleep(poll)
@@ -111,6 +185,7 @@ def run_up(
         tick_seconds=opts.tick_seconds,
         lease_ttl=opts.lease_ttl,
     ) as deployment:
+        watch = StoreWatch(deployment, restart_redis=opts.restart_redis)
 
         async def main() -> bool:
             fleet = HttpFleet(
@@ -119,23 +194,32 @@ def run_up(
             done = asyncio.Event()
             fleet_task = asyncio.create_task(fleet.run(until=done))
             try:
-                return await follow(deployment, result, progress, timeout=opts.timeout)
+                return await follow(deployment, result, progress, timeout=opts.timeout, watch=watch)
             finally:
                 done.set()
                 await fleet_task
 
         finished = asyncio.run(main())
         store = deployment.store
-        state = store.job_state(job.key)
-        history = store.metrics(job.key)
-        checkpoint = store.checkpoint(job.key)
-        result.model_version = store.model_version(job.key)
+
+        async def final() -> tuple[Any, ...]:
+            until = time.monotonic() + max(60.0, 4 * opts.lease_ttl)
+            return (
+                await watch.call(store.job_state, job.key, deadline=until),
+                await watch.call(store.metrics, job.key, deadline=until),
+                await watch.call(store.checkpoint, job.key, deadline=until),
+                await watch.call(store.model_version, job.key, deadline=until),
+            )
+
+        state, history, checkpoint, result.model_version = asyncio.run(final())
     for actor_id, status, log_path in deployment.failures:
         print(f"actor {actor_id} exited with status {status}; its log: {log_path}", file=sys.stderr)
     result.wall_seconds = time.perf_counter() - wall0
     result.sim_seconds = result.wall_seconds
     result.succeeded = finished and state.get("phase") == JobPhase.succeeded.value
     result.reason = str(state.get("reason", "" if finished else "timeout"))
+    if not result.succeeded:
+        result.error = str(state.get("last_error", ""))
     if history:
         result.final_metrics = numeric_metrics(history[-1])
         result.final_accuracy = result.final_metrics.get("accuracy")

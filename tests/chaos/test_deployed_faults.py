@@ -80,7 +80,7 @@ def test_redis_down_device_api_answers_503_and_everything_recovers() -> None:
             "x-fedfleet-device": "dev-1",
         }
         assert httpx.post(f"{selector}/v1/checkin", json=body, headers=auth).status_code == 200
-        d.redis.stop(signal.SIGKILL)
+        d.redis.stop(kill=True)
         deadline = time.monotonic() + 10
         r = httpx.post(f"{selector}/v1/checkin", json=body, headers=auth)
         while r.status_code != 503 and time.monotonic() < deadline:

@@ -69,7 +69,8 @@ def fedfleet(cluster: Cluster) -> Iterator[Installed]:
         "-n",
         ns,
         "--set",
-        "redis.bindPodIP=true",
+        # the test node has no volume provisioner: the bundled Redis keeps its data in the pod
+        "redis.bindPodIP=true,redis.persistence.enabled=false",
         "--wait",
         "--timeout",
         "300s",

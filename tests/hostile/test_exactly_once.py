@@ -16,6 +16,7 @@ import pytest
 
 from fedfleet.core.checkpoint import unpack_checkpoint
 from fedfleet.core.serde import decode_arrays
+from fedfleet.tasks import task_of
 from fedfleet.tasks.builtin import init_weights
 from tests.hostile.harness import Live, good_update
 
@@ -124,7 +125,7 @@ def test_the_round_commits_each_device_once(live: Live) -> None:
     history = live.store.metrics(live.job.key)
     assert history[-1]["reports"] == 3
     _, data = live.committed()
-    weights, _ = unpack_checkpoint(data, live.job.spec.model)
+    weights, _ = unpack_checkpoint(data, task_of(live.job).shapes)
     old = init_weights(live.job.spec.model)  # the round trained from version 0
     updates = [
         decode_arrays(_update(live, d), expected_shapes=[w.shape for w in old])

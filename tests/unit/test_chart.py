@@ -377,6 +377,7 @@ def test_bundled_redis_statefulset(helm: Helm) -> None:
     for flag, value in [
         ("--requirepass", "$(REDIS_PASSWORD)"),
         ("--appendonly", "yes"),
+        ("--appendfsync", "always"),
         ("--dir", "/data"),
     ]:
         assert args[args.index(flag) + 1] == value
@@ -385,9 +386,19 @@ def test_bundled_redis_statefulset(helm: Helm) -> None:
     for probe in ("readinessProbe", "livenessProbe"):
         assert redis[probe]["tcpSocket"] == {"port": 6379}
     assert pod["securityContext"]["runAsUser"] in (999, 65534)
-    assert {"name": "data", "emptyDir": {}} in pod["volumes"]
-    assert "volumeClaimTemplates" not in statefulset["spec"]
+    # durable by default: the append-only file lives on a claim, not in the pod
+    [claim] = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert "volumes" not in pod
     assert {"name": "data", "mountPath": "/data"} in redis["volumeMounts"]
+
+
+def test_redis_without_persistence_uses_an_empty_dir(helm: Helm) -> None:
+    statefulset = _one(
+        render(helm, "--set", "redis.persistence.enabled=false"), "StatefulSet", "redis"
+    )
+    assert {"name": "data", "emptyDir": {}} in statefulset["spec"]["template"]["spec"]["volumes"]
+    assert "volumeClaimTemplates" not in statefulset["spec"]
 
 
 def test_redis_persistence_uses_a_volume_claim(helm: Helm) -> None:

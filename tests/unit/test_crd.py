@@ -315,7 +315,7 @@ def test_enums_equal_the_str_enums(spec: Schema) -> None:
             literals += 1
         else:
             assert "enum" not in node, path
-    assert seen == 3  # model.kind, aggregation.algorithm, fleet.dataset
+    assert seen == 4  # model.kind, aggregation.algorithm, robustness.aggregator, fleet.dataset
     assert literals == 2  # secureAggregation.ringBits, differentialPrivacy.accountant
     props = spec["properties"]
     assert props["aggregation"]["properties"]["algorithm"]["enum"] == [a.value for a in Algorithm]

@@ -161,6 +161,24 @@ def test_succeeded_early_on_target_accuracy() -> None:
     assert (complete["status"], complete["reason"]) == ("True", Reason.TARGET_ACCURACY_REACHED)
 
 
+def test_failed_on_commit_failures_names_the_reason_and_the_last_error() -> None:
+    state = running_state(
+        0,
+        phase="Failed",
+        reason="commit-failures",
+        commit_failures=5,
+        last_error="ValueError: x must have shape (n, 20), got (359, 64)",
+        completion_time=START + 60,
+    )
+    status = compute(state, [])
+    assert status["phase"] == "Failed"
+    complete, failed = cond(status, COMPLETE), cond(status, FAILED)
+    assert (complete["status"], complete["reason"]) == ("False", Reason.FAILED)
+    assert (failed["status"], failed["reason"]) == ("True", Reason.COMMIT_FAILURES)
+    assert "5 consecutive attempts" in failed["message"]
+    assert "got (359, 64)" in failed["message"]
+
+
 def test_dp_job_shows_epsilon_and_ends_on_its_budget() -> None:
     state = running_state(4, phase="Succeeded", reason="epsilon-budget", completion_time=START)
     private = {**metric(4, 0.8), "epsilon": 1.3012345, "delta": 1e-3, "weight": 20.0}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -37,7 +38,14 @@ from typing import Any
 
 from fedfleet.core.aggregation import StreamingSum, UpdateRejected, validate_update
 from fedfleet.core.checkpoint import pack_checkpoint
+from fedfleet.core.commitcheck import (
+    COMMIT_ERROR_FIELD,
+    COMMIT_REFUSED_COUNT,
+    CommitRefused,
+    check_commit,
+)
 from fedfleet.core.dp import PrivacyAccountant, capped_weight, clip_update, noise_rng, noise_stddev
+from fedfleet.core.influence import BoundedFold, InfluenceHistory, RobustFold, make_fold
 from fedfleet.core.metrics import MetricsRejected, MetricSums, validate_metrics
 from fedfleet.core.models import Weights
 from fedfleet.core.optimizers import make_server_optimizer
@@ -70,7 +78,7 @@ from fedfleet.core.secagg import (
 )
 from fedfleet.core.serde import SerdeError, decode_arrays
 from fedfleet.core.spec import FLJob
-from fedfleet.store.base import Claim, ConflictError, FencedError, Store
+from fedfleet.store.base import Claim, ConflictError, FencedError, Store, StoreUnavailable
 from fedfleet.store.checkpoints import CheckpointCache
 from fedfleet.store.registration import Registration
 from fedfleet.tasks import task_of
@@ -83,8 +91,9 @@ Evaluator = Callable[[Weights], dict[str, float]]
 """Server-side evaluation of a candidate model: returns metrics such as accuracy and loss."""
 
 MAX_EXAMPLES_PER_REPORT = 1_000_000
-"""A report's weight is its example count; larger claims are refused so one device cannot
-dominate the average by lying about its data."""
+"""Default of ``aggregation.robustness.maxExamplesPerReport``: larger claims are refused. The
+weight a report gets is bounded further by what the population reports
+(:mod:`fedfleet.core.influence`)."""
 
 
 class _Session:
@@ -142,6 +151,9 @@ class Aggregator:
         )
         self._rounds: dict[str, RoundState] = {}
         self._sums: dict[str, StreamingSum] = {}
+        """Private jobs' sums (DP-clipped, capped weights)."""
+        self._folds: dict[str, BoundedFold | RobustFold] = {}
+        """Plain jobs' folds, each report's weight and norm bounded by the history's."""
         self._seen: dict[str, set[str]] = defaultdict(set)
         self._published: set[str] = set()
         self._committed: set[str] = set()
@@ -157,6 +169,8 @@ class Aggregator:
         self._secagg = agg.secure_aggregation
         self._dp = agg.differential_privacy
         self._clip = self._dp.clip_norm if self._dp.enabled else None
+        self._robust = agg.robustness
+        self._history = InfluenceHistory(agg.robustness.history_window)
         self._sessions: dict[str, _Session] = {}
         self._secagg_limit = secagg_message_limit(agg)
         self._now = 0.0
@@ -185,8 +199,9 @@ class Aggregator:
             raise ReportRejected(
                 409, "this job uses secure aggregation: updates are accepted only masked"
             )
-        if not 0 < env.num_examples <= MAX_EXAMPLES_PER_REPORT:
-            raise ReportRejected(422, f"num_examples must be in 1..{MAX_EXAMPLES_PER_REPORT}")
+        most = self._robust.max_examples_per_report
+        if not 0 < env.num_examples <= most:
+            raise ReportRejected(422, f"num_examples must be in 1..{most}")
         if len(env.update) > self._max_bytes:
             raise ReportRejected(413, f"update exceeds {self._max_bytes} bytes")
         try:
@@ -208,15 +223,18 @@ class Aggregator:
         with self._lock:
             if key in self._published:
                 raise ReportRejected(409, f"round {key} closed while the report arrived")
-            acc = self._sums.get(key)
-            if acc is None:
-                acc = self._sums[key] = StreamingSum(self._shapes)
             if self._private:
+                acc = self._sums.get(key)
+                if acc is None:
+                    acc = self._sums[key] = StreamingSum(self._shapes)
                 if self._clip is not None:
                     update, _ = clip_update(update, self._clip)
                 acc.add(update, capped_weight(env.num_examples, self._weight_cap), validated=True)
             else:
-                acc.add(update, float(env.num_examples), validated=True)
+                fold = self._folds.get(key)
+                if fold is None:
+                    fold = self._folds[key] = make_fold(self._shapes, self._robust, self._history)
+                fold.add(update, float(env.num_examples))
             self._metrics.setdefault(key, MetricSums()).add(device_metrics, env.num_examples)
 
     def _serving(self, round_key: str) -> RoundState:
@@ -410,8 +428,16 @@ class Aggregator:
             self._rounds = fresh
         return fresh.get(round_key)
 
-    def partial(self, round_key: str) -> StreamingSum | None:
-        return self._sums.get(round_key)
+    def partial(self, round_key: str) -> StreamingSum | BoundedFold | RobustFold | None:
+        """What this aggregator holds of a round (``.count``: reports taken), or None."""
+        return self._folds.get(round_key) or self._sums.get(round_key)
+
+    def _partial_bytes(self, key: str) -> bytes:
+        """This aggregator's partial sum of a closed round (called under the lock)."""
+        fold = self._folds.get(key)
+        if fold is not None:
+            return fold.finish().to_bytes()
+        return (self._sums.get(key) or StreamingSum(self._shapes)).to_bytes()
 
     # -- timer -------------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -431,13 +457,13 @@ class Aggregator:
                     if self._secagg.enabled:
                         secure.append(key)
                         continue
-                    data = (self._sums.get(key) or StreamingSum(self._shapes)).to_bytes()
+                    data = self._partial_bytes(key)
                     metrics = self._metrics.get(key)
                     if metrics is not None:  # before the sum: the master reads both together
                         to_publish.append((key + METRICS_PARTIAL, metrics.to_bytes()))
                     to_publish.append((key, data))
                     self._published.add(key)
-            for key in {*self._sums, *self._sessions, *self._seen}:
+            for key in {*self._sums, *self._folds, *self._sessions, *self._seen}:
                 st = rounds.get(key)
                 if st is None or not st.active:
                     self._forget(key)
@@ -464,6 +490,7 @@ class Aggregator:
     def _forget(self, key: str) -> None:
         self._sums.pop(key, None)
         self._metrics.pop(key, None)
+        self._folds.pop(key, None)
         self._sessions.pop(key, None)
         self._seen.pop(key, None)
         self._published.discard(key)
@@ -480,6 +507,7 @@ class Aggregator:
         grace_over = now >= state.closing_deadline - self._commit_grace(state)
         if any(a not in partials for a in expected) and not grace_over:
             return
+        partials.pop(COMMIT_ERROR_FIELD, None)
         failed = [
             f"{agg}: {data[len(SECAGG_FAILED) :].decode(errors='replace')}"
             for agg, data in partials.items()
@@ -500,12 +528,27 @@ class Aggregator:
             return
         try:
             self._commit(state, total, device_metrics.means())
-        except (FencedError, ConflictError, ValueError) as exc:
+        except (FencedError, ConflictError) as exc:
             self._commit_failed(state, str(exc))
+        except CommitRefused as exc:
+            self._commit_failed(state, f"pre-commit check refused the model: {exc}", publish=True)
+        except StoreUnavailable:
+            self._committed.discard(state.key)  # try again once the store is back
+            raise
+        except Exception as exc:
+            # Evaluation or the optimizer failed on this model: the coordinator must hear of it
+            # (and fail the job after rounds.maxCommitFailures), not wait for a deadline.
+            log.exception("round %d (%s): commit failed", state.round, state.key)
+            self._commit_failed(state, f"{type(exc).__name__}: {exc}", publish=True)
 
-    def _commit_failed(self, state: RoundState, reason: str) -> None:
+    def _commit_failed(self, state: RoundState, reason: str, *, publish: bool = False) -> None:
+        """Nothing is committed for the attempt; ``publish`` tells the coordinator why, so it
+        abandons the attempt at once and counts it towards ``rounds.maxCommitFailures``."""
         self.last_commit_error = reason
         log.warning("round %d (%s): nothing committed: %s", state.round, state.key, reason)
+        if publish:
+            self.store.put_partial(self.name, state.key, COMMIT_ERROR_FIELD, reason.encode()[:2000])
+            self.store.add_count(self.name, state.key, COMMIT_REFUSED_COUNT, self.actor_id, 1)
 
     def _commit_grace(self, state: RoundState) -> float:
         """Wait at most half the commit window for partial sums of aggregators that vanished.
@@ -543,9 +586,16 @@ class Aggregator:
             metrics["epsilon"] = self._accountant.epsilon(state.round)
             metrics["delta"] = self._dp.delta
         new = optimizer.step(weights, total.mean(denominator))
+        metrics["model_norm"] = check_commit(
+            weights, new, max_norm_ratio=self._robust.max_model_norm_ratio or None
+        )
         metrics.update(device_metrics or {})
         if self._evaluator is not None:
-            metrics.update(self._evaluator(new))
+            scores = self._evaluator(new)
+            bad = sorted(k for k, v in scores.items() if not math.isfinite(float(v)))
+            if bad:
+                raise CommitRefused(f"the new model evaluates to a non-finite {', '.join(bad)}")
+            metrics.update(scores)
         self.store.commit_checkpoint(
             self.name,
             state.token,
@@ -561,6 +611,7 @@ class Aggregator:
         with self._lock:
             self._sums.clear()
             self._metrics.clear()
+            self._folds.clear()
             self._sessions.clear()
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedfleet.core.commitcheck import COMMIT_ERROR_FIELD, COMMIT_REFUSED_COUNT
 from fedfleet.core.dp import PrivacyAccountant
 from fedfleet.core.protocol import SECAGG_FAILED, TERMINAL, Phase, Quota, RoundState
 from fedfleet.core.roles import DEADLINE_EXCEEDED, JobPhase, Role
@@ -23,7 +24,13 @@ from fedfleet.core.selection import Outcome, reporting_outcome, selection_outcom
 from fedfleet.core.spec import FLJob
 from fedfleet.store.base import FencedError, Store
 
-__all__ = ["AttemptEnd", "Coordinator", "CoordinatorSettings"]
+__all__ = ["COMMIT_FAILURES", "AttemptEnd", "Coordinator", "CoordinatorSettings"]
+
+COMMIT_FAILURES = "commit-failures"
+"""The reason of a job that failed because ``rounds.maxCommitFailures`` consecutive attempts
+could not be committed; the job record's ``last_error`` says what the last one hit."""
+_COMMIT_REFUSED = "commit-refused"
+_NO_COMMIT = "no-commit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,10 @@ class Coordinator:
             self.spec.rounds.selection_timeout_seconds, self.spec.rounds.reporting_timeout_seconds
         )
         self._last_commit_at: float | None = None
+        self._commit_failures = 0
+        """Consecutive attempts that reached closing but committed nothing."""
+        self._last_error = ""
+        self._failed = False
         self._started_at: float | None = None
         sa = self.spec.aggregation.secure_aggregation
         # Secure aggregation runs three more phases after a round closes, each up to its
@@ -126,13 +137,30 @@ class Coordinator:
         """Adopt the job after taking the lease: abandon whatever the old leader had in flight."""
         assert self.token is not None
         rounds = self.store.rounds(self.name)
-        self._next_attempt = max((r.attempt for r in rounds), default=0) + 1
         prev = self.store.job_state(self.name)
-        self._next_attempt = max(self._next_attempt, int(prev.get("next_attempt", 1)))
+        # Attempt numbers name attempts and their tickets, so they must never repeat. The
+        # store's record gives the next one; the fencing token (which grows even when the
+        # store lost its data: see the Redis store) is a floor for when it has no record.
+        self._next_attempt = max(
+            self._next_attempt,
+            max((r.attempt for r in rounds), default=0) + 1,
+            int(prev.get("next_attempt", 1)),
+            self.token,
+        )
         self._started_at = float(prev.get("start_time", now))
+        self._commit_failures = int(prev.get("commit_failures", 0))
+        self._last_error = str(prev.get("last_error", ""))
+        version = self.store.model_version(self.name)
         for state in rounds:
             if state.active:
-                self._end(state, now, abandoned=True, reason="coordinator-failover")
+                # A closing attempt whose commit landed before the failover did commit.
+                landed = state.phase is Phase.closing and version > state.model_version
+                self._end(
+                    state,
+                    now,
+                    abandoned=not landed,
+                    reason="" if landed else "coordinator-failover",
+                )
         self._publish_job(now, JobPhase(prev.get("phase", JobPhase.running.value)))
 
     def step_down(self) -> None:
@@ -165,6 +193,8 @@ class Coordinator:
                     self.store.clear_round(self.name, r.key)
                 continue
             self._advance(r, now)
+            if self._failed:
+                return
         rounds = self.store.rounds(self.name)
         if self._done():
             self._finish(now, rounds)
@@ -202,8 +232,17 @@ class Coordinator:
                 self._end(r, now, abandoned=False, reason="")
             elif self._group_failed(r):
                 self._end(r, now, abandoned=True, reason="secagg-group-failed")
+            elif (error := self._commit_error(r)) is not None:
+                self._end(r, now, abandoned=True, reason=f"{_COMMIT_REFUSED}: {error}")
             elif now >= r.closing_deadline:
-                self._end(r, now, abandoned=True, reason="no-commit")
+                self._end(r, now, abandoned=True, reason=_NO_COMMIT)
+
+    def _commit_error(self, r: RoundState) -> str | None:
+        """Why the round's master could not commit, once it published that."""
+        if not self.store.counts(self.name, r.key, COMMIT_REFUSED_COUNT):
+            return None
+        data = self.store.partials(self.name, r.key).get(COMMIT_ERROR_FIELD)
+        return "no reason given" if data is None else data.decode(errors="replace")
 
     def _group_failed(self, r: RoundState) -> bool:
         """A Secure Aggregation group of the round failed: nothing can be committed for it."""
@@ -332,10 +371,33 @@ class Coordinator:
             model_version=version,
             metrics=metrics,
         )
+        self._count_commit_failure(r, end)
         self.store.record_attempt(self.name, self._token(), asdict(end))
         self._publish_job(now, JobPhase.running, last=end)
         if self.on_attempt_end is not None:
             self.on_attempt_end(end)
+        if self._commit_failures >= self.spec.rounds.max_commit_failures and not self._failed:
+            self._fail(now)
+
+    def _count_commit_failure(self, r: RoundState, end: AttemptEnd) -> None:
+        """A commit resets the count; an attempt that closed with its reports but committed
+        nothing adds one. Other abandonments (too few devices, failover) leave it as it is."""
+        if not end.abandoned:
+            self._commit_failures, self._last_error = 0, ""
+        elif end.reason.startswith(_COMMIT_REFUSED):
+            self._commit_failures += 1
+            self._last_error = end.reason[len(_COMMIT_REFUSED) + 2 :]
+        elif end.reason == _NO_COMMIT:
+            self._commit_failures += 1
+            self._last_error = f"master aggregator {r.master} committed nothing before the deadline"
+
+    def _fail(self, now: float) -> None:
+        """End the job Failed: it cannot commit, and retrying forever would hide that."""
+        self._failed = True
+        for r in self.store.rounds(self.name):
+            if r.active:
+                self._end(r, now, abandoned=True, reason="job-failed")
+        self._publish_job(now, JobPhase.failed, reason=COMMIT_FAILURES, completed=now)
 
     def _past_deadline(self, now: float) -> bool:
         deadline = self.spec.active_deadline_seconds
@@ -407,6 +469,8 @@ class Coordinator:
             "start_time": prev.get("start_time", self._started_at if self._started_at else now),
             "next_attempt": self._next_attempt,
             "coordinator": self.actor_id,
+            "commit_failures": self._commit_failures,
+            "last_error": self._last_error,
         }
         if last is not None and not last.abandoned:
             state["last_metrics"] = {

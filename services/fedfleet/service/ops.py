@@ -66,10 +66,15 @@ def configure_logging(level: str = "INFO", *, actor: str = "") -> None:
 class Ticker:
     """Calls ``fn(time.time())`` every ``interval`` seconds on a daemon thread.
 
-    A store outage marks the ticker not ready (the service answers 503) and is retried on the
-    next tick; any other error is logged and the loop goes on — an actor never dies of one
-    bad tick, and never hides one either.
+    A store outage marks the ticker not ready (the service answers 503) and is retried with
+    exponential backoff (the interval doubling up to ``max_backoff`` seconds), logged once
+    when it starts and once when it ends; any other error is logged and the loop goes on —
+    an actor never dies of one bad tick, and never hides one either.
     """
+
+    max_backoff = 1.0
+    """Longest wait between ticks while the store is unreachable (seconds): short enough that
+    a coordinator renews its lease soon after the store is back."""
 
     def __init__(self, name: str, fn: Callable[[float], None], interval: float) -> None:
         self.name = name
@@ -95,6 +100,7 @@ class Ticker:
         return self._thread.is_alive() and not self._stop.is_set()
 
     def _run(self) -> None:
+        wait = self.interval
         while not self._stop.is_set():
             started = time.monotonic()
             try:
@@ -102,15 +108,17 @@ class Ticker:
                 if not self.store_ok:
                     log.info("store reachable", extra={"ticker": self.name})
                 self.store_ok, self.last_ok, self.last_error = True, time.time(), ""
+                wait = self.interval
             except StoreUnavailable as exc:
                 if self.store_ok or not self.last_error:
                     log.warning("store unavailable", extra={"error": str(exc)})
                 self.store_ok, self.last_error = False, str(exc)
+                wait = min(max(2 * wait, self.interval), max(self.max_backoff, self.interval))
             except Exception as exc:
                 self.last_error = repr(exc)
                 log.exception("tick failed", extra={"ticker": self.name})
             self.ticks += 1
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            self._stop.wait(max(0.0, wait - (time.monotonic() - started)))
 
 
 def add_ops_routes(

@@ -10,7 +10,9 @@ of a job lives in one slot and the scripts may touch several of them:
 
 ==========================  ======  ================================================
 ``lease``                   string  ``holder:token``, expires with the lease (PX)
-``token``                   string  fencing-token counter (INCR); fenced writes compare with it
+``token``                   string  fencing-token counter (INCR, floored by the server's clock
+                                    in ms so it survives Redis losing its data); fenced writes
+                                    compare with it
 ``members:{role}``          zset    actor id, scored by expiry in ms (Redis server time)
 ``addr:{role}``             hash    actor id -> address
 ``rounds``                  hash    attempt key -> JSON of :meth:`RoundState.to_dict`
@@ -78,13 +80,23 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS: lease, token. ARGV: holder, ttl_ms. A token is issued only when the lease is taken, so
-# a failed attempt never invalidates the current holder's token.
-_ACQUIRE = """
+# a failed attempt never invalidates the current holder's token. A token is never below the
+# Redis server's clock in milliseconds: if Redis comes back empty (no persistence, a lost
+# volume), the next token still exceeds every token issued before, so a deposed coordinator
+# stays fenced and attempt numbers (floored by the token) are never reused.
+_ACQUIRE = (
+    _NOW_MS
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local token = redis.call('INCR', KEYS[2])
+if token < now then
+  token = now
+  redis.call('SET', KEYS[2], token)
+end
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
 return token
 """
+)
 
 # KEYS: lease. ARGV: holder:token, ttl_ms.
 _RENEW = """
