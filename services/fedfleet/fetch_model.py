@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from fedfleet.store.base import StoreUnavailable
-from fedfleet.store.factory import open_store
+from fedfleet.store_args import add_store_argument, store_from_args
 from fedfleet.tasks.weights_file import (
     WEIGHT_SUFFIXES,
     checkpoint_weights,
@@ -31,13 +31,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--store",
-        default=os.environ.get("FEDFLEET_STORE_URL"),
-        metavar="URL",
-        help="store URL, redis://host:6379/0 (default $FEDFLEET_STORE_URL; the password may "
-        "also come from $FEDFLEET_REDIS_PASSWORD)",
-    )
+    add_store_argument(parser)
     parser.add_argument(
         "--job",
         required=True,
@@ -113,13 +107,8 @@ def _write_weights(path: Path, names: tuple[str, ...] | None, data: bytes, versi
 
 def run(args: argparse.Namespace) -> int:
     """Fetch the checkpoint; 1 when the job has none (or the store is down), 2 on bad usage."""
-    if not args.store:
-        print("error: --store (or $FEDFLEET_STORE_URL) is required", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        store = open_store(args.store)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    store = store_from_args(args)
+    if store is None:
         return EXIT_USAGE
     try:
         checkpoint = store.checkpoint(args.job)

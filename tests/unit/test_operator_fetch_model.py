@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfleet import fetch_model
+from fedfleet import store_args
 from fedfleet.cli import main
 from fedfleet.core.checkpoint import pack_checkpoint
 from fedfleet.store.base import Store, StoreUnavailable
@@ -31,7 +31,7 @@ def store(monkeypatch: pytest.MonkeyPatch) -> MemoryStore:
         assert url == "redis://10.0.0.12:6379/0"
         return seeded
 
-    monkeypatch.setattr(fetch_model, "open_store", open_seeded)
+    monkeypatch.setattr(store_args, "open_store", open_seeded)
     return seeded
 
 
@@ -60,7 +60,7 @@ def test_an_unreachable_store_is_an_error(
         def checkpoint(self, job: str) -> None:
             raise StoreUnavailable("redis at 10.0.0.12:6379 is unavailable")
 
-    monkeypatch.setattr(fetch_model, "open_store", lambda url: Down())
+    monkeypatch.setattr(store_args, "open_store", lambda url: Down())
     argv = ["fetch-model", "--store", "redis://h/0", "--job", KEY, "-o", str(tmp_path / "m")]
     assert main(argv) == 1
     assert "unavailable" in capsys.readouterr().err
@@ -84,7 +84,7 @@ def test_weights_alone_as_safetensors_named_by_the_manifests_task(
     token = seeded.acquire_lease(KEY, "c", 60)
     assert token is not None
     seeded.commit_checkpoint(KEY, token, 0, 1, pack_checkpoint(weights, {"m": np.ones(2)}), {})
-    monkeypatch.setattr(fetch_model, "open_store", lambda url: seeded)
+    monkeypatch.setattr(store_args, "open_store", lambda url: seeded)
     manifest = tmp_path / "job.yaml"
     manifest.write_text(
         "apiVersion: fedfleet.dev/v1alpha1\nkind: FLJob\nmetadata: {name: mnist}\n"

@@ -12,19 +12,15 @@ import ipaddress
 import os
 import sys
 
+from fedfleet.store_args import add_store_argument, store_from_args
+
 __all__ = ["add_arguments", "run"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--store",
-        default=os.environ.get("FEDFLEET_STORE_URL"),
-        metavar="URL",
-        help="store URL, redis://host:6379/0 (default $FEDFLEET_STORE_URL; the password may "
-        "also come from $FEDFLEET_REDIS_PASSWORD)",
-    )
+    add_store_argument(parser)
     parser.add_argument(
         "--host",
         default=os.environ.get("FEDFLEET_DASHBOARD_HOST", "127.0.0.1"),
@@ -71,9 +67,6 @@ def allowed_hosts(host: str, explicit: list[str] | None) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.store:
-        print("error: --store (or $FEDFLEET_STORE_URL) is required", file=sys.stderr)
-        return EXIT_USAGE
     if not 0 < args.port < 65536 or not args.interval > 0:
         print("error: --port must be 1-65535 and --interval positive", file=sys.stderr)
         return EXIT_USAGE
@@ -81,12 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
     from fedfleet.dashboard.app import create_app
     from fedfleet.dashboard.views import redact_store_url
-    from fedfleet.store.factory import open_store
 
-    try:
-        store = open_store(args.store)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    store = store_from_args(args)
+    if store is None:
         return EXIT_USAGE
     label = redact_store_url(args.store)
     app = create_app(

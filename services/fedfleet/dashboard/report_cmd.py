@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 
 from fedfleet.core.roles import JobPhase
 from fedfleet.results import JobResult
+from fedfleet.store_args import add_store_argument, store_from_args
 
 __all__ = ["JobHistory", "add_arguments", "result_from_store", "run"]
 
@@ -84,13 +84,7 @@ def result_from_store(store: JobHistory, key: str, *, now: float | None = None) 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--store",
-        default=os.environ.get("FEDFLEET_STORE_URL"),
-        metavar="URL",
-        help="store URL, redis://host:6379/0 (default $FEDFLEET_STORE_URL; the password may "
-        "also come from $FEDFLEET_REDIS_PASSWORD)",
-    )
+    add_store_argument(parser)
     parser.add_argument(
         "--job",
         required=True,
@@ -110,15 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from fedfleet.cli import _safe_stem
     from fedfleet.report import write_plot, write_report
     from fedfleet.store.base import StoreUnavailable
-    from fedfleet.store.factory import open_store
 
-    if not args.store:
-        print("error: --store (or $FEDFLEET_STORE_URL) is required", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        store = open_store(args.store)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    store = store_from_args(args)
+    if store is None:
         return EXIT_USAGE
     try:
         result = result_from_store(store, args.job)
