@@ -489,11 +489,28 @@ def crd_document() -> dict[str, Any]:
     }
 
 
+_YAML11_SCALARS: Final = frozenset(
+    {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
+)
+"""Words a YAML 1.1 reader (the API server's, kubectl's) takes for a bool or null when unquoted;
+PyYAML leaves ``y`` and ``n`` bare, which Kubernetes reads as booleans."""
+
+
 class _NoAliasDumper(yaml.SafeDumper):
-    """Never write YAML anchors, even if one dict object appears twice."""
+    """Never write YAML anchors, even if one dict object appears twice; quote every string a
+    YAML 1.1 reader would take for something else."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    if data.lower() in _YAML11_SCALARS:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="'")
+    return dumper.represent_str(data)
+
+
+_NoAliasDumper.add_representer(str, _represent_str)
 
 
 def render_crd_yaml() -> str:

@@ -656,22 +656,6 @@ def test_checkpoint_of_a_future_version_is_404(live: Round) -> None:
     assert r.status_code == 404
 
 
-def test_a_report_after_the_round_has_its_goal_is_refused_as_a_straggler(live: Round) -> None:
-    """Runs last: it closes the shared round. Goal 3, four devices selected."""
-    store = live.d.store
-    for dev in ("bad-1", "bad-2"):
-        r = live.report(dev, _good_update())
-        assert r.status_code == 202, r.text
-    late = live.report("bad-3", _good_update())
-    assert late.status_code == 409, late.text
-    deadline = time.monotonic() + 20
-    while store.model_version(BAD_JOB.key) <= live.model_version:
-        assert time.monotonic() < deadline, "the full round never committed"
-        time.sleep(0.05)
-    history = store.metrics(BAD_JOB.key)
-    assert history[-1]["reports"] == 3  # exactly the goal; the straggler is not in it
-
-
 def _secagg(
     live: Round, device: str, step: str, body: bytes = b"", **headers: str
 ) -> httpx.Response:
@@ -704,3 +688,20 @@ def test_secagg_on_a_job_without_it_is_404_and_counts_nothing(live: Round) -> No
     assert r.status_code == 404, r.text
     assert "secure aggregation is off" in r.json()["detail"]
     assert live.count() == before
+
+
+def test_a_report_after_the_round_has_its_goal_is_refused_as_a_straggler(live: Round) -> None:
+    """Runs last (keep it at the end of the file): it closes the shared round. Goal 3, four
+    devices selected."""
+    store = live.d.store
+    for dev in ("bad-1", "bad-2"):
+        r = live.report(dev, _good_update())
+        assert r.status_code == 202, r.text
+    late = live.report("bad-3", _good_update())
+    assert late.status_code == 409, late.text
+    deadline = time.monotonic() + 20
+    while store.model_version(BAD_JOB.key) <= live.model_version:
+        assert time.monotonic() < deadline, "the full round never committed"
+        time.sleep(0.05)
+    history = store.metrics(BAD_JOB.key)
+    assert history[-1]["reports"] == 3  # exactly the goal; the straggler is not in it

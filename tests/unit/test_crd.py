@@ -485,3 +485,16 @@ def test_kopf_peering_crds() -> None:
         }
         for path, node in _nodes(root):
             assert "type" in node, path
+
+
+def test_strings_a_yaml_1_1_reader_takes_for_booleans_are_quoted() -> None:
+    """The API server reads YAML 1.1, where a bare ``y`` is true: `fleet.data.label`'s default
+    once made the whole CRD invalid there while PyYAML read it fine."""
+    import re
+
+    from fedfleet.crdgen import _NoAliasDumper, render_crd_yaml
+
+    for word in ("y", "n", "Yes", "off", "null"):
+        assert yaml.dump({"a": word}, Dumper=_NoAliasDumper) == f"a: '{word}'\n"
+    bare = re.compile(r":\s+(?i:y|n|yes|no|on|off)\s*$", re.M)
+    assert not bare.findall(render_crd_yaml())
