@@ -2,12 +2,13 @@
 
 The chart test (tests/unit/test_chart_monitoring.py) holds every alert and panel to
 ``ACTOR_METRICS``; this test holds ``ACTOR_METRICS`` to the real ``/metrics`` of a coordinator,
-a selector and an aggregator served by uvicorn, so renaming a metric in an actor without
-updating the chart fails here.
+a selector and an aggregator served by uvicorn (scraped once each has ticked), so renaming a
+metric in an actor without updating the chart fails here.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 
 import httpx
@@ -53,6 +54,10 @@ def test_actors_expose_every_metric_the_chart_reads() -> None:
         )
         for role, (app, s) in apps.items():
             url = stack.enter_context(serve(app, sock=s))
+            deadline = time.monotonic() + 60  # bounds a hang: a tick has reached the store
+            while httpx.get(f"{url}/readyz", timeout=10).status_code != 200:
+                assert time.monotonic() < deadline, role
+                time.sleep(0.05)
             response = httpx.get(f"{url}/metrics", timeout=10)
             assert response.status_code == 200
             exposed[role] = _series(response.text)
@@ -60,3 +65,5 @@ def test_actors_expose_every_metric_the_chart_reads() -> None:
     assert ACTOR_METRICS <= everything, sorted(ACTOR_METRICS - everything)
     assert "fedfleet_store_up" in exposed["selector"] & exposed["aggregator"]
     assert "fedfleet_coordinator_leader" in exposed["coordinator"]
+    for role, names in exposed.items():  # every actor times its store calls
+        assert "fedfleet_store_seconds_bucket" in names, role

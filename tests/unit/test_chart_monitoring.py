@@ -40,9 +40,27 @@ ACTOR_METRICS = frozenset(
         "fedfleet_selected_waiting",
         "fedfleet_store_up",
         "fedfleet_coordinator_leader",
+        # job-level series (fedfleet.service.telemetry)
+        "fedfleet_job_round",
+        "fedfleet_job_model_version",
+        "fedfleet_job_accuracy",
+        "fedfleet_job_loss",
+        "fedfleet_job_epsilon",
+        "fedfleet_job_last_commit_timestamp_seconds",
+        "fedfleet_job_phase",
+        "fedfleet_attempts_total",
+        "fedfleet_commit_errors_total",
+        "fedfleet_round_duration_seconds_bucket",
+        "fedfleet_round_selected_devices",
+        "fedfleet_round_reported_devices",
+        "fedfleet_round_dropped_devices",
+        "fedfleet_round_dropout_ratio",
+        "fedfleet_round_devices_total",
+        "fedfleet_update_size_bytes_bucket",
+        "fedfleet_store_seconds_bucket",
     }
 )
-"""Series the actors expose on /metrics today, as the alerts and the dashboard use them."""
+"""Series the actors expose on /metrics, as the alerts and the dashboard use them."""
 SCRAPE_METRICS = frozenset({"up"})
 KUBE_STATE_METRICS = frozenset({"kube_deployment_status_replicas_unavailable"})
 
@@ -199,6 +217,20 @@ def test_the_alerts_the_issue_asks_for(helm: Helm) -> None:
     assert any("fedfleet_store_up" in e and "== 0" in e for e in exprs.values())  # Redis down
     assert any("replicas_unavailable" in e and "selector|aggregator" in e for e in exprs.values())
     assert any("fedfleet_coordinator_leader" in e for e in exprs.values())
+    # no commit in N minutes while Running: the last commit's age, only for a Running job
+    no_commit = exprs["FedfleetNoCommit"]
+    assert 'fedfleet_job_phase{phase="Running"}' in no_commit
+    assert "time() - fedfleet_job_last_commit_timestamp_seconds" in no_commit
+    assert no_commit.endswith("> 1800")  # noCommitMinutes: 30 by default
+    # commit errors: any failed commit in the window, by default
+    assert "increase(fedfleet_commit_errors_total[1h])" in exprs["FedfleetCommitErrors"]
+    assert exprs["FedfleetCommitErrors"].endswith("> 0")
+    # a job Failed
+    assert exprs["FedfleetJobFailed"].startswith(
+        'max by (namespace, fedfleet_job) (fedfleet_job_phase{phase="Failed"}) == 1'
+    )
+    for name in ("FedfleetNoCommit", "FedfleetCommitErrors", "FedfleetJobFailed"):
+        assert "by (namespace, fedfleet_job)" in exprs[name], name  # one alert per job
 
 
 def test_alert_thresholds_come_from_values(helm: Helm) -> None:
@@ -215,6 +247,21 @@ def test_alert_thresholds_come_from_values(helm: Helm) -> None:
     assert rules["FedfleetStoreDown"]["for"] == "7m"
     assert "[1h]" in rules["FedfleetNoDevicesSelected"]["expr"]
     assert rules["FedfleetReportsRefused"]["expr"].endswith("> 0.25")
+    rules = _rules(
+        render(
+            helm,
+            *ALL_ON,
+            "--set",
+            "monitoring.prometheusRule.noCommitMinutes=90,"
+            "monitoring.prometheusRule.commitErrorsWindow=6h,"
+            "monitoring.prometheusRule.commitErrorsAllowed=3,"
+            "monitoring.prometheusRule.jobFailedFor=10m",
+        )
+    )
+    assert rules["FedfleetNoCommit"]["expr"].endswith("> 5400")
+    assert "[6h]" in rules["FedfleetCommitErrors"]["expr"]
+    assert rules["FedfleetCommitErrors"]["expr"].endswith("> 3")
+    assert rules["FedfleetJobFailed"]["for"] == "10m"
 
 
 # -- the Grafana dashboard ----------------------------------------------------------------------
@@ -267,6 +314,10 @@ def test_grafana_dashboard_configmap(helm: Helm) -> None:
         "monitoring.prometheusRule.refusedReportsRatio=2",
         "monitoring.grafanaDashboard.label=",
         "monitoring.podMonitor.extra=1",
+        "monitoring.prometheusRule.noCommitMinutes=0",
+        "monitoring.prometheusRule.commitErrorsWindow=hourly",
+        "monitoring.prometheusRule.commitErrorsAllowed=-1",
+        "monitoring.prometheusRule.jobFailedFor=now",
     ],
 )
 def test_monitoring_values_are_checked(helm: Helm, setting: str) -> None:

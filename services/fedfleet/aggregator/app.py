@@ -27,6 +27,7 @@ from fedfleet.core.spec import FLJob
 from fedfleet.service.gate import Door, Refusal, Seen, bearer, install
 from fedfleet.service.keys import JobKeys
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
+from fedfleet.service.telemetry import timed_store, update_size_histogram
 from fedfleet.store.base import Store, StoreUnavailable
 
 __all__ = ["create_app", "dataset_evaluator", "internal_doors"]
@@ -83,6 +84,8 @@ def create_app(
     reports = Counter(
         "fedfleet_aggregated_reports", "Reports by HTTP status", ["status"], registry=registry
     )
+    update_size = update_size_histogram(registry, job)
+    store = timed_store(store, registry)
     aggregator = Aggregator(
         job, store, actor_id=actor_id, secret=keys.ticket_key, evaluator=evaluator, address=address
     )
@@ -122,6 +125,7 @@ def create_app(
         if scheme.lower() != "bearer" or not keys.internal_ok(token.strip()):
             raise HTTPException(401, "invalid internal token")
         body = await request.body()
+        update_size(len(body))
         try:
             metrics = parse_metrics(x_fedfleet_metrics) if x_fedfleet_metrics else {}
         except MetricsRejected as exc:

@@ -97,6 +97,9 @@ class Coordinator:
         self._last_error = ""
         self._failed = False
         self._started_at: float | None = None
+        self.job_state: dict[str, Any] | None = None
+        """The job state as this leader last read or wrote it (None until then): what the
+        service's per-job gauges show, without a store read of their own."""
         sa = self.spec.aggregation.secure_aggregation
         # Secure aggregation runs three more phases after a round closes, each up to its
         # timeout, before the groups' sums reach the master.
@@ -180,6 +183,7 @@ class Coordinator:
 
     def _tick(self, now: float) -> None:
         state = self.store.job_state(self.name)
+        self.job_state = state
         phase = JobPhase(state.get("phase", JobPhase.running.value))
         if phase in (JobPhase.succeeded, JobPhase.failed):
             return
@@ -473,6 +477,7 @@ class Coordinator:
             "last_error": self._last_error,
         }
         if last is not None and not last.abandoned:
+            state["last_commit_time"] = last.ended_at
             state["last_metrics"] = {
                 k: v for k, v in last.metrics.items() if isinstance(v, int | float)
             }
@@ -481,3 +486,4 @@ class Coordinator:
         if completed is not None:
             state["completion_time"] = completed
         self.store.put_job_state(self.name, self._token(), state)
+        self.job_state = state

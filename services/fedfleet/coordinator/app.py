@@ -13,10 +13,11 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Gauge
 
-from fedfleet.coordinator.actor import Coordinator, CoordinatorSettings
+from fedfleet.coordinator.actor import AttemptEnd, Coordinator, CoordinatorSettings
 from fedfleet.core.spec import FLJob
 from fedfleet.service.gate import install
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
+from fedfleet.service.telemetry import CoordinatorMetrics, timed_store
 from fedfleet.store.base import Store, StoreUnavailable
 
 __all__ = ["create_app"]
@@ -34,16 +35,11 @@ def create_app(
     active_since: float | None = None,
 ) -> FastAPI:
     registry = CollectorRegistry()
-    coordinator = Coordinator(
-        job,
-        store,
-        actor_id=actor_id,
-        settings=CoordinatorSettings(
-            lease_ttl=lease_ttl,
-            commit_timeout=max(10.0, 6 * tick_seconds),
-            active_since=active_since,
-        ),
-        on_attempt_end=lambda end: log.info(
+    observed = CoordinatorMetrics(registry, job)
+
+    def attempt_ended(end: AttemptEnd) -> None:
+        observed.attempt_ended(end)
+        log.info(
             "attempt ended",
             extra={
                 "round": end.round,
@@ -54,9 +50,27 @@ def create_app(
                 "reported": end.reported,
                 "accuracy": end.metrics.get("accuracy"),
             },
+        )
+
+    coordinator = Coordinator(
+        job,
+        timed_store(store, registry),
+        actor_id=actor_id,
+        settings=CoordinatorSettings(
+            lease_ttl=lease_ttl,
+            commit_timeout=max(10.0, 6 * tick_seconds),
+            active_since=active_since,
         ),
+        on_attempt_end=attempt_ended,
     )
-    ticker = Ticker(f"coordinator-{actor_id}", coordinator.tick, tick_seconds)
+
+    def tick(now: float) -> None:
+        try:
+            coordinator.tick(now)
+        finally:
+            observed.job_state(coordinator.job_state if coordinator.is_leader else None)
+
+    ticker = Ticker(f"coordinator-{actor_id}", tick, tick_seconds)
     Gauge(
         "fedfleet_coordinator_leader", "1 while this replica holds the job lease", registry=registry
     ).set_function(lambda: 1.0 if coordinator.is_leader else 0.0)

@@ -19,6 +19,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -43,9 +45,10 @@ from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob
 from fedfleet.selector.actor import Selector
 from fedfleet.selector.doors import ID, ROUND, device_doors
-from fedfleet.service.gate import install
+from fedfleet.service.gate import Door, Refusal, Seen, install
 from fedfleet.service.keys import JobKeys
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
+from fedfleet.service.telemetry import JOB_LABELS, job_labels, timed_store
 from fedfleet.store.base import Store, StoreUnavailable
 
 __all__ = ["CheckInRequest", "CheckInResponse", "TaskResponse", "create_app"]
@@ -130,6 +133,21 @@ def _reconnect_body(r: Reconnect, now: float) -> CheckInResponse:
     )
 
 
+def _counting_refusals(door: Door, count: Callable[[], None]) -> Door:
+    """The check-in door, counting each check-in it refuses (other doors unchanged)."""
+    check = door.check
+    if door.path.pattern != "/v1/checkin" or check is None:
+        return door
+
+    def counted(seen: Seen) -> Refusal | None:
+        refusal = check(seen)
+        if refusal is not None:
+            count()
+        return refusal
+
+    return replace(door, check=counted)
+
+
 def create_app(
     job: FLJob,
     store: Store,
@@ -142,7 +160,18 @@ def create_app(
 ) -> FastAPI:
     """Build the Selector service; the tick thread starts with the app's lifespan."""
     registry = CollectorRegistry()
-    checkins = Counter("fedfleet_checkins", "Check-ins by outcome", ["outcome"], registry=registry)
+    checkins = Counter(
+        "fedfleet_checkins",
+        "Check-ins by answer: selected, reconnect (a window to come back in), refused (bad "
+        "credentials), unavailable (store unreachable)",
+        [*JOB_LABELS, "outcome"],
+        registry=registry,
+    )
+    checkin_reconnect, checkin_selected, checkin_unavailable, checkin_refused = (
+        checkins.labels(**job_labels(job), outcome=answer)
+        for answer in ("reconnect", "selected", "unavailable", "refused")
+    )
+    store = timed_store(store, registry)
     reports = Counter("fedfleet_reports", "Reports by HTTP status", ["status"], registry=registry)
     aggregators: dict[str, str] = {}
     client = httpx.Client(
@@ -261,7 +290,13 @@ def create_app(
     )
     app.state.selector = selector
     app.state.ticker = ticker
-    install(app, device_doors(job, keys, selector.ticket_ok))
+    install(
+        app,
+        [
+            _counting_refusals(d, checkin_refused.inc)
+            for d in device_doors(job, keys, selector.ticket_ok)
+        ],
+    )
     add_ops_routes(
         app, registry, ticker, status=lambda: {"actor": actor_id, "waiting": len(pending)}
     )
@@ -288,9 +323,6 @@ def create_app(
     # the request (FastAPI re-inspects a Header() parameter on every call) and writing the
     # reconnect JSON directly (instead of building and re-validating a response model) keep it
     # close to a bare endpoint; the OpenAPI document still describes both.
-    checkin_reconnect = checkins.labels("reconnect")
-    checkin_selected = checkins.labels("selected")
-    checkin_unavailable = checkins.labels("unavailable")
     bearer_doc: dict[str, Any] = {
         "parameters": [
             {
@@ -325,7 +357,11 @@ def create_app(
     async def check_in(body: CheckInRequest, request: Request) -> Any:
         # The gate checked the token for the x-fedfleet-device header before the body was
         # read; checking it again for the body's device_id binds the two together.
-        authenticate(request.headers.get("authorization"), body.device_id)
+        try:
+            authenticate(request.headers.get("authorization"), body.device_id)
+        except HTTPException:
+            checkin_refused.inc()
+            raise
         if not ticker.store_ok:
             checkin_unavailable.inc()
             return unavailable()
