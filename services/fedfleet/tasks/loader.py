@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import threading
 from collections.abc import Mapping
@@ -76,6 +77,9 @@ def load_task(spec: TaskSpec) -> LoadedTask:
 
 def _load(spec: TaskSpec) -> LoadedTask:
     module_name, _, attr = spec.ref.partition(":")
+    # A Keras task's module imports keras before fedfleet.tasks.keras can pick the backend:
+    # default to JAX (what the `keras` extra installs) unless the user chose one.
+    os.environ.setdefault("KERAS_BACKEND", "jax")
     if spec.path is not None and spec.path not in sys.path:
         sys.path.insert(0, spec.path)
     try:
