@@ -59,7 +59,7 @@ DEVICE = "dev-0"
 
 
 def credentials(live: Live, endpoint: Endpoint, device: str = DEVICE) -> dict[str, str]:
-    if endpoint.name == "checkin":
+    if endpoint.name in ("checkin", "checkpoint"):
         return {
             "authorization": f"Bearer {live.keys.device_token(device)}",
             "x-fedfleet-device": device,

@@ -338,7 +338,9 @@ def test_checkpoint_is_downloaded_once_for_many_devices() -> None:
 
     async def many(url: str) -> list[Any]:
         async with SelectorClient(url) as client:
-            got = await asyncio.gather(*(client.checkpoint(0) for _ in range(200)))
+            got = await asyncio.gather(
+                *(client.checkpoint(0, f"d-{i}", keys.device_token(f"d-{i}")) for i in range(200))
+            )
             assert client.weights.downloads == 1
             return got
 
@@ -652,8 +654,38 @@ def test_task_poll_with_a_bad_ticket_is_403(live: Round) -> None:
 
 
 def test_checkpoint_of_a_future_version_is_404(live: Round) -> None:
-    r = httpx.get(f"{live.d.selector_url}/v1/checkpoints/{live.model_version + 7}", timeout=10)
+    device = next(iter(live.tickets))
+    r = httpx.get(
+        f"{live.d.selector_url}/v1/checkpoints/{live.model_version + 7}",
+        headers={
+            "authorization": f"Bearer {live.d.keys.device_token(device)}",
+            "x-fedfleet-device": device,
+        },
+        timeout=10,
+    )
     assert r.status_code == 404
+
+
+def test_checkpoint_download_needs_a_valid_device_token(live: Round) -> None:
+    url = f"{live.d.selector_url}/v1/checkpoints/{live.model_version}"
+    device = next(iter(live.tickets))
+    good = {
+        "authorization": f"Bearer {live.d.keys.device_token(device)}",
+        "x-fedfleet-device": device,
+    }
+    ok = httpx.get(url, headers=good, timeout=10)
+    assert ok.status_code == 200, ok.text
+    assert ok.headers["cache-control"].startswith("private")
+    refused = [
+        httpx.get(url, timeout=10),  # no credential at all
+        httpx.get(url, headers={"x-fedfleet-device": device}, timeout=10),
+        httpx.get(url, headers={**good, "x-fedfleet-device": "someone-else"}, timeout=10),
+        httpx.get(url, headers={**good, "authorization": "Bearer " + "0" * 64}, timeout=10),
+    ]
+    for r in refused:
+        assert r.status_code == 401, r.text
+        assert r.headers.get("www-authenticate") == "Bearer"
+        assert r.content != ok.content
 
 
 def _secagg(

@@ -314,14 +314,35 @@ class HttpFleet:
             tasks = list(self._tasks)
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*workers, *tasks, return_exceptions=True)
+            await self._join(workers + tasks)
             await self._abort_in_flight()
             for s in self._selectors:
-                await s.client.aclose()
+                try:
+                    await asyncio.wait_for(s.client.aclose(), 10.0)
+                except TimeoutError:
+                    log.warning("stopping: closing the client of %s timed out", s.client.base_url)
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._running = False
             self._loop = None
         return self.stats.copy()
+
+    @staticmethod
+    async def _join(tasks: list[asyncio.Task[None]], timeout: float = 30.0) -> None:
+        """Wait for cancelled tasks to finish, a bounded time: a task that ignores its
+        cancellation is named in the log, with where it is stuck, instead of hanging the stop."""
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=timeout)
+        for t in stuck:
+            frames = "; ".join(
+                f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack()
+            )
+            log.warning(
+                "stopping: task %s still running after %.0f s at %s", t.get_name(), timeout, frames
+            )
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                log.debug("task %s ended with %r", t.get_name(), t.exception())
 
     async def _wait(
         self,
@@ -533,7 +554,7 @@ class HttpFleet:
                 dev.assignment = dev.selector = None
                 self._schedule(dev, dev.runtime.on_reconnect(info))
                 return
-            task = await client.task(assignment, info)
+            task = await client.task(assignment, info, dev.device_id, dev.token)
         except Unreachable as exc:
             # The selector holding this device is gone; its selection went with it.
             self._unreachable(sel, exc)

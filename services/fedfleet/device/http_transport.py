@@ -382,11 +382,18 @@ class SelectorClient:
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             raise ProtocolError(f"bad task description: {exc}") from None
 
-    async def checkpoint(self, version: int, url: str | None = None) -> Weights:
-        """The global model at ``version`` (downloaded once per process; read-only arrays)."""
+    async def checkpoint(
+        self, version: int, device_id: str, token: str, url: str | None = None
+    ) -> Weights:
+        """The global model at ``version`` (downloaded once per process, with the credential of
+        the device that asked first; read-only arrays)."""
 
         async def fetch() -> Weights:
-            r = await self._send("GET", url or f"/v1/checkpoints/{version}")
+            r = await self._send(
+                "GET",
+                url or f"/v1/checkpoints/{version}",
+                headers={"authorization": f"Bearer {token}", "x-fedfleet-device": device_id},
+            )
             if r.status_code != 200:
                 raise _fail(r)
             try:
@@ -397,9 +404,12 @@ class SelectorClient:
 
         return await self.weights.get(version, fetch)
 
-    async def task(self, assignment: Assignment, info: TaskInfo) -> Task:
-        """The core :class:`Task` for a configured assignment: plan plus downloaded weights."""
-        weights = await self.checkpoint(info.model_version, info.checkpoint_url)
+    async def task(
+        self, assignment: Assignment, info: TaskInfo, device_id: str, token: str
+    ) -> Task:
+        """The core :class:`Task` for a configured assignment: plan plus downloaded weights
+        (fetched with the device's own credential)."""
+        weights = await self.checkpoint(info.model_version, device_id, token, info.checkpoint_url)
         return Task(
             Assignment(assignment.round_key, info.aggregator, assignment.ticket),
             info.task,

@@ -6,7 +6,8 @@ from the headers before any body is read, and every body is bounded while it str
 (:mod:`fedfleet.selector.doors`, :mod:`fedfleet.service.gate`). A check-in is
 decided in memory (no store round trip): either a reconnect window, or a selection whose plan
 the device then long-polls for at ``/v1/tasks/{round}``. The checkpoint is downloaded from
-``/v1/checkpoints/{version}`` (immutable, cacheable by version); the update is uploaded as a
+``/v1/checkpoints/{version}`` with the device's token (immutable, privately cacheable by
+version); the update is uploaded as a
 binary body to ``/v1/reports/{round}`` and handed to the device's aggregator. Under Secure
 Aggregation the update never travels as such: the device walks the protocol's steps at
 ``/v1/secagg/{round}/{step}``, which the selector relays to the device's aggregator.
@@ -447,12 +448,35 @@ def create_app(
             privacy=None if t.privacy is None else t.privacy.to_dict(),
         )
 
-    @app.get("/v1/checkpoints/{version}", response_class=Response)
+    @app.get(
+        "/v1/checkpoints/{version}",
+        response_class=Response,
+        openapi_extra=bearer_doc,
+        responses={
+            200: {
+                "description": "The global model at this version, in the array wire format",
+                "content": {"application/octet-stream": {}},
+            },
+            304: {"description": "Not modified (If-None-Match matched the version's ETag)"},
+            401: {"description": "Missing or invalid device token"},
+            404: {"description": "No such version (yet, or no longer)"},
+            503: {"description": "The shared store is unreachable; Retry-After says when"},
+        },
+    )
     def checkpoint(
-        version: Annotated[int, Path(ge=0)], if_none_match: Annotated[str | None, Header()] = None
+        version: Annotated[int, Path(ge=0)],
+        request: Request,
+        if_none_match: Annotated[str | None, Header()] = None,
     ) -> Response:
+        # The gate already refused a request without a valid token for x-fedfleet-device;
+        # checking again here keeps the route safe if it is ever mounted without the gate.
+        authenticate(
+            request.headers.get("authorization"), request.headers.get("x-fedfleet-device", "")
+        )
         etag = f'"v{version}"'
-        headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
+        # private: a shared cache (a proxy in front of the selectors) must not serve the model
+        # to a client that did not authenticate.
+        headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
         if if_none_match == etag:
             return Response(status_code=304, headers=headers)
         try:

@@ -2,7 +2,8 @@
 
 A device proves who it is on every request before the selector reads a byte of its body (see
 :mod:`fedfleet.service.gate`): a check-in carries the device's enrollment token for the
-device named in ``x-fedfleet-device``; every later call of its task (the plan poll, the report,
+device named in ``x-fedfleet-device``, and so does a checkpoint download (the global model is
+the job's property, not public); every later call of its task (the plan poll, the report,
 the Secure Aggregation steps, the abort) carries the report ticket the selection issued, bound
 to the job, the attempt in the path and that device. Bodies are bounded per route: a check-in
 or an abort is a few hundred bytes of JSON, a report at most ``maxUpdateBytes``, a Secure
@@ -78,6 +79,7 @@ def device_doors(job: FLJob, keys: JobKeys, ticket_ok: TicketOk) -> list[Door]:
     agg = job.spec.aggregation
     return [
         Door("POST", re.compile(r"/v1/checkin"), CHECKIN_LIMIT, _token_check(keys)),
+        Door("GET", re.compile(r"/v1/checkpoints/[^/]+"), 0, _token_check(keys)),
         Door("POST", re.compile(rf"/v1/reports/{_ROUND}"), agg.max_update_bytes, ticketed),
         Door(
             "POST",
