@@ -139,3 +139,35 @@ def test_checkpoint_training_and_report_fit_together() -> None:
     assert set(parse_metrics(headers["x-fedfleet-metrics"])) == {"train_loss", "train_accuracy"}
     assert headers["x-fedfleet-aggregator"] == task["aggregator"]
     assert report["path"] == f"/v1/reports/{task['round_key']}"
+
+
+def test_the_documented_secure_aggregation_messages_are_the_real_ones() -> None:
+    """Every message of a real session (with one device dropping before the masked input)
+    fits the OpenAPI document's schema of its step, and the schemas refuse extra fields."""
+    from fedfleet.selector import contract
+    from tests.unit.test_secagg import Group
+
+    g = Group.make(4, m=8, min_group_size=2)
+    g.advertise()
+    g.share()
+    inbox = g.server.inbox(g.clients[1].device_id)
+    g.collect(skip=1)
+    g.unmask()
+    assert g.roster is not None and g.survivors is not None and g.survivors.dropped
+    pairs: list[tuple[type[Any], list[Any]]] = [
+        (contract.SecAggKeyAdvert, g.adverts),
+        (contract.SecAggRoster, [g.roster]),
+        (contract.SecAggShareKeys, g.shares),
+        (contract.SecAggInbox, [inbox]),
+        (contract.SecAggSurvivors, [g.survivors]),
+        (contract.SecAggUnmaskShares, g.unmasks),
+    ]
+    for model, messages in pairs:
+        assert messages
+        for msg in messages:
+            doc = json.loads(json.dumps(msg.to_dict()))
+            model.model_validate(doc)
+            with pytest.raises(ValueError):
+                model.model_validate({**doc, "extra": 1})
+    # The masked input travels raw: vector_length ring elements.
+    assert {len(m.data) for m in g.masked} == {8 * 4}
