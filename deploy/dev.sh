@@ -113,7 +113,33 @@ setup_node() {
     mv "$dir.tmp" "$dir"
   fi
   export FEDFLEET_NODE_PATH="$dir/node_modules"
+  setup_typescript
   took[node]=$(($(now) - t0))
+}
+
+# The TypeScript device client (clients/typescript) is compiled with a pinned tsc and Node's
+# type definitions, installed once per machine under the cache like playwright-core; the build
+# itself is a few seconds and runs on every setup (its output, dist/, is not committed). The
+# tests run the built client with node (FEDFLEET_TS_CLIENT names its dist/ folder).
+TYPESCRIPT_VERSION=5.9.3
+NODE_TYPES_VERSION=20.19.43
+setup_typescript() {
+  local dir="$cache/node/typescript-$TYPESCRIPT_VERSION-node-$NODE_TYPES_VERSION"
+  if [[ ! -f $dir/node_modules/typescript/package.json || ! -f $dir/node_modules/@types/node/package.json ]]; then
+    command -v npm >/dev/null || die "npm is missing: the TypeScript client needs Node.js 20 and npm"
+    say "installing typescript $TYPESCRIPT_VERSION and @types/node $NODE_TYPES_VERSION into $dir"
+    rm -rf "$dir.tmp"
+    npm install --prefix "$dir.tmp" --no-audit --no-fund --loglevel=error \
+      "typescript@$TYPESCRIPT_VERSION" "@types/node@$NODE_TYPES_VERSION" >/dev/null \
+      || die "npm install typescript@$TYPESCRIPT_VERSION @types/node@$NODE_TYPES_VERSION failed"
+    rm -rf "$dir"
+    mv "$dir.tmp" "$dir"
+  fi
+  say "building clients/typescript (tsc $TYPESCRIPT_VERSION)"
+  rm -rf clients/typescript/dist
+  node "$dir/node_modules/typescript/bin/tsc" -p clients/typescript \
+    --typeRoots "$dir/node_modules/@types" || die "tsc failed on clients/typescript"
+  export FEDFLEET_TS_CLIENT="$repo/clients/typescript/dist"
 }
 
 # The cluster binaries take 15-20 minutes to build on a fresh 2-core machine, so they build in
