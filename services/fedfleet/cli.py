@@ -482,6 +482,13 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         )
         for role in ("coordinator", "selector", "aggregator")
     },
+    # fedfleet.conformance: a scripted selector that judges a device client.
+    "conformance": Subcommand(
+        "serve a scripted device API that checks a device client's behaviour (windows, "
+        "Retry-After, reports, aborts) and print the verdicts",
+        lambda parser: __import__("fedfleet.conformance", fromlist=["x"]).add_arguments(parser),
+        lambda args: int(__import__("fedfleet.conformance", fromlist=["x"]).run(args)),
+    ),
     # Imported lazily: fedfleet.device.simulate_cmd (the fleet itself loads only when it runs).
     "simulate": Subcommand(
         "drive a deployed job with a simulated fleet of devices over HTTP",
