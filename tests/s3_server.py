@@ -82,7 +82,9 @@ class S3Server:
         deadline = time.monotonic() + 60
         while True:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"versitygw exited {self._proc.returncode}; see {self._log.name}")
+                raise RuntimeError(
+                    f"versitygw exited {self._proc.returncode}; see {self._log.name}"
+                )
             try:
                 with self.models() as models:
                     models.create_bucket()
