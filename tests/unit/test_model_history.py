@@ -144,10 +144,10 @@ def test_s3_credentials_come_from_the_named_secret_never_the_spec() -> None:
     )
     pods = deployments(job, OperatorSettings(store_url=STORE, pod_name="op-0"))
     env = {e["name"]: e for e in container(pods[ChildRole.aggregator])["env"]}
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {  # type: ignore[typeddict-item]
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
         "secretKeyRef": {"name": "s3-creds", "key": "accessKeyId"}
     }
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {  # type: ignore[typeddict-item]
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {
         "secretKeyRef": {"name": "s3-creds", "key": "secretAccessKey"}
     }
     coordinator = {e["name"] for e in container(pods[ChildRole.coordinator])["env"]}

@@ -1,13 +1,14 @@
 """Where committed models' bytes live: one small interface, three backends.
 
 A job's models are immutable objects named by version and content hash
-(``v00000042-<sha256 prefix>.ckpt``) under the job's folder ``<namespace>/<name>/``, beside an
-``index.json`` naming the kept versions and the best one (so the models stay fetchable after
-the job's store record is gone). The store's committed-checkpoint pointer holds a small
-:class:`ModelRef` to the object instead of the bytes; :meth:`ModelStorage.put` returns only once
-the bytes are durable, and only then is the pointer committed, so a failed write leaves the
-previous version committed and intact. Two masters racing for one version write two objects
-with different hashes: the loser's is never referenced.
+(``v00000042-<sha256 prefix>.ckpt``) under the job's folder ``<namespace>/<name>/``
+(``_/<name>/`` without a namespace), beside an ``index.json`` naming the kept versions and
+the best one, so the models stay fetchable after the job's store record is gone. The store's
+committed-checkpoint pointer holds a small :class:`ModelRef` to the object instead of the
+bytes; :meth:`ModelStorage.put` returns only once the bytes are durable, and only then is the
+pointer committed, so a failed write leaves the previous version committed and intact. Two
+masters racing for one version write two objects with different hashes: the loser's is never
+referenced.
 
 Backends: :mod:`.redis_models` (the job's store, the default), :mod:`.files` (a directory or
 PVC), :mod:`.s3` (an S3-compatible bucket). Each is held to ``tests/contract/test_model_storage``.
@@ -30,6 +31,7 @@ __all__ = [
     "ModelStorageError",
     "check_job",
     "check_name",
+    "job_path",
     "object_name",
     "version_of",
 ]
@@ -39,7 +41,7 @@ REF_MAGIC: Final = b"FFREF1\n"
 INDEX: Final = "index.json"
 _NAME = re.compile(r"^v(\d{8,12})-([0-9a-f]{16})\.ckpt$")
 _ARCHIVED_INDEX = re.compile(r"^index-\d{8}T\d{6}Z\.json$")
-_JOB = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z]([-a-z0-9]*[a-z0-9])?$")
+_JOB = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 class ModelStorageError(RuntimeError):
@@ -54,10 +56,17 @@ class ModelMissing(ModelStorageError, KeyError):
 
 
 def check_job(job: str) -> str:
-    """A job key ``<namespace>/<name>``: it becomes a path, so nothing else is accepted."""
+    """A job key ``<namespace>/<name>`` (or ``<name>`` outside Kubernetes): it becomes a
+    path, so nothing else is accepted."""
     if not _JOB.match(job):
         raise ValueError(f"job key {job!r} is not <namespace>/<name> (DNS labels)")
     return job
+
+
+def job_path(job: str) -> str:
+    """The job's folder: ``<namespace>/<name>``, or ``_/<name>`` for a job without a namespace
+    (``_`` is no namespace's name, so the two never meet)."""
+    return check_job(job) if "/" in job else f"_/{check_job(job)}"
 
 
 def check_name(name: str) -> str:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedfleet.store.history.base import ModelMissing, ModelStorageError, check_job, check_name
+from fedfleet.store.history.base import ModelMissing, ModelStorageError, check_name, job_path
 
 __all__ = ["FileModels"]
 
@@ -38,7 +38,7 @@ class FileModels:
         return f"directory {self.root}"
 
     def _dir(self, job: str) -> Path:
-        return self.root / check_job(job)
+        return self.root / job_path(job)
 
     def put(self, job: str, name: str, data: bytes) -> None:
         folder = self._dir(job)
@@ -86,10 +86,13 @@ class FileModels:
         if not folder.is_dir():
             return 0
         removed = 0
-        for p in folder.iterdir():
-            p.unlink(missing_ok=True)
-            removed += 0 if p.name.startswith(".") else 1
-        folder.rmdir()
+        try:
+            for p in folder.iterdir():
+                p.unlink(missing_ok=True)
+                removed += 0 if p.name.startswith(".") else 1
+            folder.rmdir()
+        except OSError as exc:
+            raise ModelStorageError(f"cannot delete {folder}: {exc}") from exc
         return removed
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from fedfleet.store.history.base import ModelMissing, ModelStorageError, check_job, check_name
+from fedfleet.store.history.base import ModelMissing, ModelStorageError, check_name, job_path
 
 __all__ = ["S3Models", "credentials_from_env"]
 
@@ -132,7 +132,7 @@ class S3Models:
 
     # -- objects ----------------------------------------------------------------------------------
     def _object(self, job: str, name: str) -> str:
-        return "/".join(p for p in (self.prefix, check_job(job), check_name(name)) if p)
+        return "/".join(p for p in (self.prefix, job_path(job), check_name(name)) if p)
 
     def create_bucket(self) -> None:
         """Create the bucket (set-up and tests; fedfleet expects it to exist)."""
@@ -159,7 +159,7 @@ class S3Models:
             raise self._fail(f"DELETE {job}/{name}", r)
 
     def names(self, job: str) -> list[str]:
-        head = "/".join(p for p in (self.prefix, check_job(job)) if p) + "/"
+        head = "/".join(p for p in (self.prefix, job_path(job)) if p) + "/"
         found: list[str] = []
         token = ""
         while True:
@@ -181,9 +181,7 @@ class S3Models:
     def delete_job(self, job: str) -> int:
         names = self.names(job)
         for name in names:
-            r = self._request("DELETE", "/".join(p for p in (self.prefix, job, name) if p))
-            if r.status_code not in (200, 204, 404):
-                raise self._fail(f"DELETE {job}/{name}", r)
+            self.delete(job, name)
         return len(names)
 
     def close(self) -> None:
