@@ -1,10 +1,11 @@
 """Models in the job's own store: Redis in a deployment, memory in ``fedfleet run``.
 
 The default backend, for small models: each object is one Redis string under
-``fedfleet-models:{<job>}:<name>`` — outside the job's ``fedfleet:{<job>}:`` keys, so removing
-the job's record (``Store.delete_job``) leaves its models unless ``deleteWithJob`` is set. A
-write is as durable as the Redis it goes to (its persistence settings), and it completes before
-the pointer is committed. The in-memory variant lives as long as its :class:`MemoryStore`.
+``fedfleet-models:{<job>}:<name>``, its name in the set ``fedfleet-models:{<job>}`` (listing
+never SCANs the keyspace) — outside the job's ``fedfleet:{<job>}:`` keys, so removing the
+job's record (``Store.delete_job``) leaves its models unless ``deleteWithJob`` is set. A write
+is as durable as the Redis it goes to (its persistence settings), and it completes before the
+pointer is committed. The in-memory variant lives as long as its :class:`MemoryStore`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ MODELS_PREFIX = "fedfleet-models"
 
 
 class RedisModels:
+    """Objects as Redis strings, and the set of their names (no SCAN over the keyspace)."""
+
     def __init__(self, client: Any, *, prefix: str = MODELS_PREFIX, where: str = "redis") -> None:
         self._r = client
         self._prefix = prefix
@@ -39,8 +42,11 @@ class RedisModels:
     def describe(self) -> str:
         return f"the store ({self._where})"
 
-    def _key(self, job: str, name: str = "") -> str:
-        return f"{self._prefix}:{{{check_job(job)}}}:" + (check_name(name) if name else "")
+    def _key(self, job: str, name: str) -> str:
+        return f"{self._prefix}:{{{check_job(job)}}}:{check_name(name)}"
+
+    def _names_key(self, job: str) -> str:
+        return f"{self._prefix}:{{{check_job(job)}}}"
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
         import redis
@@ -52,8 +58,21 @@ class RedisModels:
         except redis.exceptions.RedisError as exc:
             raise ModelStorageError(f"{what} in {self.describe()}: {exc}") from exc
 
+    def _atomically(self, what: str, *commands: tuple[str, tuple[Any, ...]]) -> list[Any]:
+        def run() -> list[Any]:
+            pipe = self._r.pipeline(transaction=True)  # one hash slot: the job's tag
+            for name, args in commands:
+                getattr(pipe, name)(*args)
+            return cast(list[Any], pipe.execute())
+
+        return cast(list[Any], self._call(what, run))
+
     def put(self, job: str, name: str, data: bytes) -> None:
-        self._call(f"storing {job}/{name}", self._r.set, self._key(job, name), bytes(data))
+        self._atomically(
+            f"storing {job}/{name}",
+            ("set", (self._key(job, name), bytes(data))),
+            ("sadd", (self._names_key(job), name)),
+        )
 
     def get(self, job: str, name: str) -> bytes:
         raw = self._call(f"reading {job}/{name}", self._r.get, self._key(job, name))
@@ -62,19 +81,21 @@ class RedisModels:
         return bytes(raw)
 
     def delete(self, job: str, name: str) -> None:
-        self._call(f"deleting {job}/{name}", self._r.unlink, self._key(job, name))
-
-    def _keys(self, job: str) -> list[bytes]:
-        pattern = "".join("\\" + c if c in "\\*?[]" else c for c in self._key(job)) + "*"
-        return cast(list[bytes], self._call("listing", lambda: list(self._r.scan_iter(pattern))))
+        self._atomically(
+            f"deleting {job}/{name}",
+            ("unlink", (self._key(job, name),)),
+            ("srem", (self._names_key(job), name)),
+        )
 
     def names(self, job: str) -> list[str]:
-        head = len(self._key(job))
-        return sorted(bytes(k).decode()[head:] for k in self._keys(job))
+        raw = self._call("listing", self._r.smembers, self._names_key(job))
+        return sorted(bytes(n).decode() for n in raw)
 
     def delete_job(self, job: str) -> int:
-        keys = self._keys(job)
-        return int(self._call("deleting", self._r.unlink, *keys)) if keys else 0
+        names = self.names(job)
+        keys = [self._key(job, n) for n in names]
+        self._atomically(f"deleting {job}", ("unlink", (*keys, self._names_key(job))))
+        return len(names)
 
     def close(self) -> None:
         pass
