@@ -21,6 +21,8 @@ from fedfleet.core.model_history import (
     kept_models,
 )
 from fedfleet.core.spec import ManifestError
+from fedfleet.report import summary_rows
+from fedfleet.results import JobResult
 from fedfleet.store.history import commit_model
 from fedfleet.store.history.files import FileModels
 from fedfleet.store.memory import MemoryStore
@@ -98,6 +100,14 @@ def test_the_spec_refuses_storage_fields_of_another_kind() -> None:
     for checkpoints in bad:
         with pytest.raises(ManifestError):
             make_job(checkpoints=checkpoints)
+
+
+def test_the_summary_names_the_best_model() -> None:
+    result = JobResult(
+        job="t", model_version=5, best_model={"version": 2, "round": 2, "loss": 0.25}
+    )
+    assert dict(summary_rows(result))["Best model"] == "version 2 (round 2, loss 0.2500)"
+    assert "Best model" not in dict(summary_rows(JobResult(job="t")))
 
 
 # -- the operator ---------------------------------------------------------------------------------
