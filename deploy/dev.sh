@@ -12,6 +12,8 @@
 #     wheel cache;
 #   - the cluster binaries (etcd, kube-apiserver and friends, kubectl, helm), built from Go
 #     modules by deploy/build-binaries.sh, in the background while the rest is set up;
+#   - an S3-compatible server (versitygw) for the model-storage tests, built from Go modules by
+#     deploy/build-s3-server.sh, in the background as well;
 #   - for the browser tier: Debian's chromium and a pinned playwright-core from npm (the client
 #     library only: it downloads no browser of its own).
 # Everything slow is cached OUTSIDE the clone, keyed by version, under
@@ -165,15 +167,34 @@ wait_binaries() {
   export FEDFLEET_BINARIES="$bin_dir/env.sh"
 }
 
+# The S3-compatible server the model-storage tests run (tests/s3_server.py reads its env file).
+s3_pid=""
+s3_out="$cache/logs/build-s3-server.out"
+start_s3_server() {
+  mkdir -p "$cache/logs"
+  s3_t0=$(now)
+  bash deploy/build-s3-server.sh >"$s3_out" &
+  s3_pid=$!
+}
+
+wait_s3_server() {
+  local rc=0
+  wait "$s3_pid" || rc=$?
+  took[s3]=$(($(now) - s3_t0))
+  ((rc == 0)) || die "building the S3 server failed (exit $rc): see the [build-s3-server] lines above"
+}
+
 setup_all() {
   local t0
   t0=$(now)
   start_binaries
+  start_s3_server
   setup_apt
   setup_python
   setup_node
   wait_binaries
-  say "setup done in $(($(now) - t0)) s (apt ${took[apt]} s, python ${took[python]} s, node ${took[node]} s, cluster binaries ${took[binaries]} s)"
+  wait_s3_server
+  say "setup done in $(($(now) - t0)) s (apt ${took[apt]} s, python ${took[python]} s, node ${took[node]} s, cluster binaries ${took[binaries]} s, s3 server ${took[s3]} s)"
 }
 
 run_tests() {

@@ -109,7 +109,8 @@ class VolumeMount(TypedDict):
 
 class Volume(TypedDict):
     name: str
-    emptyDir: dict[str, str]
+    emptyDir: NotRequired[dict[str, str]]
+    persistentVolumeClaim: NotRequired[dict[str, str]]
 
 
 class Container(TypedDict):

@@ -35,6 +35,8 @@ from fedfleet_operator.bodies import (
     SecretBody,
     SecurityContext,
     ServiceBody,
+    Volume,
+    VolumeMount,
 )
 from fedfleet_operator.naming import (
     ANNOTATION_SPEC_HASH,
@@ -244,6 +246,43 @@ def _deadline_env(job: FLJob, role: ChildRole, active_since: float | None) -> li
     return [{"name": "FEDFLEET_ACTIVE_SINCE", "value": str(int(active_since))}]
 
 
+_MODELS_VOLUME = "models"
+MODEL_STORAGE_ROLES: Final = (ChildRole.selector, ChildRole.aggregator)
+"""The actors that read or write stored models (spec.checkpoints.storage)."""
+
+
+def _storage_env(job: FLJob, role: ChildRole) -> list[EnvVar]:
+    """S3 credentials from the Secret ``spec.checkpoints.storage.credentialsSecret`` names."""
+    storage = job.spec.checkpoints.storage
+    if role not in MODEL_STORAGE_ROLES or storage.credentials_secret is None:
+        return []
+    return [
+        {
+            "name": env,
+            "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}},
+        }
+        for env, key in (
+            ("AWS_ACCESS_KEY_ID", "accessKeyId"),
+            ("AWS_SECRET_ACCESS_KEY", "secretAccessKey"),
+        )
+    ]
+
+
+def _storage_volume(job: FLJob, role: ChildRole) -> list[Volume]:
+    """The PVC ``spec.checkpoints.storage.claimName`` names, for the actors that need it."""
+    claim = job.spec.checkpoints.storage.claim_name
+    if role not in MODEL_STORAGE_ROLES or claim is None:
+        return []
+    return [{"name": _MODELS_VOLUME, "persistentVolumeClaim": {"claimName": claim}}]
+
+
+def _storage_mount(job: FLJob, role: ChildRole) -> list[VolumeMount]:
+    storage = job.spec.checkpoints.storage
+    if not _storage_volume(job, role) or storage.path is None:
+        return []
+    return [{"name": _MODELS_VOLUME, "mountPath": storage.path}]
+
+
 def _container(
     job: FLJob, role: ChildRole, settings: OperatorSettings, active_since: float | None = None
 ) -> Container:
@@ -252,13 +291,15 @@ def _container(
         "image": settings.actor_image or job.spec.actors.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["fedfleet", role.value],
-        "env": _actor_env(job.name, settings) + _deadline_env(job, role, active_since),
+        "env": _actor_env(job.name, settings)
+        + _deadline_env(job, role, active_since)
+        + _storage_env(job, role),
         "ports": [{"name": "http", "containerPort": ACTOR_PORT, "protocol": "TCP"}],
         "readinessProbe": _probe("/readyz", period=2, failures=3),
         "livenessProbe": _probe("/healthz", period=10, failures=3),
         "securityContext": _security_context(),
         "resources": copy.deepcopy(DEFAULT_RESOURCES[role]),
-        "volumeMounts": [{"name": _TMP_VOLUME, "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": _TMP_VOLUME, "mountPath": "/tmp"}, *_storage_mount(job, role)],
     }
 
 
@@ -291,7 +332,10 @@ def build_actor_deployment(
                     # Actors never call the Kubernetes API: no token in their pods.
                     "automountServiceAccountToken": False,
                     "containers": [_container(job, role, settings, active_since)],
-                    "volumes": [{"name": _TMP_VOLUME, "emptyDir": {}}],
+                    "volumes": [
+                        {"name": _TMP_VOLUME, "emptyDir": {}},
+                        *_storage_volume(job, role),
+                    ],
                 },
             },
         },

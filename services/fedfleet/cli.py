@@ -449,7 +449,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "operator": Subcommand("run the FLJob operator (kopf)", _args_operator, _cmd_operator),
     "fetch-model": Subcommand(
-        "write a job's newest model checkpoint from the store to a file",
+        "write a kept model of a job (a version, the best or the newest) to a file",
         _args_fetch_model,
         _cmd_fetch_model,
     ),

@@ -403,6 +403,16 @@ def status_schema() -> JsonSchema:
                     "key": _leaf("string", "Job key in the store: <namespace>/<name>."),
                     "version": _leaf("integer", "Version of the stored model."),
                     "fetch": _leaf("string", "Command that downloads the model."),
+                    "best": _object(
+                        "The best kept model by spec.checkpoints.metric.",
+                        {
+                            "version": _leaf("integer", "Its model version."),
+                            "round": _leaf("integer", "The round that committed it."),
+                            "metric": _leaf("string", "The metric that ranks models."),
+                            "value": _leaf("number", "Its value of the metric."),
+                        },
+                    ),
+                    "fetchBest": _leaf("string", "Command that downloads the best model."),
                 },
             ),
         },

@@ -16,14 +16,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from fedfleet.cli import main as cli_main
 from fedfleet.core.spec import FLJob, parse_manifest
 from fedfleet.device.http_fleet import HttpFleet
 from fedfleet.service.keys import JobKeys
 from fedfleet.store.factory import open_store
+from fedfleet.store.history.redis_models import models_in_store
+from fedfleet.tasks.weights_file import load_weights
 from fedfleet.up import UpOptions
 from tests.cluster.conftest import Cluster
 
@@ -199,7 +203,7 @@ def _drive(
 
 @pytest.mark.timeout(1500)
 def test_digits_reaches_succeeded_with_accuracy_in_status(
-    cluster: Cluster, fedfleet: Installed, namespace: str
+    cluster: Cluster, fedfleet: Installed, namespace: str, tmp_path: Path
 ) -> None:
     doc = _example()
     cluster.apply(doc, namespace)
@@ -234,7 +238,16 @@ def test_digits_reaches_succeeded_with_accuracy_in_status(
     assert cluster.get("configmap", "digits-plan", namespace) is not None
     store = open_store(fedfleet.redis_url)
     assert store.model_version(f"{namespace}/digits") == 50
-    assert max(m["accuracy"] for m in store.metrics(f"{namespace}/digits")) >= 0.88
+    history = store.metrics(f"{namespace}/digits")
+    assert max(m["accuracy"] for m in history) >= 0.88
+    # The best model (spec.checkpoints defaults: keep 1 + the best by accuracy) is named in
+    # the status with the command that fetches it, which holds no password.
+    best = max(history, key=lambda m: (m["accuracy"], m["model_version"]))
+    assert status["model"]["best"]["version"] == best["model_version"]
+    assert f"--store-secret {namespace}/digits-secret" in status["model"]["fetchBest"]
+    assert "--version best" in status["model"]["fetchBest"]
+    password = urlsplit(fedfleet.redis_url).password
+    assert password and password not in json.dumps(status["model"])
     # Delete: children by garbage collection, Redis keys by the finalizer.
     cluster.kubectl("delete", "fljob", "digits", "-n", namespace, "--timeout=60s", check=True)
     cluster.wait_for(
@@ -248,6 +261,13 @@ def test_digits_reaches_succeeded_with_accuracy_in_status(
     )
     assert store.model_version(f"{namespace}/digits") == 0
     assert store.job_state(f"{namespace}/digits") == {}
+    # ... and the stored models stay (spec.checkpoints.deleteWithJob is false by default)
+    out = tmp_path / "best.safetensors"
+    fetch = ["fetch-model", "--store", fedfleet.redis_url, "--job", f"{namespace}/digits"]
+    assert cli_main([*fetch, "--version", "best", "-o", str(out)]) == 0
+    assert load_weights(out)["w.0"].shape == (64, 10)
+    assert cli_main([*fetch, "--version", "50", "-o", str(out)]) == 0
+    models_in_store(store).delete_job(f"{namespace}/digits")
     store.close()
 
 

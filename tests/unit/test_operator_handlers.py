@@ -395,7 +395,10 @@ def test_success_removes_the_actors_and_says_where_the_model_is(world: World) ->
     assert world.condition("Complete")["status"] == "True"
     kind, reason, message = world.events.events[-1]
     assert (kind, reason) == ("Normal", Reason.SUCCEEDED)
-    assert "fedfleet fetch-model --store redis://10.0.0.12:6379/0 --job team-a/mnist" in message
+    assert (
+        "fedfleet fetch-model --store redis://10.0.0.12:6379/0 --store-secret "
+        "team-a/mnist-secret --job team-a/mnist" in message
+    )
     world.store.down = True  # a finished job's status no longer reads the store
     assert world.tick() == {}
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import kopf
 
+from fedfleet.core.model_history import CheckpointsSpec
 from fedfleet.store.base import StoreUnavailable
 from fedfleet_operator.conditions import READY, Reason, find_condition
 from fedfleet_operator.context import OperatorContext, context_of
@@ -63,6 +64,14 @@ def _spec_facts(body: kopf.Body) -> tuple[str | None, bool, int | None]:
     except InvalidJob as exc:
         return str(exc), bool(body.spec.get("suspend", False)), None
     return None, job.spec.suspend, job.spec.rounds.total
+
+
+def _checkpoints(body: kopf.Body) -> CheckpointsSpec | None:
+    """The spec's model-history policy (None when the spec is invalid: the defaults rank)."""
+    try:
+        return job_from_body(body).spec.checkpoints
+    except InvalidJob:
+        return None
 
 
 def write_status(
@@ -124,6 +133,7 @@ def sync_status(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any)
         suspended=suspended,
         invalid=invalid,
         rounds_total=rounds_total,
+        checkpoints=_checkpoints(body),
     )
     done = finishing(previous, new)
     if done:

@@ -89,6 +89,7 @@ def reconcile(
             previous={**previous, **new},
             suspended=job.spec.suspend,
             rounds_total=job.spec.rounds.total,
+            checkpoints=job.spec.checkpoints,
         )
     done = state is not None and finishing(previous, new)
     if done and state is not None:

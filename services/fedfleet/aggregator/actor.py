@@ -80,6 +80,7 @@ from fedfleet.core.serde import SerdeError, decode_arrays
 from fedfleet.core.spec import FLJob
 from fedfleet.store.base import Claim, ConflictError, FencedError, Store, StoreUnavailable
 from fedfleet.store.checkpoints import CheckpointCache
+from fedfleet.store.history import ModelStorage, commit_model, storage_for
 from fedfleet.store.registration import Registration
 from fedfleet.tasks import task_of
 
@@ -158,6 +159,8 @@ class Aggregator:
         self._published: set[str] = set()
         self._committed: set[str] = set()
         self._checkpoints = CheckpointCache(store, job, self._task.initial)
+        self._models: ModelStorage | None = None
+        """Where committed models go (spec.checkpoints.storage), opened at the first commit."""
         self._metrics: dict[str, MetricSums] = {}
         """Per round, the device-reported metrics' running sums (never with secure aggregation)."""
         self._lock = threading.Lock()
@@ -596,7 +599,12 @@ class Aggregator:
             if bad:
                 raise CommitRefused(f"the new model evaluates to a non-finite {', '.join(bad)}")
             metrics.update(scores)
-        self.store.commit_checkpoint(
+        if self._models is None:
+            self._models = storage_for(self.spec.checkpoints, self.store)
+        commit_model(
+            self.store,
+            self._models,
+            self.spec.checkpoints,
             self.name,
             state.token,
             state.model_version,

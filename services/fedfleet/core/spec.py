@@ -25,6 +25,8 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from fedfleet.core.model_history import CheckpointsSpec
+
 __all__ = [
     "API_VERSION",
     "KIND",
@@ -32,6 +34,7 @@ __all__ = [
     "AggregationSpec",
     "Algorithm",
     "AvailabilitySpec",
+    "CheckpointsSpec",
     "DataSpec",
     "Dataset",
     "DifferentialPrivacySpec",
@@ -466,6 +469,10 @@ class FLJobSpec(_Spec):
     """Seconds after the job finished (Succeeded or Failed) at which the operator removes its
     children and then the FLJob itself (none: kept until deleted). The job's keys in the
     store, and so its model, stay: fetch it with `fedfleet fetch-model --job <ns>/<name>`."""
+    checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
+    """Which committed models are kept (the newest `keep` and the best by `metric`), where
+    (`storage`: Redis, a filesystem/PVC or S3) and whether deleting the FLJob deletes them;
+    see fedfleet.core.model_history."""
 
     @model_validator(mode="after")
     def _cross_field(self) -> FLJobSpec:

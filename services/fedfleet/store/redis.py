@@ -538,5 +538,10 @@ class RedisStore:
                 removed += int(self._r.unlink(*batch))
         return removed
 
+    @property
+    def client(self) -> redis.Redis:
+        """The connection, for model storage in the same Redis (fedfleet.store.history)."""
+        return self._r
+
     def close(self) -> None:
         self._r.close()
