@@ -59,6 +59,7 @@ class FakeKube:
     status_writes: list[dict[str, Any]] = field(default_factory=list)
     status_api_down: bool = False
     fljob_deleted: bool = False
+    pod_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None
@@ -91,6 +92,16 @@ class FakeKube:
         if secret is None:
             return None
         return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+    def scale(self, namespace: str, name: str, replicas: int) -> None:
+        assert namespace == NS
+        self.writes += 1
+        self.objects[("Deployment", name)]["spec"]["replicas"] = replicas
+
+    def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> bool:
+        assert namespace == NS
+        self.pod_annotations.setdefault(name, {}).update(annotations)
+        return True
 
     def replicas(self, role: str) -> int:
         return int(self.objects[("Deployment", f"{NAME}-{role}")]["spec"]["replicas"])
