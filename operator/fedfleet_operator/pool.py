@@ -180,8 +180,16 @@ def plan_pool(
             drained = []
     else:
         # Replicas with no registered aggregator hold nothing: drop them at once.
-        unregistered = max(0, replicas - len(live))
-        replicas -= min(unregistered, replicas - target)
+        unregistered = min(max(0, replicas - len(live)), replicas - target)
+        if unregistered:
+            replicas -= unregistered
+            events.append(
+                (
+                    Reason.SCALED_DOWN,
+                    f"-> {replicas}: {unregistered} replica(s) that never registered: "
+                    f"{decision.message}",
+                )
+            )
         wanted = max(0, replicas - target)
         if len(drained) > wanted:
             drained = drained[:wanted]
