@@ -422,7 +422,8 @@ class ActorsSpec(_Spec):
     """Upper bound on the aggregator pool."""
     aggregator_bytes_per_second: int = Field(32 * 1024 * 1024, ge=1024, le=1 << 40)
     """Update bytes one aggregator is counted on to receive, validate and fold per second
-    (32 MiB/s: a loaded 2-core machine measured 50-60 MiB/s through HTTP; bench/autoscale.py).
+    (32 MiB/s, conservative: bench/autoscale.py measured about 320 MiB/s of fold throughput on
+    one core in-process; HTTP, tickets and the store's claim come on top).
     On Kubernetes the operator resizes the pool while the job runs to max(devices /
     devicesPerAggregator, update bytes per second / this), where the bytes are selected devices
     x the model's update size / the round's duration, or what the aggregators measured when
