@@ -6,7 +6,8 @@ the draining set, the loads they publish, the rounds they hold, the last attempt
 a round: write the draining set first (the coordinator stops giving those aggregators rounds),
 mark the pods to remove with the lowest pod-deletion cost, then set the Deployment's replicas.
 Each decision is an Event; the plan's ``status.aggregators`` is written with the rest of the
-status by the timer.
+status by the timer, and only when the pool or a decision changed (its reason and figures are
+the last decision's), so a running job's measured rates do not cost a status write per tick.
 
 Resizing is best effort: a store or API error here is logged and the pool is left as it was
 until the next tick; it never stops the status from being reported.
@@ -15,7 +16,7 @@ until the next tick; it never stops the status from being reported.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -34,6 +35,8 @@ from fedfleet_operator.pool import (
 __all__ = ["RECENT_ATTEMPTS", "scale_pool", "snapshot"]
 
 RECENT_ATTEMPTS = 8
+_STATE_KEYS = ("replicas", "desired", "current", "draining", "leaving", "lowSince", "lowPeak")
+"""The fields of ``status.aggregators`` that change only with the pool or a decision."""
 """Finished attempts read per look (the newest), for the expected round time."""
 
 
@@ -79,4 +82,8 @@ def scale_pool(
     for reason, message in plan.events:
         logger.info("aggregator pool of %s: %s", key, message)
         ctx.events.info(body, reason=reason, message=message)
+    if not plan.events and all(before.get(k) == plan.status.get(k) for k in _STATE_KEYS):
+        # Nothing was decided: keep the last decision's reason and figures rather than write
+        # the status on every tick because a measured rate moved.
+        return cast(AggregatorStatus, dict(before))
     return plan.status
