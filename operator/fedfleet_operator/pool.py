@@ -12,11 +12,12 @@ store's draining set; the coordinator opens no new round on it, the rounds it ho
 their end (it folds, publishes and, as master, commits as usual). Only once it was already
 draining at the previous look (so a coordinator tick has seen the set) and holds no open round
 does the plan remove it: its pod gets the lowest ``controller.kubernetes.io/pod-deletion-cost``
-and the Deployment's replicas drop by one, so the ReplicaSet deletes that pod. Replicas that
-never registered (pods still starting) are dropped first, at once: they hold nothing. Scaling up
-cancels a drain (the drained aggregators simply serve again). A drained aggregator still
-registered once the pool is at its size (the ReplicaSet chose another pod, e.g. one not ready)
-is taken off the draining set and serves again.
+and the Deployment's replicas drop by one, so the ReplicaSet deletes that pod (or, first, a pod
+not ready, which holds no round either). Replicas never drop without such a mark: pods still
+starting are left to register, then drained like the others. Scaling up cancels a drain (the
+drained aggregators simply serve again). A drained aggregator still registered once the pool
+is at its size (the ReplicaSet chose another pod, e.g. one not ready) is taken off the
+draining set and serves again.
 """
 
 from __future__ import annotations
@@ -179,18 +180,10 @@ def plan_pool(
             events.append((Reason.DRAIN_CANCELLED, f"{', '.join(drained)} serve again"))
             drained = []
     else:
-        # Replicas with no registered aggregator hold nothing: drop them at once.
-        unregistered = min(max(0, replicas - len(live)), replicas - target)
-        if unregistered:
-            replicas -= unregistered
-            events.append(
-                (
-                    Reason.SCALED_DOWN,
-                    f"-> {replicas}: {unregistered} replica(s) that never registered: "
-                    f"{decision.message}",
-                )
-            )
-        wanted = max(0, replicas - target)
+        # Only registered aggregators beyond the target are drained: replicas still starting
+        # are left to register first (lowering the replicas without marking a pod would let
+        # the ReplicaSet pick any pod, perhaps one holding a round).
+        wanted = min(replicas - target, max(0, len(live) - target))
         if len(drained) > wanted:
             drained = drained[:wanted]
         if len(drained) < wanted:

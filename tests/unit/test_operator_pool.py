@@ -131,12 +131,16 @@ def test_a_new_scale_up_cancels_the_drain() -> None:
     assert up.replicas == 7 and up.draining == [] and up.remove == []
 
 
-def test_replicas_that_never_registered_go_first_without_a_drain() -> None:
+def test_replicas_are_never_lowered_without_a_drained_pod_to_remove() -> None:
     spec = _spec()
     live = ["agg-0", "agg-1", "agg-2"]  # 7 replicas, 4 still starting; 4 are enough
     plan = plan_pool(spec, {"replicas": 7, "desired": 7}, _snap(live, 1024), now=0.0)
-    assert plan.replicas == 4 and plan.draining == [] and plan.remove == []
-    assert [r for r, _ in plan.events] == [Reason.SCALED_DOWN]
+    assert (plan.replicas, plan.draining, plan.remove, plan.events) == (7, [], [], [])
+    assert plan.status["desired"] == 4
+    # Once the others registered, the excess is drained like any other.
+    everyone = [f"agg-{i}" for i in range(7)]
+    later = plan_pool(spec, plan.status, _snap(everyone, 1024), now=5.0)
+    assert len(later.draining) == 3 and later.replicas == 7
 
 
 def test_a_drained_aggregator_the_replicaset_kept_serves_again() -> None:
