@@ -183,8 +183,12 @@ def build_job_secret(
 # -- actor Deployments and the selectors' Service -------------------------------------------------
 
 
-def actor_replicas(spec: FLJobSpec, role: ChildRole) -> int:
-    """Replicas of a role's Deployment: zero for every role while the job is suspended."""
+def actor_replicas(spec: FLJobSpec, role: ChildRole, aggregators: int | None = None) -> int:
+    """Replicas of a role's Deployment: zero for every role while the job is suspended.
+
+    ``aggregators`` is the pool the operator sized while the job ran (``status.aggregators``),
+    kept across spec changes and restarts (at least ``minAggregators``); without it the pool
+    starts at ``ActorsSpec.aggregator_count``."""
     if spec.suspend:
         return 0
     if role is ChildRole.coordinator:
@@ -192,6 +196,8 @@ def actor_replicas(spec: FLJobSpec, role: ChildRole) -> int:
     if role is ChildRole.selector:
         return spec.actors.selectors
     if role is ChildRole.aggregator:
+        if aggregators is not None and aggregators > 0:
+            return max(spec.actors.min_aggregators, aggregators)
         return spec.actors.aggregator_count(spec.rounds)
     raise ValueError(f"{role} is not an actor role")
 
@@ -310,9 +316,11 @@ def build_actor_deployment(
     spec_hash: str,
     role: ChildRole,
     active_since: float | None = None,
+    aggregators: int | None = None,
 ) -> DeploymentBody:
     """The Deployment of one actor role (see the role-named wrappers below); ``active_since``
-    (Unix seconds) is where the coordinator counts ``spec.activeDeadlineSeconds`` from."""
+    (Unix seconds) is where the coordinator counts ``spec.activeDeadlineSeconds`` from;
+    ``aggregators`` the pool's current size (:func:`actor_replicas`)."""
     if role not in ACTOR_ROLES:
         raise ValueError(f"{role} is not an actor role")
     return {
@@ -320,7 +328,7 @@ def build_actor_deployment(
         "kind": "Deployment",
         "metadata": _meta(deployment_name(job.name, role), namespace, job.name, role),
         "spec": {
-            "replicas": actor_replicas(job.spec, role),
+            "replicas": actor_replicas(job.spec, role, aggregators),
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector_labels(job.name, role)},
             "template": {

@@ -98,6 +98,8 @@ class FLJobStatus(TypedDict, total=False):
     observedGeneration: int
     conditions: list[Condition]
     model: ModelLocation
+    aggregators: dict[str, Any]
+    """The aggregator pool (:class:`fedfleet_operator.pool.AggregatorStatus`)."""
 
 
 # -- model location -----------------------------------------------------------------------------

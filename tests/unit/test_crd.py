@@ -209,6 +209,7 @@ def test_status_schema_follows_the_contract(root: Schema) -> None:
         "observedGeneration",
         "conditions",
         "model",
+        "aggregators",
     }
     props = status["properties"]
     assert props["phase"]["enum"] == ["Pending", "Running", "Suspended", "Succeeded", "Failed"]

@@ -32,11 +32,13 @@ import json
 import logging
 import math
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 from fedfleet.core.aggregation import StreamingSum, UpdateRejected, validate_update
+from fedfleet.core.autoscale import LoadWindow, update_bytes
 from fedfleet.core.checkpoint import pack_checkpoint
 from fedfleet.core.commitcheck import (
     COMMIT_ERROR_FIELD,
@@ -189,6 +191,13 @@ class Aggregator:
             else None
         )
         self._noise = noise_rng() if self._dp.enabled else None
+        self._load = LoadWindow()
+        """Recent reports' bytes and fold times: the load published for the pool's sizing."""
+        self._load_every = heartbeat_every
+        self._load_published = float("-inf")
+        self._update_bytes = update_bytes(list(self._shapes))
+        self.fold_observer: Callable[[float], None] | None = None
+        """Called with each accepted report's validate-and-fold seconds (``/metrics``)."""
 
     # -- reports ---------------------------------------------------------------------------------
     def accept(self, env: ReportEnvelope) -> None:
@@ -207,6 +216,7 @@ class Aggregator:
             raise ReportRejected(422, f"num_examples must be in 1..{most}")
         if len(env.update) > self._max_bytes:
             raise ReportRejected(413, f"update exceeds {self._max_bytes} bytes")
+        started = time.perf_counter()
         try:
             # Zero-copy, aligned, read-only views: the update is read twice (finiteness, then
             # the weighted fold) and never kept, so copying it would be a third pass for nothing.
@@ -222,7 +232,9 @@ class Aggregator:
             raise ReportRejected(422, f"metrics refused: {exc}") from None
         key = env.round_key
         # Only a valid update may take one of the round's K slots; folding it in cannot fail.
+        claimed = time.perf_counter()
         self._claim(state, env.device_id)
+        claim_seconds = time.perf_counter() - claimed
         with self._lock:
             if key in self._published:
                 raise ReportRejected(409, f"round {key} closed while the report arrived")
@@ -239,6 +251,11 @@ class Aggregator:
                     fold = self._folds[key] = make_fold(self._shapes, self._robust, self._history)
                 fold.add(update, float(env.num_examples))
             self._metrics.setdefault(key, MetricSums()).add(device_metrics, env.num_examples)
+            # The store's claim (a round trip) is not folding: leave it out of the fold time.
+            folded = time.perf_counter() - started - claim_seconds
+            self._load.add(self._now, len(env.update), folded)
+        if self.fold_observer is not None:
+            self.fold_observer(folded)
 
     def _serving(self, round_key: str) -> RoundState:
         """The round a device message is for, refused unless it is reporting here."""
@@ -448,6 +465,7 @@ class Aggregator:
             return
         self._registration.beat(now)
         self._now = now
+        self._publish_load(now)
         rounds = {r.key: r for r in self.store.rounds(self.name)}
         to_publish: list[tuple[str, bytes]] = []
         secure: list[str] = []
@@ -489,6 +507,16 @@ class Aggregator:
                 and key not in self._committed
             ):
                 self._try_commit(state, now)
+
+    def _publish_load(self, now: float) -> None:
+        """Publish this aggregator's measured load for the pool's sizing (every heartbeat)."""
+        if now - self._load_published < self._load_every:
+            return
+        with self._lock:
+            load = self._load.rates(now)
+        load.update(update_bytes=self._update_bytes, at=now)
+        self.store.put_actor_load(self.name, self.actor_id, load)
+        self._load_published = now
 
     def _forget(self, key: str) -> None:
         self._sums.pop(key, None)

@@ -27,7 +27,11 @@ from fedfleet.core.spec import FLJob
 from fedfleet.service.gate import Door, Refusal, Seen, bearer, install
 from fedfleet.service.keys import JobKeys
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
-from fedfleet.service.telemetry import timed_store, update_size_histogram
+from fedfleet.service.telemetry import (
+    fold_seconds_histogram,
+    timed_store,
+    update_size_histogram,
+)
 from fedfleet.store.base import Store, StoreUnavailable
 
 __all__ = ["create_app", "dataset_evaluator", "internal_doors"]
@@ -89,6 +93,7 @@ def create_app(
     aggregator = Aggregator(
         job, store, actor_id=actor_id, secret=keys.ticket_key, evaluator=evaluator, address=address
     )
+    aggregator.fold_observer = fold_seconds_histogram(registry, job)
     ticker = Ticker(f"aggregator-{actor_id}", aggregator.tick, tick_seconds)
 
     lifespan = ticking_lifespan(

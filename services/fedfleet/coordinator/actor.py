@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedfleet.core.autoscale import round_aggregator_limit
 from fedfleet.core.commitcheck import COMMIT_ERROR_FIELD, COMMIT_REFUSED_COUNT
 from fedfleet.core.dp import PrivacyAccountant
 from fedfleet.core.protocol import SECAGG_FAILED, TERMINAL, Phase, Quota, RoundState
@@ -273,15 +274,19 @@ class Coordinator:
         in_flight = sum(1 for r in active if r.phase in (Phase.reporting, Phase.closing))
         if self.store.model_version(self.name) + in_flight >= self._total_rounds:
             return
-        live = sorted(self.store.members(self.name, Role.aggregator))
+        # Aggregators being drained (the operator shrinks the pool) get no new round; the
+        # rounds they hold run to their end.
+        draining = self.store.draining(self.name)
+        members = self.store.members(self.name, Role.aggregator)
+        live = sorted(a for a in members if a not in draining)
         if not live:
             return
         policy = self.spec.rounds
         attempt = self._next_attempt
-        # A round uses as many aggregators as the spec sizes it for (more only split the
-        # round into smaller groups, which Secure Aggregation cannot afford), rotating through
-        # the live ones from attempt to attempt.
-        wanted = min(len(live), self.spec.actors.aggregator_count(policy))
+        # A round spreads over the pool (the operator sizes it to the devices and update bytes
+        # of a round), up to what a round can use (Secure Aggregation groups must keep their
+        # minimum size), rotating through the live ones from attempt to attempt.
+        wanted = min(len(live), round_aggregator_limit(self.spec))
         start = attempt % len(live)
         aggregators = tuple((live + live)[start : start + wanted])
         self._next_attempt += 1

@@ -417,20 +417,48 @@ class ActorsSpec(_Spec):
     selectors: int = Field(2, ge=1, le=1000)
     """Selector replicas (devices check in with any of them)."""
     devices_per_aggregator: int = Field(500, ge=1, le=1_000_000)
-    """Aggregators are sized as ceil(goal count x over-selection / this)."""
+    """Devices one aggregator serves in a round: the pool is at least ceil(goal count x
+    over-selection / this)."""
+    min_aggregators: int = Field(1, ge=1, le=1000)
+    """Lower bound on the aggregator pool (the operator never scales it below this)."""
     max_aggregators: int = Field(16, ge=1, le=1000)
     """Upper bound on the aggregator pool."""
+    aggregator_bytes_per_second: int = Field(32 * 1024 * 1024, ge=1024, le=1 << 40)
+    """Update bytes one aggregator is counted on to receive, validate and fold per second
+    (32 MiB/s, conservative: bench/autoscale.py measured about 320 MiB/s of fold throughput on
+    one core in-process; HTTP, tickets and the store's claim come on top).
+    On Kubernetes the operator resizes the pool while the job runs to max(devices /
+    devicesPerAggregator, update bytes per second / this), where the bytes are selected devices
+    x the model's update size / the round's duration, or what the aggregators measured when
+    more; an aggregator that measures itself folding slower counts at its measured rate."""
+    scale_down_utilization: float = Field(0.7, gt=0, le=1)
+    """Hysteresis: the pool shrinks only to a size that the load would use at most this
+    fraction of (devices and bytes alike); it grows as soon as the load exceeds its capacity."""
+    scale_down_stabilization_seconds: float = Field(120.0, ge=0, le=86_400)
+    """The load must have fit the smaller pool this long before the pool shrinks (to the
+    largest size recommended in that time), so it does not flap between rounds."""
     image: str = Field("fedfleet/services:0.1.0", min_length=1)
     """Container image of the actors (Kubernetes only)."""
 
     def aggregator_count(self, rounds: RoundsSpec) -> int:
+        """The pool a job starts with: sized by devices, within [minAggregators,
+        maxAggregators] (the operator then sizes it by load: fedfleet.core.autoscale)."""
         return max(
-            1,
+            self.min_aggregators,
             min(
                 self.max_aggregators,
                 math.ceil(rounds.selection_target / self.devices_per_aggregator),
             ),
         )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> ActorsSpec:
+        if self.min_aggregators > self.max_aggregators:
+            raise ValueError(
+                f"minAggregators ({self.min_aggregators}) exceeds maxAggregators "
+                f"({self.max_aggregators})"
+            )
+        return self
 
 
 class FLJobSpec(_Spec):

@@ -37,6 +37,8 @@ class _Job:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+    loads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    draining: set[str] = field(default_factory=set)
 
 
 class MemoryStore:
@@ -96,6 +98,23 @@ class MemoryStore:
             for dead in [k for k, (_, exp) in live.items() if exp <= now]:
                 del live[dead]
             return {k: addr for k, (addr, _) in sorted(live.items())}
+
+    # -- the aggregator pool ---------------------------------------------------------------
+    def put_actor_load(self, job: str, actor_id: str, load: dict[str, Any]) -> None:
+        with self._lock:
+            self._jobs[job].loads[actor_id] = dict(load)
+
+    def actor_loads(self, job: str) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {k: dict(v) for k, v in sorted(self._jobs[job].loads.items())}
+
+    def set_draining(self, job: str, actor_ids: list[str]) -> None:
+        with self._lock:
+            self._jobs[job].draining = set(actor_ids)
+
+    def draining(self, job: str) -> set[str]:
+        with self._lock:
+            return set(self._jobs[job].draining)
 
     # -- rounds ---------------------------------------------------------------------------------
     def put_round(self, job: str, token: int, state: RoundState) -> None:
