@@ -120,6 +120,7 @@ class Container(TypedDict):
     command: list[str]
     env: list[EnvVar]
     ports: list[ContainerPort]
+    startupProbe: Probe
     readinessProbe: Probe
     livenessProbe: Probe
     securityContext: SecurityContext

@@ -233,6 +233,10 @@ def _actor_env(job: str, settings: OperatorSettings) -> list[EnvVar]:
     ]
 
 
+STARTUP_PROBE_FAILURES = 90
+"""Start-up probe failures tolerated, 2 s apart: an actor has 3 minutes to come up."""
+
+
 def _probe(path: str, period: int, failures: int) -> Probe:
     return {
         "httpGet": {"path": path, "port": ACTOR_PORT},
@@ -301,6 +305,9 @@ def _container(
         + _deadline_env(job, role, active_since)
         + _storage_env(job, role),
         "ports": [{"name": "http", "containerPort": ACTOR_PORT, "protocol": "TCP"}],
+        # Start-up (imports, the first store round trip) can take far longer than liveness
+        # allows on a busy node; until /healthz first answers, liveness does not count.
+        "startupProbe": _probe("/healthz", period=2, failures=STARTUP_PROBE_FAILURES),
         "readinessProbe": _probe("/readyz", period=2, failures=3),
         "livenessProbe": _probe("/healthz", period=10, failures=3),
         "securityContext": _security_context(),

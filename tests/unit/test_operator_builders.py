@@ -204,6 +204,11 @@ def test_actor_ports_probes_and_security_context(settings: OperatorSettings) -> 
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
         assert c["livenessProbe"]["periodSeconds"] == 10
         assert c["livenessProbe"]["failureThreshold"] == 3
+        # A slow start is not a dead actor: liveness counts only once /healthz has answered.
+        startup = c["startupProbe"]
+        assert startup["httpGet"] == {"path": "/healthz", "port": 8080}
+        budget = startup["periodSeconds"] * startup["failureThreshold"]
+        assert budget > c["livenessProbe"]["periodSeconds"] * c["livenessProbe"]["failureThreshold"]
         assert c["securityContext"] == {
             "runAsNonRoot": True,
             "runAsUser": 65534,
