@@ -23,7 +23,7 @@ from typing import Final
 
 import yaml
 
-from fedfleet.core.spec import API_VERSION, KIND, FLJob, FLJobSpec
+from fedfleet.core.spec import API_VERSION, DEFAULT_ACTOR_IMAGE, KIND, FLJob, FLJobSpec
 from fedfleet_operator.bodies import (
     ConfigMapBody,
     Container,
@@ -35,6 +35,8 @@ from fedfleet_operator.bodies import (
     SecretBody,
     SecurityContext,
     ServiceBody,
+    Volume,
+    VolumeMount,
 )
 from fedfleet_operator.naming import (
     ANNOTATION_SPEC_HASH,
@@ -56,6 +58,7 @@ __all__ = [
     "ACTOR_ROLES",
     "COORDINATOR_REPLICAS",
     "DEFAULT_RESOURCES",
+    "actor_image",
     "actor_replicas",
     "build_actor_deployment",
     "build_aggregator_deployment",
@@ -244,12 +247,44 @@ def _deadline_env(job: FLJob, role: ChildRole, active_since: float | None) -> li
     return [{"name": "FEDFLEET_ACTIVE_SINCE", "value": str(int(active_since))}]
 
 
+def actor_image(job: FLJob, settings: OperatorSettings) -> str:
+    """The job's own image (``spec.actors.image``: a task image built on the services image)
+    wins; then the operator's ``FEDFLEET_ACTOR_IMAGE``; then this release's services image."""
+    return job.spec.actors.image or settings.actor_image or DEFAULT_ACTOR_IMAGE
+
+
+def _volume_mounts(job: FLJob) -> list[VolumeMount]:
+    mounts: list[VolumeMount] = [{"name": _TMP_VOLUME, "mountPath": "/tmp"}]
+    for v in job.spec.actors.volumes:
+        mounts.append({"name": v.name, "mountPath": v.mount_path, "readOnly": True})
+    return mounts
+
+
+def _volumes(job: FLJob) -> list[Volume]:
+    """The scratch ``/tmp`` and the FLJob's ``spec.actors.volumes`` (read-only)."""
+    volumes: list[Volume] = [{"name": _TMP_VOLUME, "emptyDir": {}}]
+    for v in job.spec.actors.volumes:
+        if v.config_map is not None:
+            volumes.append({"name": v.name, "configMap": {"name": v.config_map}})
+        elif v.persistent_volume_claim is not None:
+            volumes.append(
+                {
+                    "name": v.name,
+                    "persistentVolumeClaim": {
+                        "claimName": v.persistent_volume_claim,
+                        "readOnly": True,
+                    },
+                }
+            )
+    return volumes
+
+
 def _container(
     job: FLJob, role: ChildRole, settings: OperatorSettings, active_since: float | None = None
 ) -> Container:
     return {
         "name": role.value,
-        "image": settings.actor_image or job.spec.actors.image,
+        "image": actor_image(job, settings),
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["fedfleet", role.value],
         "env": _actor_env(job.name, settings) + _deadline_env(job, role, active_since),
@@ -258,7 +293,7 @@ def _container(
         "livenessProbe": _probe("/healthz", period=10, failures=3),
         "securityContext": _security_context(),
         "resources": copy.deepcopy(DEFAULT_RESOURCES[role]),
-        "volumeMounts": [{"name": _TMP_VOLUME, "mountPath": "/tmp"}],
+        "volumeMounts": _volume_mounts(job),
     }
 
 
@@ -291,7 +326,7 @@ def build_actor_deployment(
                     # Actors never call the Kubernetes API: no token in their pods.
                     "automountServiceAccountToken": False,
                     "containers": [_container(job, role, settings, active_since)],
-                    "volumes": [{"name": _TMP_VOLUME, "emptyDir": {}}],
+                    "volumes": _volumes(job),
                 },
             },
         },
