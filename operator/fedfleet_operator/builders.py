@@ -249,8 +249,15 @@ def _deadline_env(job: FLJob, role: ChildRole, active_since: float | None) -> li
 
 def actor_image(job: FLJob, settings: OperatorSettings) -> str:
     """The job's own image (``spec.actors.image``: a task image built on the services image)
-    wins; then the operator's ``FEDFLEET_ACTOR_IMAGE``; then this release's services image."""
-    return job.spec.actors.image or settings.actor_image or DEFAULT_ACTOR_IMAGE
+    wins; then the operator's ``FEDFLEET_ACTOR_IMAGE``; then this release's services image.
+
+    A job naming exactly the release's services image counts as naming none: FLJobs created
+    before the field became optional carry it as the old CRD's default, and must keep following
+    the operator's image as they did."""
+    own = job.spec.actors.image
+    if own is not None and own != DEFAULT_ACTOR_IMAGE:
+        return own
+    return settings.actor_image or DEFAULT_ACTOR_IMAGE
 
 
 def _volume_mounts(job: FLJob) -> list[VolumeMount]:

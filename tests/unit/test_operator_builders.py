@@ -237,6 +237,11 @@ def test_image_is_the_jobs_own_then_the_operators_then_the_release_default(
         assert container(d)["image"] == "fedfleet/services:9"
         d = build_actor_deployment(plain, NS, settings, spec_hash(plain.spec), role)
         assert container(d)["image"] == "fedfleet/services:0.1.0"
+        # FLJobs from before the field was optional carry the old CRD default: still the
+        # operator's image for them.
+        old = make_job(actors={"image": "fedfleet/services:0.1.0"})
+        d = build_actor_deployment(old, NS, pinned, spec_hash(old.spec), role)
+        assert container(d)["image"] == "fedfleet/services:9"
 
 
 def test_actor_volumes_are_mounted_read_only_into_every_actor_pod(
