@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 MANIFEST = HERE.parent / "examples" / "pytorch-cnn" / "fljob.yaml"
-FLOWER_TIMEOUT_SECONDS = 3600.0
+FLOWER_TIMEOUT_SECONDS = 1200.0
+"""Default bound on one Flower run (``--flower-timeout``)."""
 TARGET_VS_FLOWER = 0.2
 TARGET_ACCURACY_GAP_POINTS = 2.0
 TARGET_OVERHEAD = 1.3
@@ -213,17 +215,24 @@ def write_flower_inputs(job: Any, folder: Path) -> tuple[Path, str]:
     return data, json.dumps(config)
 
 
-def run_flower(python: Path, data: Path, config: str) -> dict[str, Any]:
+def run_flower(python: Path, data: Path, config: str, timeout: float) -> dict[str, Any]:
+    """One Flower run in its own session, so that a hung Ray (its raylet was once seen to die
+    at start-up under load, leaving the driver waiting) is killed with all its processes."""
     log = cache_dir() / "bench-flower-torch-last.log"
-    proc = subprocess.run(
-        [str(python), str(HERE / "flower_torch_cnn.py"), "--data", str(data), "--config", config],
-        capture_output=True,
-        text=True,
-        timeout=FLOWER_TIMEOUT_SECONDS,
-        check=False,
+    cmd = [str(python), str(HERE / "flower_torch_cnn.py"), "--data", str(data), "--config", config]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        log.write_text(stdout + "\n--- stderr ---\n" + stderr)
+        return {"error": f"no result after {timeout:.0f} s (killed); see {log}"}
+    log.write_text(stdout + "\n--- stderr ---\n" + stderr)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": f"exit {proc.returncode}, no result line; see {log}"}
     out: dict[str, Any] = json.loads(lines[-1])
@@ -239,6 +248,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=None, help="override the 40 rounds")
     parser.add_argument("--skip-flower", action="store_true")
+    parser.add_argument("--flower-timeout", type=float, default=FLOWER_TIMEOUT_SECONDS)
     args = parser.parse_args()
     job = bench_job(args.rounds)
     python: Path | None = None
@@ -254,7 +264,11 @@ def main() -> int:
         for run in range(1, args.runs + 1):
             before = load()
             ff = run_fedfleet(job)
-            fl = {"error": "skipped"} if python is None else run_flower(python, data, config)
+            fl = (
+                {"error": "skipped"}
+                if python is None
+                else run_flower(python, data, config, args.flower_timeout)
+            )
             row = {"run": run, "load_before": before, "load_after": load(), "fedfleet": ff,
                    "flower": fl}  # fmt: skip
             if "error" not in fl and fl.get("parameters") != params:
