@@ -105,12 +105,14 @@ class ResourceRequirements(TypedDict, total=False):
 class VolumeMount(TypedDict):
     name: str
     mountPath: str
+    readOnly: NotRequired[bool]
 
 
 class Volume(TypedDict):
     name: str
     emptyDir: NotRequired[dict[str, str]]
-    persistentVolumeClaim: NotRequired[dict[str, str]]
+    configMap: NotRequired[dict[str, str]]
+    persistentVolumeClaim: NotRequired[dict[str, str | bool]]
 
 
 class Container(TypedDict):

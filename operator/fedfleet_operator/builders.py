@@ -23,7 +23,7 @@ from typing import Final
 
 import yaml
 
-from fedfleet.core.spec import API_VERSION, KIND, FLJob, FLJobSpec
+from fedfleet.core.spec import API_VERSION, DEFAULT_ACTOR_IMAGE, KIND, FLJob, FLJobSpec
 from fedfleet_operator.bodies import (
     ConfigMapBody,
     Container,
@@ -58,6 +58,7 @@ __all__ = [
     "ACTOR_ROLES",
     "COORDINATOR_REPLICAS",
     "DEFAULT_RESOURCES",
+    "actor_image",
     "actor_replicas",
     "build_actor_deployment",
     "build_aggregator_deployment",
@@ -293,12 +294,51 @@ def _storage_mount(job: FLJob, role: ChildRole) -> list[VolumeMount]:
     return [{"name": _MODELS_VOLUME, "mountPath": storage.path}]
 
 
+def actor_image(job: FLJob, settings: OperatorSettings) -> str:
+    """The job's own image (``spec.actors.image``: a task image built on the services image)
+    wins; then the operator's ``FEDFLEET_ACTOR_IMAGE``; then this release's services image.
+
+    A job naming exactly the release's services image counts as naming none: FLJobs created
+    before the field became optional carry it as the old CRD's default, and must keep following
+    the operator's image as they did."""
+    own = job.spec.actors.image
+    if own is not None and own != DEFAULT_ACTOR_IMAGE:
+        return own
+    return settings.actor_image or DEFAULT_ACTOR_IMAGE
+
+
+def _volume_mounts(job: FLJob) -> list[VolumeMount]:
+    mounts: list[VolumeMount] = [{"name": _TMP_VOLUME, "mountPath": "/tmp"}]
+    for v in job.spec.actors.volumes:
+        mounts.append({"name": v.name, "mountPath": v.mount_path, "readOnly": True})
+    return mounts
+
+
+def _volumes(job: FLJob) -> list[Volume]:
+    """The scratch ``/tmp`` and the FLJob's ``spec.actors.volumes`` (read-only)."""
+    volumes: list[Volume] = [{"name": _TMP_VOLUME, "emptyDir": {}}]
+    for v in job.spec.actors.volumes:
+        if v.config_map is not None:
+            volumes.append({"name": v.name, "configMap": {"name": v.config_map}})
+        elif v.persistent_volume_claim is not None:
+            volumes.append(
+                {
+                    "name": v.name,
+                    "persistentVolumeClaim": {
+                        "claimName": v.persistent_volume_claim,
+                        "readOnly": True,
+                    },
+                }
+            )
+    return volumes
+
+
 def _container(
     job: FLJob, role: ChildRole, settings: OperatorSettings, active_since: float | None = None
 ) -> Container:
     return {
         "name": role.value,
-        "image": settings.actor_image or job.spec.actors.image,
+        "image": actor_image(job, settings),
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["fedfleet", role.value],
         "env": _actor_env(job.name, settings)
@@ -312,7 +352,7 @@ def _container(
         "livenessProbe": _probe("/healthz", period=10, failures=3),
         "securityContext": _security_context(),
         "resources": copy.deepcopy(DEFAULT_RESOURCES[role]),
-        "volumeMounts": [{"name": _TMP_VOLUME, "mountPath": "/tmp"}, *_storage_mount(job, role)],
+        "volumeMounts": [*_volume_mounts(job), *_storage_mount(job, role)],
     }
 
 
@@ -347,10 +387,7 @@ def build_actor_deployment(
                     # Actors never call the Kubernetes API: no token in their pods.
                     "automountServiceAccountToken": False,
                     "containers": [_container(job, role, settings, active_since)],
-                    "volumes": [
-                        {"name": _TMP_VOLUME, "emptyDir": {}},
-                        *_storage_volume(job, role),
-                    ],
+                    "volumes": [*_volumes(job), *_storage_volume(job, role)],
                 },
             },
         },

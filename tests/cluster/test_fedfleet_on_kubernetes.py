@@ -141,10 +141,13 @@ def _drive(
     *,
     timeout: float,
     during: Callable[[dict[str, Any]], None] | None = None,
+    fleet_doc: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run a simulated fleet against the job's selector pods until ``until(fljob)`` holds."""
+    """Run a simulated fleet against the job's selector pods until ``until(fljob)`` holds.
+    ``fleet_doc``: the manifest as the devices see it, when its file paths differ from the
+    cluster's (the fleet's data and task code live on this host, not in the pods)."""
     name = doc["metadata"]["name"]
-    job: FLJob = parse_manifest({**doc, "metadata": {"name": name, "namespace": ns}})
+    job: FLJob = parse_manifest({**(fleet_doc or doc), "metadata": {"name": name, "namespace": ns}})
     cluster.wait_for(
         lambda: _ready_pods(cluster, ns, f"fedfleet.dev/job={name},fedfleet.dev/role=selector"),
         timeout=180,
@@ -269,6 +272,82 @@ def test_digits_reaches_succeeded_with_accuracy_in_status(
     assert cli_main([*fetch, "--version", "50", "-o", str(out)]) == 0
     models_in_store(store).delete_job(f"{namespace}/digits")
     store.close()
+
+
+@pytest.mark.timeout(900)
+def test_a_users_own_task_runs_from_configmap_volumes_to_succeeded(
+    cluster: Cluster, fedfleet: Installed, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/custom-numpy (a numpy linear regression, not a built-in task) on the cluster:
+    its package and its evaluation file reach the actor pods as ConfigMaps mounted through
+    ``spec.actors.volumes`` (``task.path`` and ``evaluation.data`` point into them), the pods
+    are rendered with the job's own image, and the job trains to Succeeded with its R²."""
+    example = REPO / "examples" / "custom-numpy"
+    base: dict[str, Any] = yaml.safe_load((example / "fljob.yaml").read_text())
+    cluster.kubectl(
+        "create", "configmap", "linreg-task", "-n", namespace,
+        f"--from-file={example / 'linreg'}", check=True,
+    )  # fmt: skip
+    cluster.kubectl(
+        "create", "configmap", "linreg-eval", "-n", namespace,
+        f"--from-file=test.csv={example / 'data' / 'test.csv'}", check=True,
+    )  # fmt: skip
+    doc = json.loads(json.dumps(base))
+    doc["spec"]["task"]["path"] = "/fedfleet-task"
+    doc["spec"]["evaluation"]["data"] = "/fedfleet-eval/test.csv"
+    doc["spec"]["actors"] = {
+        "selectors": 1,
+        "image": "registry.example/acme/linreg-task:0.1.0",
+        "volumes": [
+            {"name": "task", "mountPath": "/fedfleet-task/linreg", "configMap": "linreg-task"},
+            {"name": "eval", "mountPath": "/fedfleet-eval", "configMap": "linreg-eval"},
+        ],
+    }
+    # The devices (this process) have the task installed and their data here.
+    fleet_doc = json.loads(json.dumps(doc))
+    fleet_doc["spec"]["fleet"]["data"]["path"] = str(example / "data" / "train.csv")
+    fleet_doc["spec"]["evaluation"]["data"] = str(example / "data" / "test.csv")
+    monkeypatch.syspath_prepend(str(example))
+    cluster.apply(doc, namespace)
+    pods: list[dict[str, Any]] = []  # the actor pods while the job runs (gone once it ends)
+
+    def look(_: dict[str, Any]) -> None:
+        if not pods:
+            running = cluster.list("pods", namespace, "fedfleet.dev/job=custom-numpy")
+            if {p["metadata"]["labels"]["fedfleet.dev/role"] for p in running} == {
+                "coordinator",
+                "selector",
+                "aggregator",
+            }:
+                pods.extend(running)
+
+    final = _drive(
+        cluster,
+        namespace,
+        doc,
+        lambda j: j.get("status", {}).get("phase") == "Succeeded",
+        timeout=600,
+        during=look,
+        fleet_doc=fleet_doc,
+    )
+    assert final["status"]["modelVersion"] == 15
+    store = open_store(fedfleet.redis_url)
+    try:
+        metrics = store.metrics(f"{namespace}/custom-numpy")
+    finally:
+        store.close()
+    # Evaluated by the master on the mounted file, with the user's own metric.
+    assert len(metrics) == 15 and metrics[-1]["r2"] >= 0.95, metrics[-1]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    # Device metrics, weighted by examples: training loss and federated evaluation.
+    assert all("train_loss" in m and "federated_r2" in m for m in metrics)
+    # Every actor pod ran the job's own image and mounted both volumes.
+    assert pods, "no moment with a coordinator, a selector and an aggregator pod was seen"
+    for pod in pods:
+        [container] = pod["spec"]["containers"]
+        assert container["image"] == "registry.example/acme/linreg-task:0.1.0"
+        mounts = {m["mountPath"]: m.get("readOnly") for m in container["volumeMounts"]}
+        assert mounts["/fedfleet-task/linreg"] is True and mounts["/fedfleet-eval"] is True
 
 
 @pytest.mark.timeout(900)

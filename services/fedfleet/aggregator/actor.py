@@ -51,7 +51,7 @@ from fedfleet.core.influence import BoundedFold, InfluenceHistory, RobustFold, m
 from fedfleet.core.metrics import MetricsRejected, MetricSums, validate_metrics
 from fedfleet.core.models import Weights
 from fedfleet.core.optimizers import make_server_optimizer
-from fedfleet.core.privacy import secagg_params, sum_from_secagg
+from fedfleet.core.privacy import metrics_from_secagg, secagg_params, sum_from_secagg
 from fedfleet.core.protocol import (
     SECAGG_FAILED,
     SECAGG_STEPS,
@@ -102,11 +102,14 @@ weight a report gets is bounded further by what the population reports
 class _Session:
     """One aggregator group's Secure Aggregation session; its lock orders every step."""
 
-    __slots__ = ("deadline", "error", "group", "lock", "partial", "server")
+    __slots__ = ("deadline", "error", "group", "lock", "metrics", "partial", "plan", "server")
 
-    def __init__(self, server: SecAggServer, group: str) -> None:
+    def __init__(self, server: SecAggServer, group: str, plan: PrivacyPlan) -> None:
         self.server = server
         self.group = group
+        self.plan = plan
+        self.metrics: bytes | None = None
+        """The group's device metrics (sums inside the masked vector), once it has a sum."""
         self.lock = threading.Lock()
         self.deadline = 0.0
         """When the current phase after key advertisement must close."""
@@ -164,7 +167,8 @@ class Aggregator:
         self._models: ModelStorage | None = None
         """Where committed models go (spec.checkpoints.storage), opened at the first commit."""
         self._metrics: dict[str, MetricSums] = {}
-        """Per round, the device-reported metrics' running sums (never with secure aggregation)."""
+        """Per round, the device-reported metrics' running sums (with secure aggregation each
+        session's ``metrics`` instead: sums from inside the masked vector)."""
         self._lock = threading.Lock()
         self.stopped = False
         self.last_commit_error = ""
@@ -385,7 +389,7 @@ class Aggregator:
                 plan = PrivacyPlan.for_group(self.spec.aggregation, group)
                 assert plan is not None
                 session = self._sessions[key] = _Session(
-                    SecAggServer(secagg_params(plan, self._shapes)), group
+                    SecAggServer(secagg_params(plan, self._shapes)), group, plan
                 )
         # The slot is taken before the keys are checked: a device whose advertisement is then
         # refused (a replayed key) loses its own slot, like a device that dropped out.
@@ -415,7 +419,12 @@ class Aggregator:
                 else:
                     result = srv.finish()
                     count = len(result.survivors)
-                    session.partial = sum_from_secagg(result.total, self._shapes, count).to_bytes()
+                    session.metrics = metrics_from_secagg(
+                        result.total, self._shapes, session.plan
+                    ).to_bytes()
+                    session.partial = sum_from_secagg(
+                        result.total, self._shapes, count, session.plan
+                    ).to_bytes()
                     return
                 session.deadline = now + timeout
         except SecAggFailed as exc:
@@ -496,6 +505,9 @@ class Aggregator:
                 continue  # the session is still in its later phases
             with self._lock:
                 self._published.add(key)
+            session = self._sessions.get(key)
+            if session is not None and session.metrics is not None:
+                to_publish.append((key + METRICS_PARTIAL, session.metrics))
             to_publish.append((key, partial))
         for key, data in to_publish:
             key, metrics_part, _ = key.partition(METRICS_PARTIAL)
