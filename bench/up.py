@@ -29,18 +29,27 @@ from embedded import Measured, load_average, run_flower  # noqa: E402
 from fedfleet.device.http_fleet import HttpFleet  # noqa: E402
 from fedfleet.local import LocalDeployment  # noqa: E402
 from fedfleet.results import JobResult  # noqa: E402
+from fedfleet.store.factory import open_store  # noqa: E402
 from fedfleet.up import UpOptions, follow  # noqa: E402
+from timeline import Timeline  # noqa: E402
 
 
-def run_fedfleet_up(rounds: int, time_scale: float) -> Measured:
+def run_fedfleet_up(rounds: int, time_scale: float, profile: list[str] | None = None) -> Measured:
+    """The workload under ``fedfleet up``'s shape; ``profile``, when given, receives the
+    timeline's breakdown (bench/timeline.py)."""
     measured = Measured("fedfleet up (HTTP + Redis)")
     job = workload.fljob(rounds)
     result = JobResult(job=job.name)
     t0 = time.perf_counter()
     with LocalDeployment(job, tick_seconds=0.05, lease_ttl=3.0) as d:
         started = time.perf_counter() - t0
+        timeline = Timeline(open_store(d.store_url), job.key) if profile is not None else None
+        if timeline is not None:
+            timeline.start()
+        fleet = None
 
         async def main() -> bool:
+            nonlocal fleet
             fleet = HttpFleet(
                 job,
                 d.urls("selector"),
@@ -58,6 +67,9 @@ def run_fedfleet_up(rounds: int, time_scale: float) -> Measured:
 
         finished = asyncio.run(main())
         wall = time.perf_counter() - t0
+        if timeline is not None and fleet is not None and profile is not None:
+            timeline.stop()
+            profile.extend(timeline.report(fleet.compute_seconds))
         history = d.store.metrics(job.key)
     committed = [r for r in result.rounds if not r.abandoned]
     if not finished or len(committed) != rounds:
@@ -74,6 +86,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=workload.ROUNDS)
     parser.add_argument("--skip-flower", action="store_true")
     parser.add_argument(
+        "--flower-seconds",
+        type=float,
+        default=None,
+        help="skip Flower and compare with this wall time from an earlier run of it",
+    )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="sample the round states from the store and print where a round's time goes",
+    )
+    parser.add_argument(
         "--time-scale",
         type=float,
         default=0.001,
@@ -85,15 +108,23 @@ def main() -> None:
     args = parser.parse_args()
     print(f"load average at start: {load_average()}")
     print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}", flush=True)
-    ours = run_fedfleet_up(args.rounds, args.time_scale)
-    flower = Measured("flower 1.42 (ray)") if args.skip_flower else run_flower(args.rounds)
-    if args.skip_flower:
-        flower.error = "skipped"
+    profile: list[str] | None = [] if args.timeline else None
+    ours = run_fedfleet_up(args.rounds, args.time_scale, profile)
+    if args.flower_seconds is not None:
+        flower = Measured("flower 1.42 (ray)", walls=[args.flower_seconds])
+        flower.note = "wall time given with --flower-seconds (an earlier run)"
+    elif args.skip_flower:
+        flower = Measured("flower 1.42 (ray)", error="skipped")
+    else:
+        flower = run_flower(args.rounds)
     print(f"\n{'implementation':<28} {'wall s':>8} {'accuracy':>9}  note")
     for m in (ours, flower):
         wall = f"{m.wall:.2f}" if m.wall is not None else "-"
         acc = f"{m.final_accuracy:.4f}" if m.final_accuracy is not None else "-"
         print(f"{m.name:<28} {wall:>8} {acc:>9}  {m.error or m.note}")
+    if profile:
+        print()
+        print("\n".join(profile))
     if ours.wall is not None and flower.wall is not None:
         ratio = ours.wall / flower.wall
         verdict = "PASS" if ratio < 1.0 else "MISS"

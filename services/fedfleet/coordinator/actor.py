@@ -91,6 +91,8 @@ class Coordinator:
         self._round_seconds = min(
             self.spec.rounds.selection_timeout_seconds, self.spec.rounds.reporting_timeout_seconds
         )
+        self._measured_rounds = 0
+        """Intervals between commits measured so far (the first replaces the guess above)."""
         self._last_commit_at: float | None = None
         self._commit_failures = 0
         """Consecutive attempts that reached closing but committed nothing."""
@@ -211,10 +213,11 @@ class Coordinator:
             selected = sum(self.store.counts(self.name, r.key, "selected").values())
             outcome = selection_outcome(r, selected, now)
             if outcome is Outcome.proceed:
-                self._put(r.evolve(phase=Phase.waiting))
+                r = r.evolve(phase=Phase.waiting)
+                self._put(r)  # and configure it now if the pipeline allows (below)
             elif outcome is Outcome.abandon:
                 self._end(r, now, abandoned=True, reason="too-few-selected")
-        elif r.phase is Phase.waiting:
+        if r.phase is Phase.waiting:
             if not any(
                 x.phase in (Phase.reporting, Phase.closing) for x in self.store.rounds(self.name)
             ):
@@ -317,7 +320,8 @@ class Coordinator:
         if selecting is None:
             shares = dict.fromkeys(selectors, 0)
             attempt, aggs = 0, ()
-            next_open = now + 1.0
+            # The next selection opens when the round in flight commits: within a round.
+            next_open = now + min(1.0, 0.5 * self._pace_seconds or 1.0)
         else:
             counted = self.store.counts(self.name, selecting.key, "selected")
             shares = split_quota(selecting.target - sum(counted.values()), selectors)
@@ -341,10 +345,16 @@ class Coordinator:
                     aggregators=aggs,
                     round_share=share,
                     counted=counted.get(s, 0),
+                    round_seconds=self._pace_seconds,
                 )
                 for s in selectors
             },
         )
+
+    @property
+    def _pace_seconds(self) -> float:
+        """The measured round duration pace steering may rely on (0 until one was measured)."""
+        return self._round_seconds if self._measured_rounds else 0.0
 
     # -- endings --------------------------------------------------------------------------------
     def _end(self, r: RoundState, now: float, *, abandoned: bool, reason: str) -> None:
@@ -360,7 +370,13 @@ class Coordinator:
             metrics = dict(history[-1]) if history else {}
             if self._last_commit_at is not None:
                 # Smoothed round duration steers the check-in rate (pace steering).
-                self._round_seconds = 0.7 * self._round_seconds + 0.3 * (now - self._last_commit_at)
+                interval = now - self._last_commit_at
+                self._round_seconds = (
+                    interval
+                    if self._measured_rounds == 0
+                    else 0.7 * self._round_seconds + 0.3 * interval
+                )
+                self._measured_rounds += 1
             self._last_commit_at = now
         end = AttemptEnd(
             round=r.round,

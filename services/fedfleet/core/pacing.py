@@ -84,14 +84,25 @@ class PaceSteering:
         round_share: int,
         next_open: float,
         reason: str = "not-needed",
+        round_seconds: float = 0.0,
     ) -> Reconnect:
-        """The reconnect window for one rejected check-in; the device picks a time inside it."""
+        """The reconnect window for one rejected check-in; the device picks a time inside it.
+
+        ``round_seconds`` (the measured time between commits, 0 if unknown) bounds a small
+        population's windows: when rounds take less than ``min_delay`` or
+        ``concentrate_jitter``, a device told to wait that long would miss several rounds
+        and selection would starve, so it comes back within about one round instead.
+        """
+        jitter, delay = self.concentrate_jitter, self.min_delay
+        if round_seconds > 0:
+            jitter = min(jitter, max(0.05, round_seconds))
+            delay = min(delay, max(0.05, 0.5 * round_seconds))
         if self.small_population(round_share) and next_open > now:
             start = next_open
-            return Reconnect(start, start + self.concentrate_jitter, reason)
+            return Reconnect(start, start + jitter, reason)
         if self.small_population(round_share):
-            start = now + self.min_delay
-            return Reconnect(start, start + self.concentrate_jitter, reason)
+            start = now + delay
+            return Reconnect(start, start + jitter, reason)
         lo = max(self.min_delay, (1 - self.spread) * self.mean_delay)
         hi = max(lo + 1e-3, (1 + self.spread) * self.mean_delay)
         return Reconnect(now + lo, now + hi, reason)
