@@ -91,14 +91,18 @@ class Coordinator:
         self._round_seconds = min(
             self.spec.rounds.selection_timeout_seconds, self.spec.rounds.reporting_timeout_seconds
         )
-        self._measured_rounds = 0
-        """Intervals between commits measured so far (the first replaces the guess above)."""
+        self._measured: float | None = None
+        """The same smoothing over measured intervals only (None until the first): pace
+        steering's bound for short rounds, which the guess above would hide for many rounds."""
         self._last_commit_at: float | None = None
         self._commit_failures = 0
         """Consecutive attempts that reached closing but committed nothing."""
         self._last_error = ""
         self._failed = False
         self._started_at: float | None = None
+        self.tick_again = False
+        """Set when a tick left work for the next one (a round whose selection just completed
+        waits to be configured): the service ticks again at once instead of on its timer."""
         self.job_state: dict[str, Any] | None = None
         """The job state as this leader last read or wrote it (None until then): what the
         service's per-job gauges show, without a store read of their own."""
@@ -213,11 +217,11 @@ class Coordinator:
             selected = sum(self.store.counts(self.name, r.key, "selected").values())
             outcome = selection_outcome(r, selected, now)
             if outcome is Outcome.proceed:
-                r = r.evolve(phase=Phase.waiting)
-                self._put(r)  # and configure it now if the pipeline allows (below)
+                self._put(r.evolve(phase=Phase.waiting))
+                self.tick_again = True  # configure it as soon as the pipeline allows
             elif outcome is Outcome.abandon:
                 self._end(r, now, abandoned=True, reason="too-few-selected")
-        if r.phase is Phase.waiting:
+        elif r.phase is Phase.waiting:
             if not any(
                 x.phase in (Phase.reporting, Phase.closing) for x in self.store.rounds(self.name)
             ):
@@ -354,7 +358,7 @@ class Coordinator:
     @property
     def _pace_seconds(self) -> float:
         """The measured round duration pace steering may rely on (0 until one was measured)."""
-        return self._round_seconds if self._measured_rounds else 0.0
+        return self._measured or 0.0
 
     # -- endings --------------------------------------------------------------------------------
     def _end(self, r: RoundState, now: float, *, abandoned: bool, reason: str) -> None:
@@ -371,12 +375,10 @@ class Coordinator:
             if self._last_commit_at is not None:
                 # Smoothed round duration steers the check-in rate (pace steering).
                 interval = now - self._last_commit_at
-                self._round_seconds = (
-                    interval
-                    if self._measured_rounds == 0
-                    else 0.7 * self._round_seconds + 0.3 * interval
+                self._round_seconds = 0.7 * self._round_seconds + 0.3 * interval
+                self._measured = (
+                    interval if self._measured is None else 0.7 * self._measured + 0.3 * interval
                 )
-                self._measured_rounds += 1
             self._last_commit_at = now
         end = AttemptEnd(
             round=r.round,

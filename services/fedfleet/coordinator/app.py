@@ -69,6 +69,9 @@ def create_app(
     def tick(now: float) -> None:
         try:
             coordinator.tick(now)
+            if coordinator.tick_again:
+                coordinator.tick_again = False
+                ticker.poke()
         finally:
             observed.job_state(coordinator.job_state if coordinator.is_leader else None)
 

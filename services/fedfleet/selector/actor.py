@@ -113,9 +113,10 @@ class Selector:
         self._lock = threading.Lock()
         self.stopped = False
         self.wake: Callable[[], None] | None = None
-        """Asks for a tick now (the service's ticker): called when this selector filled its
-        quota or a selected device dropped, so the counts reach the store at once instead of
-        on the next timer tick."""
+        """Asks for a tick now (the service's ticker): called when this selector selected a
+        device or a selected device dropped, so the counts reach the store at once (from the
+        ticker's thread; a burst of selections is still one flush) instead of on the next
+        timer tick. Check-ins that end in a reconnect window never call it."""
 
     # -- device API (local decisions only) -------------------------------------------------------
     def check_in(self, msg: CheckIn, now: float, link: DeviceLink) -> Assignment | Reconnect:
@@ -166,7 +167,7 @@ class Selector:
         self._selected[state.key] += 1
         self._chosen[state.key].add(device_id)
         self._unflushed[(state.key, "selected")] += 1
-        if self.wake is not None and self._selected[state.key] - quota.counted >= quota.count:
+        if self.wake is not None:  # the count reaches the store from the ticker's thread
             self.wake()
         return assignment
 

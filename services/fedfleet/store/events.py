@@ -113,10 +113,14 @@ _fallback = LocalEvents()
 
 
 def events_of(store: Any) -> Events:
-    """The store's event hub (``store.events()``), else a process-local one."""
+    """The store's event hub (``store.events()``), else a process-local one (also when the
+    store cannot give its hub now: events only save ticks, so the actor carries on)."""
     factory = getattr(store, "events", None)
     if callable(factory):
-        return cast(Events, factory())
+        try:
+            return cast(Events, factory())
+        except Exception:
+            return _fallback
     return _fallback
 
 

@@ -2,10 +2,11 @@
 
 One channel per job and topic (``{prefix}:events:{job}:{topic}``). Publishing never makes the
 writer wait: announcements go to a queue, and one thread sends whatever is queued in one
-pipeline (a burst of reports becomes one PUBLISH per topic). Each subscription has a listener
-thread; when its connection drops it reconnects with backoff and then calls back once per
-topic, since it may have missed announcements meanwhile. Pub/sub is fire and forget: an
-announcement nobody hears is lost, and the subscriber's next tick reads the state anyway.
+pipeline, in the order first announced (a burst of reports becomes one PUBLISH). Each
+subscription has a listener thread; when its connection drops it reconnects with backoff and
+then calls back once per topic, since it may have missed announcements meanwhile. Pub/sub is
+fire and forget: an announcement nobody hears is lost, and the subscriber's next tick reads
+the state anyway.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class RedisEvents:
         self._r = client
         self._prefix = prefix
         self._lock = threading.Lock()
-        self._queued: set[str] = set()
+        self._queued: dict[str, None] = {}
+        """Channels to announce, in the order first queued (an ordered set)."""
         self._ready = threading.Event()
         self._closed = False
         self._sender: threading.Thread | None = None
@@ -44,7 +46,7 @@ class RedisEvents:
         with self._lock:
             if self._closed:
                 return
-            self._queued.add(self.channel(job, topic))
+            self._queued.setdefault(self.channel(job, topic))
             if self._sender is None:
                 self._sender = threading.Thread(
                     target=self._send, name="store-events-publish", daemon=True
@@ -57,14 +59,14 @@ class RedisEvents:
             self._ready.wait()
             with self._lock:
                 self._ready.clear()
-                channels, self._queued = self._queued, set()
+                channels, self._queued = self._queued, {}
                 if self._closed:
                     return
             if not channels:
                 continue
             try:
                 pipe = self._r.pipeline(transaction=False)
-                for ch in sorted(channels):
+                for ch in channels:
                     pipe.publish(ch, b"")
                 pipe.execute()
             except redis.exceptions.RedisError as exc:  # lost: the ticks catch up
