@@ -89,7 +89,10 @@ def run_fedfleet_up(
         return measured
     measured.walls = [wall]
     measured.final_accuracy = float(history[-1]["accuracy"])
-    measured.note = f"processes up in {started:.1f}s; {len(result.rounds)} attempts"
+    abandoned = [f"{r.reason} after {r.seconds:.1f}s" for r in result.rounds if r.abandoned]
+    measured.note = f"processes up in {started:.1f}s; {len(result.rounds)} attempts" + (
+        f" (abandoned: {'; '.join(abandoned)})" if abandoned else ""
+    )
     return measured
 
 
