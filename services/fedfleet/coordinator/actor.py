@@ -92,12 +92,18 @@ class Coordinator:
         self._round_seconds = min(
             self.spec.rounds.selection_timeout_seconds, self.spec.rounds.reporting_timeout_seconds
         )
+        self._measured: float | None = None
+        """The same smoothing over measured intervals only (None until the first): pace
+        steering's bound for short rounds, which the guess above would hide for many rounds."""
         self._last_commit_at: float | None = None
         self._commit_failures = 0
         """Consecutive attempts that reached closing but committed nothing."""
         self._last_error = ""
         self._failed = False
         self._started_at: float | None = None
+        self.tick_again = False
+        """Set when a tick left work for the next one (a round whose selection just completed
+        waits to be configured): the service ticks again at once instead of on its timer."""
         self.job_state: dict[str, Any] | None = None
         """The job state as this leader last read or wrote it (None until then): what the
         service's per-job gauges show, without a store read of their own."""
@@ -213,6 +219,7 @@ class Coordinator:
             outcome = selection_outcome(r, selected, now)
             if outcome is Outcome.proceed:
                 self._put(r.evolve(phase=Phase.waiting))
+                self.tick_again = True  # configure it as soon as the pipeline allows
             elif outcome is Outcome.abandon:
                 self._end(r, now, abandoned=True, reason="too-few-selected")
         elif r.phase is Phase.waiting:
@@ -322,7 +329,8 @@ class Coordinator:
         if selecting is None:
             shares = dict.fromkeys(selectors, 0)
             attempt, aggs = 0, ()
-            next_open = now + 1.0
+            # The next selection opens when the round in flight commits: within a round.
+            next_open = now + min(1.0, 0.5 * self._pace_seconds or 1.0)
         else:
             counted = self.store.counts(self.name, selecting.key, "selected")
             shares = split_quota(selecting.target - sum(counted.values()), selectors)
@@ -346,10 +354,16 @@ class Coordinator:
                     aggregators=aggs,
                     round_share=share,
                     counted=counted.get(s, 0),
+                    round_seconds=self._pace_seconds,
                 )
                 for s in selectors
             },
         )
+
+    @property
+    def _pace_seconds(self) -> float:
+        """The measured round duration pace steering may rely on (0 until one was measured)."""
+        return self._measured or 0.0
 
     # -- endings --------------------------------------------------------------------------------
     def _end(self, r: RoundState, now: float, *, abandoned: bool, reason: str) -> None:
@@ -365,7 +379,11 @@ class Coordinator:
             metrics = dict(history[-1]) if history else {}
             if self._last_commit_at is not None:
                 # Smoothed round duration steers the check-in rate (pace steering).
-                self._round_seconds = 0.7 * self._round_seconds + 0.3 * (now - self._last_commit_at)
+                interval = now - self._last_commit_at
+                self._round_seconds = 0.7 * self._round_seconds + 0.3 * interval
+                self._measured = (
+                    interval if self._measured is None else 0.7 * self._measured + 0.3 * interval
+                )
             self._last_commit_at = now
         end = AttemptEnd(
             round=r.round,

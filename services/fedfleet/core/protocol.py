@@ -176,6 +176,9 @@ class Quota:
     """Selections of this selector the coordinator had already counted when it split the
     quota; the selector may select ``count`` more beyond that (its own total is exact, the
     coordinator's view lags by one flush)."""
+    round_seconds: float = 0.0
+    """The coordinator's smoothed time between commits (0: not measured yet); pace steering
+    keeps a small population's windows within about one round of the next selection."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -193,6 +196,7 @@ class Quota:
             aggregators=tuple(d.get("aggregators", ())),
             round_share=int(d.get("round_share", 0)),
             counted=int(d.get("counted", 0)),
+            round_seconds=float(d.get("round_seconds", 0.0)),
         )
 
 

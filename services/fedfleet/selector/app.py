@@ -52,6 +52,7 @@ from fedfleet.service.keys import JobKeys
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
 from fedfleet.service.telemetry import JOB_LABELS, job_labels, timed_store
 from fedfleet.store.base import Store, StoreUnavailable
+from fedfleet.store.events import QUOTAS, ROUNDS, events_of, publishing
 
 __all__ = ["CheckInRequest", "CheckInResponse", "TaskResponse", "create_app"]
 
@@ -175,7 +176,7 @@ def create_app(
         checkins.labels(**job_labels(job), outcome=answer)
         for answer in ("reconnect", "selected", "unavailable", "refused")
     )
-    store = timed_store(store, registry)
+    store = publishing(timed_store(store, registry))
     reports = Counter("fedfleet_reports", "Reports by HTTP status", ["status"], registry=registry)
     aggregators: dict[str, str] = {}
     client = httpx.Client(
@@ -277,6 +278,9 @@ def create_app(
             unsettled.pop(0)
 
     ticker = Ticker(f"selector-{actor_id}", tick, tick_seconds)
+    # A round opened or configured, a quota changed: answer held devices and select at once.
+    ticker.wake_on(events_of(store), job.key, (ROUNDS, QUOTAS))
+    selector.wake = ticker.poke
 
     def leave() -> None:
         try:

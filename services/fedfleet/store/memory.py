@@ -16,6 +16,7 @@ from typing import Any
 
 from fedfleet.core.protocol import Quota, RoundState
 from fedfleet.store.base import Checkpoint, Claim, ConflictError, FencedError, Lease
+from fedfleet.store.events import LocalEvents
 
 __all__ = ["MemoryStore"]
 
@@ -46,6 +47,12 @@ class MemoryStore:
         self._clock = clock or time.time  # wall clock, like Redis: deadlines cross processes
         self._lock = threading.RLock()
         self._jobs: dict[str, _Job] = defaultdict(_Job)
+        self._events = LocalEvents()
+
+    def events(self) -> LocalEvents:
+        """This store's event hub (:mod:`fedfleet.store.events`): every actor sharing the
+        store in this process hears the others' announcements."""
+        return self._events
 
     # -- lease ------------------------------------------------------------------------------
     def acquire_lease(self, job: str, holder: str, ttl: float) -> int | None:
@@ -251,4 +258,4 @@ class MemoryStore:
             return 1 if self._jobs.pop(job, None) is not None else 0
 
     def close(self) -> None:
-        pass
+        self._events.close()

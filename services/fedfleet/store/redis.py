@@ -59,6 +59,7 @@ from fedfleet.store.base import (
     Lease,
     StoreUnavailable,
 )
+from fedfleet.store.redis_events import RedisEvents
 
 __all__ = ["PASSWORD_ENV", "RedisStore"]
 
@@ -278,6 +279,13 @@ class RedisStore:
         self._claim = register(_CLAIM)
         self._abort = register(_ABORT)
         self._clear_round = register(_CLEAR_ROUND)
+        self._events: RedisEvents | None = None
+
+    def events(self) -> RedisEvents:
+        """Pub/sub announcements of the job's writes (:mod:`fedfleet.store.redis_events`)."""
+        if self._events is None:
+            self._events = RedisEvents(self._r, prefix=self._prefix)
+        return self._events
 
     @classmethod
     def from_url(
@@ -570,4 +578,6 @@ class RedisStore:
         return self._r
 
     def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
         self._r.close()
