@@ -202,3 +202,21 @@ def test_a_spec_that_does_not_parse_keeps_the_models(tmp_path: Path) -> None:
     spec = {"checkpoints": {"deleteWithJob": "yes", "storage": {"kind": "filesystem"}}}
     assert delete_stored_job(store, KEY, spec) == (0, 0)
     assert models.names(KEY) == ["index.json"]
+
+
+def test_memory_models_are_shared_through_the_actors_store_wrappers() -> None:
+    # Each in-process actor reaches the one memory store through its own telemetry and events
+    # wrappers; the models one commits must be the models another reads.
+    from prometheus_client import CollectorRegistry
+
+    from fedfleet.service.telemetry import timed_store
+    from fedfleet.store.events import publishing
+    from fedfleet.store.history.redis_models import models_in_store
+    from fedfleet.store.memory import MemoryStore
+
+    store = MemoryStore()
+    aggregator_view = publishing(timed_store(store, CollectorRegistry()))
+    selector_view = publishing(timed_store(store, CollectorRegistry()))
+    assert models_in_store(aggregator_view) is models_in_store(selector_view)
+    assert models_in_store(aggregator_view) is models_in_store(store)
+    assert models_in_store(MemoryStore()) is not models_in_store(store)

@@ -43,6 +43,13 @@ class _Job:
 
 
 class MemoryStore:
+    @property
+    def unwrapped(self) -> MemoryStore:
+        """This store, also when reached through a wrapper that delegates attributes (the
+        telemetry and events wrappers do): side tables of the process that belong to the store,
+        like its kept models, are keyed by it, so every actor sharing it finds them."""
+        return self
+
     def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
         self._clock = clock or time.time  # wall clock, like Redis: deadlines cross processes
         self._lock = threading.RLock()

@@ -153,6 +153,8 @@ def models_in_store(store: Store) -> ModelStorage:
     client = getattr(store, "client", None)  # a RedisStore (redis-py is not imported here)
     if client is not None:
         return RedisModels(client)
+    # The actors of one process share one memory store, each through its own wrappers.
+    store = getattr(store, "unwrapped", store)
     with _memory_lock:
         models = _memory.get(store)
         if models is None:
