@@ -22,9 +22,11 @@
 # build and an archive write, not minutes of pip.
 #
 # Layout (CACHE = ${FEDFLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fedfleet}):
-#   $CACHE/images/storage/   buildah's storage (vfs driver) and run root; storage-overlay/ with
-#                            FEDFLEET_IMAGES_STORAGE_DRIVER=overlay (faster commits, but it
-#                            mounts overlayfs on the host while a build runs)
+#   $CACHE/images/storage-overlay/  buildah's storage and run root with the overlay driver
+#                            (the default where the kernel has overlayfs: a build mounts its
+#                            parent image instead of copying it, while it runs);
+#   $CACHE/images/storage/   the same with FEDFLEET_IMAGES_STORAGE_DRIVER=vfs (no mounts; each
+#                            build copies its parent's whole tree, minutes instead of seconds)
 #   $CACHE/images/archives/  <image>-<key>.tar, the docker-archive of each image
 #   $CACHE/images/env.sh     export FEDFLEET_IMAGE_<NAME>=<image name> and
 #                            FEDFLEET_IMAGE_<NAME>_TAR=<its archive> (the only stdout line)
@@ -72,10 +74,19 @@ log() { printf '[build-images %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 [[ $(id -u) -eq 0 ]] || die "needs root (debootstrap and buildah's chroot isolation): run it with sudo"
 
-mkdir -p "$ROOT"/{storage,archives,logs,tmp}
+mkdir -p "$ROOT"/{archives,logs,tmp}
 # buildah writes its big temporary files (layer diffs, archives) to TMPDIR: keep them here.
 export TMPDIR=$ROOT/tmp
-DRIVER=${FEDFLEET_IMAGES_STORAGE_DRIVER:-vfs}
+# overlay: a build mounts its parent instead of copying it (a one-file change: seconds, not
+# minutes), while it runs; vfs where overlayfs is missing or the cache is itself on overlayfs.
+default_driver() {
+    if grep -qw overlay /proc/filesystems && [[ $(stat -f -c %T "$ROOT") != overlayfs ]]; then
+        echo overlay
+    else
+        echo vfs
+    fi
+}
+DRIVER=${FEDFLEET_IMAGES_STORAGE_DRIVER:-$(default_driver)}
 case $DRIVER in
     vfs) STORAGE=$ROOT/storage ;;
     overlay) STORAGE=$ROOT/storage-overlay ;;
@@ -126,6 +137,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+stamp() {
+    local t0=$1 line now
+    while IFS= read -r line; do
+        printf -v now '%(%s)T' -1
+        printf '%4d %s\n' $((now - t0)) "$line"
+    done
+}
+
 # step <name> <log file> <command...>: run one build command, its output into the log file,
 # with its time; on failure show the log's tail.
 step() {
@@ -133,7 +152,8 @@ step() {
     shift 2
     t0=$(date +%s)
     log "$name ..."
-    "$@" >"$logf" 2>&1 || rc=$?
+    # Each log line starts with the seconds since the step began (pipefail: rc is the command's).
+    "$@" 2>&1 | stamp "$t0" >"$logf" || rc=$?
     if ((rc != 0)); then
         tail -n 25 "$logf" | sed 's/^/    /' >&2
         die "$name failed (exit $rc); full log: $logf"
@@ -158,7 +178,8 @@ setup_apt() {
 
 # --- content keys ----------------------------------------------------------------------------
 key() { printf '%s\n' "$@" | sha256sum | cut -c1-16; }
-file_hash() { sha256sum "$@" | sha256sum | cut -c1-16; }
+# Contents only, in order: the same files in another clone or cache dir give the same key.
+file_hash() { local f; for f; do sha256sum <"$f"; done | sha256sum | cut -c1-16; }
 # The files the wheel is built from, as Dockerfile.<name>.dockerignore sends them.
 source_hash() {
     (cd "$repo" && find pyproject.toml README.md services operator \
@@ -282,6 +303,9 @@ bud() {
 # --- main --------------------------------------------------------------------------------------
 setup_apt
 log "cache $ROOT (buildah storage: $DRIVER)"
+# Working containers a killed run left behind (with overlay, still mounted): this storage is ours
+# alone and we hold its lock.
+"${B[@]}" rm --all >/dev/null 2>&1 || true
 
 version=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
     "$repo/pyproject.toml")
