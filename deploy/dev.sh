@@ -5,6 +5,8 @@
 #   bash deploy/dev.sh demo    # set up Python, then train the digits example embedded
 #   bash deploy/dev.sh test    # set up everything, then lint, type-check and run every test tier
 #   bash deploy/dev.sh setup   # only the setup of `test`
+#   bash deploy/dev.sh images  # build the container images daemonlessly (deploy/build-images.sh;
+#                              # root, buildah); not part of `test` yet: no test runs them
 #
 # Setup happens here, before pytest starts, never inside a test fixture:
 #   - Debian packages (redis-server), with one `apt-get update` when something is missing;
@@ -215,5 +217,7 @@ case "$cmd" in
   demo)  setup_python; exec "$venv/bin/fedfleet" demo "$@" ;;
   test)  setup_all; run_tests "$@" ;;
   setup) setup_all ;;
-  *) echo "usage: bash deploy/dev.sh demo|test|setup [args...]" >&2; exit 2 ;;
+  # Not in `test` yet: nothing consumes the images until the real-node cluster harness exists.
+  images) exec bash deploy/build-images.sh "$@" ;;
+  *) echo "usage: bash deploy/dev.sh demo|test|setup|images [args...]" >&2; exit 2 ;;
 esac
