@@ -26,6 +26,7 @@ from fedfleet.core.spec import FLJob, parse_manifest
 from fedfleet.device.runtime import SecureContribution
 from fedfleet.device.secure import SecureSession
 from fedfleet.selector.actor import Selector
+from fedfleet.store.history import checkpoint_bytes
 from fedfleet.store.memory import MemoryStore
 from fedfleet.tasks import task_of
 
@@ -192,7 +193,7 @@ class World:
     def model(self) -> list[np.ndarray]:
         ckpt = self.store.checkpoint(self.job.key)
         assert ckpt is not None
-        weights, _ = unpack_checkpoint(ckpt.data, task_of(self.job).shapes)
+        weights, _ = unpack_checkpoint(checkpoint_bytes(self.store, ckpt), task_of(self.job).shapes)
         return weights
 
 

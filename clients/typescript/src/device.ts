@@ -17,6 +17,9 @@ import { clip, rng, train } from "./softmax.js";
 
 const BUILTIN = "fedfleet.tasks.builtin:task";
 const PRIVACY_FIELDS = new Set([
+  // metric_names / metric_range only matter under Secure Aggregation, which this client refuses.
+  "metric_names",
+  "metric_range",
   "weight_cap",
   "clip_norm",
   "secure_aggregation",

@@ -146,6 +146,17 @@ class PrivacyDescription(BaseModel):
     threshold_fraction: float = Field(0.5, ge=0.5, lt=1.0)
     clip_range: float = Field(1.0, gt=0)
     ring_bits: Literal[32, 64] = 32
+    metric_names: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Under Secure Aggregation: the device metrics carried inside the masked "
+        "vector, two coordinates each, in this order (empty otherwise).",
+    )
+    metric_range: float = Field(
+        1000.0,
+        gt=0,
+        description="Under Secure Aggregation: each carried metric is clipped to +-this.",
+    )
 
 
 # Secure Aggregation messages as they travel (fedfleet.core.secagg.wire); base64 for bytes,
