@@ -105,14 +105,11 @@ class ResourceRequirements(TypedDict, total=False):
 class VolumeMount(TypedDict):
     name: str
     mountPath: str
-    readOnly: NotRequired[bool]
 
 
 class Volume(TypedDict):
     name: str
-    emptyDir: NotRequired[dict[str, str]]
-    configMap: NotRequired[dict[str, str]]
-    persistentVolumeClaim: NotRequired[dict[str, str | bool]]
+    emptyDir: dict[str, str]
 
 
 class Container(TypedDict):
@@ -122,7 +119,6 @@ class Container(TypedDict):
     command: list[str]
     env: list[EnvVar]
     ports: list[ContainerPort]
-    startupProbe: Probe
     readinessProbe: Probe
     livenessProbe: Probe
     securityContext: SecurityContext
