@@ -332,7 +332,7 @@ class HttpFleet:
         cancellation is named in the log, with where it is stuck, instead of hanging the stop."""
         if not tasks:
             return
-        _, stuck = await asyncio.wait(tasks, timeout=timeout)
+        done, stuck = await asyncio.wait(tasks, timeout=timeout)
         for t in stuck:
             frames = "; ".join(
                 f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack()
@@ -340,8 +340,8 @@ class HttpFleet:
             log.warning(
                 "stopping: task %s still running after %.0f s at %s", t.get_name(), timeout, frames
             )
-        for t in tasks:
-            if t.done() and not t.cancelled() and t.exception() is not None:
+        for t in done:  # retrieve each outcome, as gather(return_exceptions=True) did
+            if not t.cancelled() and t.exception() is not None:
                 log.debug("task %s ended with %r", t.get_name(), t.exception())
 
     async def _wait(
