@@ -5,6 +5,8 @@
 #   bash deploy/dev.sh demo    # set up Python, then train the digits example embedded
 #   bash deploy/dev.sh test    # set up everything, then lint, type-check and run every test tier
 #   bash deploy/dev.sh setup   # only the setup of `test`
+#   bash deploy/dev.sh images  # build the container images daemonlessly (deploy/build-images.sh;
+#                              # root, buildah); not part of `test` yet: no test runs them
 #
 # Setup happens here, before pytest starts, never inside a test fixture:
 #   - Debian packages (redis-server), with one `apt-get update` when something is missing;
@@ -12,6 +14,8 @@
 #     wheel cache;
 #   - the cluster binaries (etcd, kube-apiserver and friends, kubectl, helm), built from Go
 #     modules by deploy/build-binaries.sh, in the background while the rest is set up;
+#   - an S3-compatible server (versitygw) for the model-storage tests, built from Go modules by
+#     deploy/build-s3-server.sh, in the background as well;
 #   - for the browser tier: Debian's chromium and a pinned playwright-core from npm (the client
 #     library only: it downloads no browser of its own).
 # Everything slow is cached OUTSIDE the clone, keyed by version, under
@@ -113,7 +117,33 @@ setup_node() {
     mv "$dir.tmp" "$dir"
   fi
   export FEDFLEET_NODE_PATH="$dir/node_modules"
+  setup_typescript
   took[node]=$(($(now) - t0))
+}
+
+# The TypeScript device client (clients/typescript) is compiled with a pinned tsc and Node's
+# type definitions, installed once per machine under the cache like playwright-core; the build
+# itself is a few seconds and runs on every setup (its output, dist/, is not committed). The
+# tests run the built client with node (FEDFLEET_TS_CLIENT names its dist/ folder).
+TYPESCRIPT_VERSION=5.9.3
+NODE_TYPES_VERSION=20.19.43
+setup_typescript() {
+  local dir="$cache/node/typescript-$TYPESCRIPT_VERSION-node-$NODE_TYPES_VERSION"
+  if [[ ! -f $dir/node_modules/typescript/package.json || ! -f $dir/node_modules/@types/node/package.json ]]; then
+    command -v npm >/dev/null || die "npm is missing: the TypeScript client needs Node.js 20 and npm"
+    say "installing typescript $TYPESCRIPT_VERSION and @types/node $NODE_TYPES_VERSION into $dir"
+    rm -rf "$dir.tmp"
+    npm install --prefix "$dir.tmp" --no-audit --no-fund --loglevel=error \
+      "typescript@$TYPESCRIPT_VERSION" "@types/node@$NODE_TYPES_VERSION" >/dev/null \
+      || die "npm install typescript@$TYPESCRIPT_VERSION @types/node@$NODE_TYPES_VERSION failed"
+    rm -rf "$dir"
+    mv "$dir.tmp" "$dir"
+  fi
+  say "building clients/typescript (tsc $TYPESCRIPT_VERSION)"
+  rm -rf clients/typescript/dist
+  node "$dir/node_modules/typescript/bin/tsc" -p clients/typescript \
+    --typeRoots "$dir/node_modules/@types" || die "tsc failed on clients/typescript"
+  export FEDFLEET_TS_CLIENT="$repo/clients/typescript/dist"
 }
 
 # The cluster binaries take 15-20 minutes to build on a fresh 2-core machine, so they build in
@@ -139,15 +169,34 @@ wait_binaries() {
   export FEDFLEET_BINARIES="$bin_dir/env.sh"
 }
 
+# The S3-compatible server the model-storage tests run (tests/s3_server.py reads its env file).
+s3_pid=""
+s3_out="$cache/logs/build-s3-server.out"
+start_s3_server() {
+  mkdir -p "$cache/logs"
+  s3_t0=$(now)
+  bash deploy/build-s3-server.sh >"$s3_out" &
+  s3_pid=$!
+}
+
+wait_s3_server() {
+  local rc=0
+  wait "$s3_pid" || rc=$?
+  took[s3]=$(($(now) - s3_t0))
+  ((rc == 0)) || die "building the S3 server failed (exit $rc): see the [build-s3-server] lines above"
+}
+
 setup_all() {
   local t0
   t0=$(now)
   start_binaries
+  start_s3_server
   setup_apt
   setup_python
   setup_node
   wait_binaries
-  say "setup done in $(($(now) - t0)) s (apt ${took[apt]} s, python ${took[python]} s, node ${took[node]} s, cluster binaries ${took[binaries]} s)"
+  wait_s3_server
+  say "setup done in $(($(now) - t0)) s (apt ${took[apt]} s, python ${took[python]} s, node ${took[node]} s, cluster binaries ${took[binaries]} s, s3 server ${took[s3]} s)"
 }
 
 run_tests() {
@@ -168,5 +217,7 @@ case "$cmd" in
   demo)  setup_python; exec "$venv/bin/fedfleet" demo "$@" ;;
   test)  setup_all; run_tests "$@" ;;
   setup) setup_all ;;
-  *) echo "usage: bash deploy/dev.sh demo|test|setup [args...]" >&2; exit 2 ;;
+  # Not in `test` yet: nothing consumes the images until the real-node cluster harness exists.
+  images) exec bash deploy/build-images.sh "$@" ;;
+  *) echo "usage: bash deploy/dev.sh demo|test|setup|images [args...]" >&2; exit 2 ;;
 esac

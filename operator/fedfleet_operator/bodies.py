@@ -105,11 +105,14 @@ class ResourceRequirements(TypedDict, total=False):
 class VolumeMount(TypedDict):
     name: str
     mountPath: str
+    readOnly: NotRequired[bool]
 
 
 class Volume(TypedDict):
     name: str
-    emptyDir: dict[str, str]
+    emptyDir: NotRequired[dict[str, str]]
+    configMap: NotRequired[dict[str, str]]
+    persistentVolumeClaim: NotRequired[dict[str, str | bool]]
 
 
 class Container(TypedDict):
@@ -119,6 +122,7 @@ class Container(TypedDict):
     command: list[str]
     env: list[EnvVar]
     ports: list[ContainerPort]
+    startupProbe: Probe
     readinessProbe: Probe
     livenessProbe: Probe
     securityContext: SecurityContext

@@ -23,7 +23,7 @@ from typing import Final
 
 import yaml
 
-from fedfleet.core.spec import API_VERSION, KIND, FLJob, FLJobSpec
+from fedfleet.core.spec import API_VERSION, DEFAULT_ACTOR_IMAGE, KIND, FLJob, FLJobSpec
 from fedfleet_operator.bodies import (
     ConfigMapBody,
     Container,
@@ -35,6 +35,8 @@ from fedfleet_operator.bodies import (
     SecretBody,
     SecurityContext,
     ServiceBody,
+    Volume,
+    VolumeMount,
 )
 from fedfleet_operator.naming import (
     ANNOTATION_SPEC_HASH,
@@ -56,6 +58,7 @@ __all__ = [
     "ACTOR_ROLES",
     "COORDINATOR_REPLICAS",
     "DEFAULT_RESOURCES",
+    "actor_image",
     "actor_replicas",
     "build_actor_deployment",
     "build_aggregator_deployment",
@@ -181,8 +184,12 @@ def build_job_secret(
 # -- actor Deployments and the selectors' Service -------------------------------------------------
 
 
-def actor_replicas(spec: FLJobSpec, role: ChildRole) -> int:
-    """Replicas of a role's Deployment: zero for every role while the job is suspended."""
+def actor_replicas(spec: FLJobSpec, role: ChildRole, aggregators: int | None = None) -> int:
+    """Replicas of a role's Deployment: zero for every role while the job is suspended.
+
+    ``aggregators`` is the pool the operator sized while the job ran (``status.aggregators``),
+    kept across spec changes and restarts (at least ``minAggregators``); without it the pool
+    starts at ``ActorsSpec.aggregator_count``."""
     if spec.suspend:
         return 0
     if role is ChildRole.coordinator:
@@ -190,6 +197,8 @@ def actor_replicas(spec: FLJobSpec, role: ChildRole) -> int:
     if role is ChildRole.selector:
         return spec.actors.selectors
     if role is ChildRole.aggregator:
+        if aggregators is not None and aggregators > 0:
+            return max(spec.actors.min_aggregators, aggregators)
         return spec.actors.aggregator_count(spec.rounds)
     raise ValueError(f"{role} is not an actor role")
 
@@ -225,6 +234,10 @@ def _actor_env(job: str, settings: OperatorSettings) -> list[EnvVar]:
     ]
 
 
+STARTUP_PROBE_FAILURES = 90
+"""Start-up probe failures tolerated, 2 s apart: an actor has 3 minutes to come up."""
+
+
 def _probe(path: str, period: int, failures: int) -> Probe:
     return {
         "httpGet": {"path": path, "port": ACTOR_PORT},
@@ -244,21 +257,102 @@ def _deadline_env(job: FLJob, role: ChildRole, active_since: float | None) -> li
     return [{"name": "FEDFLEET_ACTIVE_SINCE", "value": str(int(active_since))}]
 
 
+_MODELS_VOLUME = "models"
+MODEL_STORAGE_ROLES: Final = (ChildRole.selector, ChildRole.aggregator)
+"""The actors that read or write stored models (spec.checkpoints.storage)."""
+
+
+def _storage_env(job: FLJob, role: ChildRole) -> list[EnvVar]:
+    """S3 credentials from the Secret ``spec.checkpoints.storage.credentialsSecret`` names."""
+    storage = job.spec.checkpoints.storage
+    if role not in MODEL_STORAGE_ROLES or storage.credentials_secret is None:
+        return []
+    return [
+        {
+            "name": env,
+            "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}},
+        }
+        for env, key in (
+            ("AWS_ACCESS_KEY_ID", "accessKeyId"),
+            ("AWS_SECRET_ACCESS_KEY", "secretAccessKey"),
+        )
+    ]
+
+
+def _storage_volume(job: FLJob, role: ChildRole) -> list[Volume]:
+    """The PVC ``spec.checkpoints.storage.claimName`` names, for the actors that need it."""
+    claim = job.spec.checkpoints.storage.claim_name
+    if role not in MODEL_STORAGE_ROLES or claim is None:
+        return []
+    return [{"name": _MODELS_VOLUME, "persistentVolumeClaim": {"claimName": claim}}]
+
+
+def _storage_mount(job: FLJob, role: ChildRole) -> list[VolumeMount]:
+    storage = job.spec.checkpoints.storage
+    if not _storage_volume(job, role) or storage.path is None:
+        return []
+    return [{"name": _MODELS_VOLUME, "mountPath": storage.path}]
+
+
+def actor_image(job: FLJob, settings: OperatorSettings) -> str:
+    """The job's own image (``spec.actors.image``: a task image built on the services image)
+    wins; then the operator's ``FEDFLEET_ACTOR_IMAGE``; then this release's services image.
+
+    A job naming exactly the release's services image counts as naming none: FLJobs created
+    before the field became optional carry it as the old CRD's default, and must keep following
+    the operator's image as they did."""
+    own = job.spec.actors.image
+    if own is not None and own != DEFAULT_ACTOR_IMAGE:
+        return own
+    return settings.actor_image or DEFAULT_ACTOR_IMAGE
+
+
+def _volume_mounts(job: FLJob) -> list[VolumeMount]:
+    mounts: list[VolumeMount] = [{"name": _TMP_VOLUME, "mountPath": "/tmp"}]
+    for v in job.spec.actors.volumes:
+        mounts.append({"name": v.name, "mountPath": v.mount_path, "readOnly": True})
+    return mounts
+
+
+def _volumes(job: FLJob) -> list[Volume]:
+    """The scratch ``/tmp`` and the FLJob's ``spec.actors.volumes`` (read-only)."""
+    volumes: list[Volume] = [{"name": _TMP_VOLUME, "emptyDir": {}}]
+    for v in job.spec.actors.volumes:
+        if v.config_map is not None:
+            volumes.append({"name": v.name, "configMap": {"name": v.config_map}})
+        elif v.persistent_volume_claim is not None:
+            volumes.append(
+                {
+                    "name": v.name,
+                    "persistentVolumeClaim": {
+                        "claimName": v.persistent_volume_claim,
+                        "readOnly": True,
+                    },
+                }
+            )
+    return volumes
+
+
 def _container(
     job: FLJob, role: ChildRole, settings: OperatorSettings, active_since: float | None = None
 ) -> Container:
     return {
         "name": role.value,
-        "image": settings.actor_image or job.spec.actors.image,
+        "image": actor_image(job, settings),
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["fedfleet", role.value],
-        "env": _actor_env(job.name, settings) + _deadline_env(job, role, active_since),
+        "env": _actor_env(job.name, settings)
+        + _deadline_env(job, role, active_since)
+        + _storage_env(job, role),
         "ports": [{"name": "http", "containerPort": ACTOR_PORT, "protocol": "TCP"}],
+        # Start-up (imports, the first store round trip) can take far longer than liveness
+        # allows on a busy node; until /healthz first answers, liveness does not count.
+        "startupProbe": _probe("/healthz", period=2, failures=STARTUP_PROBE_FAILURES),
         "readinessProbe": _probe("/readyz", period=2, failures=3),
         "livenessProbe": _probe("/healthz", period=10, failures=3),
         "securityContext": _security_context(),
         "resources": copy.deepcopy(DEFAULT_RESOURCES[role]),
-        "volumeMounts": [{"name": _TMP_VOLUME, "mountPath": "/tmp"}],
+        "volumeMounts": [*_volume_mounts(job), *_storage_mount(job, role)],
     }
 
 
@@ -269,9 +363,11 @@ def build_actor_deployment(
     spec_hash: str,
     role: ChildRole,
     active_since: float | None = None,
+    aggregators: int | None = None,
 ) -> DeploymentBody:
     """The Deployment of one actor role (see the role-named wrappers below); ``active_since``
-    (Unix seconds) is where the coordinator counts ``spec.activeDeadlineSeconds`` from."""
+    (Unix seconds) is where the coordinator counts ``spec.activeDeadlineSeconds`` from;
+    ``aggregators`` the pool's current size (:func:`actor_replicas`)."""
     if role not in ACTOR_ROLES:
         raise ValueError(f"{role} is not an actor role")
     return {
@@ -279,7 +375,7 @@ def build_actor_deployment(
         "kind": "Deployment",
         "metadata": _meta(deployment_name(job.name, role), namespace, job.name, role),
         "spec": {
-            "replicas": actor_replicas(job.spec, role),
+            "replicas": actor_replicas(job.spec, role, aggregators),
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector_labels(job.name, role)},
             "template": {
@@ -291,7 +387,7 @@ def build_actor_deployment(
                     # Actors never call the Kubernetes API: no token in their pods.
                     "automountServiceAccountToken": False,
                     "containers": [_container(job, role, settings, active_since)],
-                    "volumes": [{"name": _TMP_VOLUME, "emptyDir": {}}],
+                    "volumes": [*_volumes(job), *_storage_volume(job, role)],
                 },
             },
         },

@@ -2,10 +2,11 @@
 
 Handlers need a few things: make a child look like its body (create it, or patch it if it
 exists), delete a child, read the job Secret back (its job secret is created once and kept),
-write an FLJob's status from the status timer, and delete a finished FLJob whose
-``ttlSecondsAfterFinished`` passed. :class:`ChildClient` names exactly those;
-:class:`KubeClient` implements them with the official client, and unit tests pass a recording
-fake instead of a cluster.
+write an FLJob's status from the status timer, delete a finished FLJob whose
+``ttlSecondsAfterFinished`` passed, and resize the aggregator pool (a Deployment's replicas,
+and the deletion cost of the pod a scale-down removes: :mod:`.pool`).
+:class:`ChildClient` names exactly those; :class:`KubeClient` implements them with the official
+client, and unit tests pass a recording fake instead of a cluster.
 
 The status timer writes the status itself rather than through kopf's patch: kopf applies a
 timer's patch after the handler returned, outside of it, and a failed patch there ends the
@@ -78,6 +79,15 @@ class ChildClient(Protocol):
 
     def delete_fljob(self, namespace: str, name: str) -> bool:
         """Delete an FLJob; False when it was already gone."""
+        ...
+
+    def scale(self, namespace: str, name: str, replicas: int) -> None:
+        """Set a Deployment's replicas (the aggregator pool)."""
+        ...
+
+    def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> bool:
+        """Merge annotations into a pod's (the pod-deletion cost of an aggregator about to be
+        removed); False when the pod is gone."""
         ...
 
 
@@ -203,6 +213,30 @@ class KubeClient:
                 plural,
                 name,
                 propagation_policy="Background",
+                _request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            if exc.status == _NOT_FOUND:
+                return False
+            raise
+        return True
+
+    def scale(self, namespace: str, name: str, replicas: int) -> None:
+        self._apis["apps"].patch_namespaced_deployment(
+            name=name,
+            namespace=namespace,
+            body={"spec": {"replicas": int(replicas)}},
+            field_manager=FIELD_MANAGER,
+            _request_timeout=self._timeout,
+        )
+
+    def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> bool:
+        try:
+            self._apis["core"].patch_namespaced_pod(
+                name=name,
+                namespace=namespace,
+                body={"metadata": {"annotations": dict(annotations)}},
+                field_manager=FIELD_MANAGER,
                 _request_timeout=self._timeout,
             )
         except ApiException as exc:

@@ -63,10 +63,12 @@ def apply_children(
     *,
     actors: bool = True,
     active_since: float | None = None,
+    aggregators: int | None = None,
 ) -> list[str]:
     """Create or patch the plan ConfigMap and the Secret, and (unless ``actors`` is False, for
     a finished job) the actor Deployments and the selectors' Service. ``active_since`` is
-    where the coordinator counts ``spec.activeDeadlineSeconds`` from. Returns what it
+    where the coordinator counts ``spec.activeDeadlineSeconds`` from; ``aggregators`` is the
+    pool's size as the operator last set it (None: the initial size). Returns what it
     applied, as ``Kind/name``, for the log and the Event."""
     namespace = _namespace(job)
     applied: list[str] = []
@@ -85,7 +87,11 @@ def apply_children(
     if actors:
         policy = spec_hash(job.spec)
         for role in ACTOR_ROLES:
-            apply(build_actor_deployment(job, namespace, ctx.settings, policy, role, active_since))
+            apply(
+                build_actor_deployment(
+                    job, namespace, ctx.settings, policy, role, active_since, aggregators
+                )
+            )
         apply(build_selector_service(job, namespace))
     return applied
 

@@ -111,8 +111,9 @@ class OperatorSettings:
     Empty means the URL's own password, or none."""
 
     actor_image: str | None = None
-    """``FEDFLEET_ACTOR_IMAGE``: image of every actor pod. Unset means each job's
-    ``spec.actors.image``; a chart sets it so actors run the release it installed."""
+    """``FEDFLEET_ACTOR_IMAGE``: image of the actor pods of jobs without their own
+    ``spec.actors.image`` (a task image); a chart sets it so they run the release it
+    installed. Unset: ``fedfleet/services:0.1.0``."""
 
     image_pull_policy: str = "IfNotPresent"
     """``FEDFLEET_ACTOR_IMAGE_PULL_POLICY``: ``imagePullPolicy`` of actor containers.

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, NotRequired, TypedDict, cast
 
+from fedfleet.core.model_history import CheckpointsSpec, best_version
 from fedfleet.core.roles import JobPhase
 from fedfleet_operator.conditions import (
     COMPLETE,
@@ -30,6 +31,7 @@ from fedfleet_operator.conditions import (
     merge_conditions,
     rfc3339,
 )
+from fedfleet_operator.naming import secret_name
 from fedfleet_operator.settings import redact_store_url
 
 __all__ = [
@@ -63,6 +65,15 @@ class LastRound(TypedDict):
     epsilon: NotRequired[float]
 
 
+class BestModel(TypedDict):
+    """The best kept model by ``spec.checkpoints.metric``."""
+
+    version: int
+    round: int
+    metric: str
+    value: float
+
+
 class ModelLocation(TypedDict):
     """Where the newest model is kept, and the command that fetches it."""
 
@@ -70,6 +81,8 @@ class ModelLocation(TypedDict):
     key: str
     version: int
     fetch: str
+    best: NotRequired[BestModel]
+    fetchBest: NotRequired[str]
 
 
 class FLJobStatus(TypedDict, total=False):
@@ -85,23 +98,55 @@ class FLJobStatus(TypedDict, total=False):
     observedGeneration: int
     conditions: list[Condition]
     model: ModelLocation
+    aggregators: dict[str, Any]
+    """The aggregator pool (:class:`fedfleet_operator.pool.AggregatorStatus`)."""
 
 
 # -- model location -----------------------------------------------------------------------------
 
 
-def fetch_command(store_url: str, key: str, output: str = "model.bin") -> str:
-    return f"fedfleet fetch-model --store {redact_store_url(store_url)} --job {key} -o {output}"
+def fetch_command(
+    store_url: str, key: str, output: str = "model.safetensors", version: str | None = None
+) -> str:
+    """The command that fetches the job's model: the store URL without its password, which
+    ``--store-secret`` reads from the job's Secret (with kubectl) when the command runs."""
+    namespace, _, name = key.partition("/")
+    chosen = f" --version {version}" if version else ""
+    return (
+        f"fedfleet fetch-model --store {redact_store_url(store_url)} "
+        f"--store-secret {namespace}/{secret_name(name)} --job {key}{chosen} -o {output}"
+    )
 
 
-def model_location(key: str, store_url: str, version: int) -> ModelLocation:
-    """The model is in the store under the job key; the URL is shown without a password."""
-    return {
+def model_location(
+    key: str,
+    store_url: str,
+    version: int,
+    metrics: Sequence[Mapping[str, Any]] = (),
+    checkpoints: CheckpointsSpec | None = None,
+) -> ModelLocation:
+    """The model is in the store under the job key; the URL is shown without a password.
+
+    With ``metrics`` (the store's committed rounds), the best kept model by
+    ``spec.checkpoints`` is named too, with the command that fetches it.
+    """
+    location: ModelLocation = {
         "store": redact_store_url(store_url),
         "key": key,
         "version": version,
         "fetch": fetch_command(store_url, key),
     }
+    policy = checkpoints or CheckpointsSpec()
+    best = best_version(metrics, policy.metric, policy.mode) if policy.keep_best else None
+    if best is not None and best.value is not None:
+        location["best"] = {
+            "version": best.version,
+            "round": best.round,
+            "metric": policy.metric,
+            "value": best.value,
+        }
+        location["fetchBest"] = fetch_command(store_url, key, "best.safetensors", "best")
+    return location
 
 
 # -- from the store -------------------------------------------------------------------------------
@@ -255,6 +300,7 @@ def status_from_store(
     suspended: bool = False,
     invalid: str | None = None,
     rounds_total: int | None = None,
+    checkpoints: CheckpointsSpec | None = None,
 ) -> FLJobStatus:
     """The whole status from the store's job record and metrics history.
 
@@ -262,7 +308,8 @@ def status_from_store(
     ``startTime`` — the operator's, see :func:`active_since` — is kept; the store's start time
     only stands in for a status that has none); ``suspended``, ``invalid`` (the validation
     message, if any) and ``rounds_total`` come from the current spec, the latter used until
-    the coordinator reports the rounds it runs.
+    the coordinator reports the rounds it runs; ``checkpoints`` (the spec's) ranks the best
+    model.
     """
     last: Mapping[str, Any] = metrics[-1] if metrics else (job_state.get("last_metrics") or {})
     version = max(_int(job_state.get("model_version")), _int(last.get("model_version")))
@@ -294,7 +341,12 @@ def status_from_store(
     if phase.value in TERMINAL_PHASES and isinstance(job_state.get("completion_time"), int | float):
         status["completionTime"] = rfc3339(float(job_state["completion_time"]))
     if version > 0:
-        status["model"] = model_location(key, store_url, version)
+        status["model"] = model_location(key, store_url, version, metrics, checkpoints)
+        known = prev.get("model") or {}
+        if "best" not in status["model"] and "best" in known and not metrics:
+            # metrics are read only after a commit: keep the best named until then
+            status["model"]["best"] = known["best"]
+            status["model"]["fetchBest"] = known.get("fetchBest", "")
     previous_conditions = prev.get("conditions") or []
     status["conditions"] = merge_conditions(
         previous_conditions,

@@ -449,7 +449,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "operator": Subcommand("run the FLJob operator (kopf)", _args_operator, _cmd_operator),
     "fetch-model": Subcommand(
-        "write a job's newest model checkpoint from the store to a file",
+        "write a kept model of a job (a version, the best or the newest) to a file",
         _args_fetch_model,
         _cmd_fetch_model,
     ),
@@ -482,6 +482,13 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         )
         for role in ("coordinator", "selector", "aggregator")
     },
+    # fedfleet.conformance: a scripted selector that judges a device client.
+    "conformance": Subcommand(
+        "serve a scripted device API that checks a device client's behaviour (windows, "
+        "Retry-After, reports, aborts) and print the verdicts",
+        lambda parser: __import__("fedfleet.conformance", fromlist=["x"]).add_arguments(parser),
+        lambda args: int(__import__("fedfleet.conformance", fromlist=["x"]).run(args)),
+    ),
     # Imported lazily: fedfleet.device.simulate_cmd (the fleet itself loads only when it runs).
     "simulate": Subcommand(
         "drive a deployed job with a simulated fleet of devices over HTTP",

@@ -403,6 +403,48 @@ def status_schema() -> JsonSchema:
                     "key": _leaf("string", "Job key in the store: <namespace>/<name>."),
                     "version": _leaf("integer", "Version of the stored model."),
                     "fetch": _leaf("string", "Command that downloads the model."),
+                    "best": _object(
+                        "The best kept model by spec.checkpoints.metric.",
+                        {
+                            "version": _leaf("integer", "Its model version."),
+                            "round": _leaf("integer", "The round that committed it."),
+                            "metric": _leaf("string", "The metric that ranks models."),
+                            "value": _leaf("number", "Its value of the metric."),
+                        },
+                    ),
+                    "fetchBest": _leaf("string", "Command that downloads the best model."),
+                },
+            ),
+            "aggregators": _object(
+                "The aggregator pool, sized by the operator to the devices and update bytes "
+                "of the coming rounds (spec.actors), and its last decision.",
+                {
+                    "replicas": _leaf("integer", "Replicas of the aggregator Deployment."),
+                    "desired": _leaf("integer", "Aggregators the load needs."),
+                    "current": _leaf("integer", "Aggregators registered in the store now."),
+                    "draining": _leaf(
+                        "array",
+                        "Aggregators given no new round; removed once their rounds end.",
+                        items={"type": "string"},
+                    ),
+                    "leaving": _leaf(
+                        "array",
+                        "Drained aggregators whose pods were removed, still shutting down.",
+                        items={"type": "string"},
+                    ),
+                    "reason": _leaf("string", "The last sizing decision and why."),
+                    "demandBytesPerSecond": _leaf(
+                        "integer", "Update bytes per second the pool must fold."
+                    ),
+                    "capacityBytesPerSecond": _leaf(
+                        "integer", "Bytes per second one aggregator is counted on to fold."
+                    ),
+                    "lowSince": _leaf(
+                        "number",
+                        "Unix time since which the load fits a smaller pool (scale-down "
+                        "stabilization).",
+                    ),
+                    "lowPeak": _leaf("integer", "Largest smaller pool recommended since lowSince."),
                 },
             ),
         },

@@ -31,10 +31,12 @@ from fedfleet.results import (
     JobResult,
     ProgressSink,
     RoundRecord,
+    best_model_of,
     device_metrics,
     numeric_metrics,
 )
 from fedfleet.selector.actor import Selector
+from fedfleet.store.history import checkpoint_bytes
 from fedfleet.store.memory import MemoryStore
 from fedfleet.tasks import task_of
 from fedfleet.tasks.evaluation import task_evaluator
@@ -102,7 +104,7 @@ def run_job(
             checkpoint = store.checkpoint(job.key)
             loaded = task_of(job)
             weights = (
-                unpack_checkpoint(checkpoint.data, loaded.shapes)[0]
+                unpack_checkpoint(checkpoint_bytes(store, checkpoint), loaded.shapes)[0]
                 if checkpoint is not None
                 else loaded.initial
             )
@@ -231,7 +233,8 @@ def run_job(
         result.epsilon = None if eps is None else float(eps)
         result.delta = None if delta is None else float(delta)
     if checkpoint is not None:
-        result.model_bytes = checkpoint.data
+        result.model_bytes = checkpoint_bytes(store, checkpoint)
+    result.best_model = best_model_of(history, job.spec.checkpoints)
     if not math.isfinite(result.sim_seconds):
         result.sim_seconds = 0.0
     return result

@@ -1,7 +1,12 @@
-"""``fedfleet fetch-model``: copy a job's newest model checkpoint out of the store.
+"""``fedfleet fetch-model``: copy any kept model of a job out of its storage.
 
-A job's model lives in the store under the job key ``<namespace>/<name>`` (``FLJob.key``), not
-in Kubernetes; the FLJob's ``.status.model`` prints this command. The file is the checkpoint
+A job's models live under the job key ``<namespace>/<name>`` (``FLJob.key``), not in Kubernetes:
+in the store's Redis, a directory or an S3 bucket (``spec.checkpoints.storage``); the FLJob's
+``.status.model.fetch`` prints the command. ``--version`` picks ``latest`` (the default),
+``best`` or a kept version number, read from the job's ``index.json`` beside the models. The
+models outlive the job's store record, so ``--storage`` reads a directory or bucket without a
+store at all. ``--store-secret NS/NAME`` reads the Redis password from a Kubernetes Secret (with
+``kubectl``), so no command line ever carries it. The file is the checkpoint
 exactly as committed — the model's weights and the server optimizer's state, in the format of
 :mod:`fedfleet.core.checkpoint` (no pickle) — unless the output path ends in ``.safetensors`` or
 ``.npz``: then it holds the model's weights alone, named as the job's task names them when
@@ -11,12 +16,29 @@ exactly as committed — the model's weights and the server optimizer's state, i
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from fedfleet.store.base import StoreUnavailable
+from fedfleet.store.base import Store, StoreUnavailable
+from fedfleet.store.history import (
+    ModelRef,
+    ModelStorage,
+    ModelStorageError,
+    open_models,
+    read_index,
+    select_model,
+)
+from fedfleet.store.history.base import object_name
+from fedfleet.store.history.redis_models import models_in_store
+from fedfleet.store.redis import PASSWORD_ENV
 from fedfleet.store_args import add_store_argument, store_from_args
 from fedfleet.tasks.weights_file import (
     WEIGHT_SUFFIXES,
@@ -46,6 +68,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="file to write: PATH.safetensors or PATH.npz for the weights alone, any other "
         "name for the raw checkpoint",
+    )
+    parser.add_argument(
+        "--version",
+        default="latest",
+        metavar="N|best|latest",
+        help="which kept model: a version number, 'best' (by spec.checkpoints.metric) or "
+        "'latest' (default)",
+    )
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help="read the models straight from their storage, without the store: "
+        "file:///DIR or s3://BUCKET/PREFIX?endpoint=URL&region=R (credentials from "
+        "$AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY); default: where the store's pointer says",
+    )
+    parser.add_argument(
+        "--store-secret",
+        metavar="NS/NAME[:KEY]",
+        help="read the Redis password from this Kubernetes Secret with kubectl (key "
+        "redis-password): the job's own Secret is <ns>/<name>-secret",
     )
     parser.add_argument(
         "--manifest",
@@ -105,33 +147,122 @@ def _write_weights(path: Path, names: tuple[str, ...] | None, data: bytes, versi
         raise
 
 
-def run(args: argparse.Namespace) -> int:
-    """Fetch the checkpoint; 1 when the job has none (or the store is down), 2 on bad usage."""
+class _NoStore(Exception):
+    """--store is unusable (store_from_args said why)."""
+
+
+def storage_from_url(url: str) -> ModelStorage:
+    """``file:///DIR`` or ``s3://BUCKET/PREFIX?endpoint=...&region=...`` (ValueError if not)."""
+    parts = urlsplit(url)
+    if parts.scheme == "file" and parts.path.startswith("/") and not parts.netloc:
+        return open_models({"kind": "filesystem", "path": parts.path})
+    if parts.scheme == "s3" and parts.hostname:
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        location: dict[str, Any] = {
+            "kind": "s3",
+            "bucket": parts.hostname,
+            "prefix": parts.path.strip("/"),
+            "endpoint": query.get("endpoint"),
+            "region": query.get("region", "us-east-1"),
+        }
+        return open_models(location)
+    raise ValueError(f"--storage {url!r}: file:///DIR or s3://BUCKET/PREFIX?endpoint=URL")
+
+
+def password_from_secret(ref: str) -> str:
+    """The Redis password in a Kubernetes Secret ``NS/NAME[:KEY]``, read with kubectl."""
+    where, _, key = ref.partition(":")
+    namespace, _, name = where.partition("/")
+    key = key or "redis-password"
+    if not namespace or not name or "/" in name:
+        raise ValueError(f"--store-secret {ref!r}: NAMESPACE/NAME[:KEY]")
+    kubectl = os.environ.get("KUBECTL") or shutil.which("kubectl")
+    if not kubectl:
+        raise ValueError("--store-secret needs kubectl on PATH (or $KUBECTL)")
+    jsonpath = "{.data." + key.replace(".", "\\.") + "}"
+    out = subprocess.run(
+        [kubectl, "get", "secret", name, "-n", namespace, "-o", f"jsonpath={jsonpath}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if out.returncode != 0 or not out.stdout.strip():
+        raise ValueError(
+            f"--store-secret {ref}: no key {key!r} read ({out.stderr.strip() or 'empty'})"
+        )
+    try:
+        return base64.b64decode(out.stdout.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise ValueError(f"--store-secret {ref}: key {key!r} is not base64 text") from exc
+
+
+def _models_of(args: argparse.Namespace) -> tuple[ModelStorage, Store | None]:
+    """Where the job's models are: ``--storage``, else where the store's pointer says."""
+    if args.storage:
+        return storage_from_url(args.storage), None
+    if args.store_secret:
+        os.environ[PASSWORD_ENV] = password_from_secret(args.store_secret)
     store = store_from_args(args)
     if store is None:
+        raise _NoStore
+    checkpoint = store.checkpoint(args.job)
+    if checkpoint is not None and ModelRef.is_ref(checkpoint.data):
+        return open_models(ModelRef.decode(checkpoint.data).location, store), store
+    return models_in_store(store), store  # Redis; also once the job's record is gone
+
+
+def _fetch(args: argparse.Namespace) -> tuple[dict[str, Any], bytes]:
+    """The chosen index entry and its bytes, checked against the hash in its name."""
+    models, store = _models_of(args)
+    try:
+        index = read_index(models, args.job)
+        if index is None and store is not None:
+            checkpoint = store.checkpoint(args.job)
+            if checkpoint is not None and args.version in ("latest", str(checkpoint.version)):
+                # a model committed before fedfleet kept histories: the pointer holds it
+                legacy: dict[str, Any] = {"version": checkpoint.version, "round": checkpoint.round}
+                return legacy, checkpoint.data
+        if index is None:
+            raise ModelStorageError(
+                f"no model for job {args.job!r} in {models.describe()} (no round committed "
+                "yet, a wrong key, or models deleted with the job)"
+            )
+        entry = select_model(index, args.version)
+        data = models.get(args.job, str(entry["object"]))
+        if object_name(int(entry["version"]), data) != entry["object"]:
+            raise ModelStorageError(f"{args.job}/{entry['object']}: bytes do not match its hash")
+        return entry, data
+    finally:
+        models.close()
+        if store is not None:
+            store.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fetch a kept model; 1 when there is none (or storage is down), 2 on bad usage."""
+    if not args.storage and not args.store:
+        print("error: --store (or $FEDFLEET_STORE_URL) or --storage is required", file=sys.stderr)
         return EXIT_USAGE
     try:
-        checkpoint = store.checkpoint(args.job)
-    except StoreUnavailable as exc:
+        entry, data = _fetch(args)
+    except (StoreUnavailable, ModelStorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    finally:
-        store.close()
-    if checkpoint is None:
-        print(
-            f"error: no model for job {args.job!r} in the store (no round committed yet, a "
-            "wrong key, or the FLJob was deleted)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+    except _NoStore:
+        return EXIT_USAGE
+    except ValueError as exc:  # --version, --storage or --store-secret unusable
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    version = int(entry["version"])
     try:
         if args.output.suffix in WEIGHT_SUFFIXES:
             names = _weight_names(args.manifest)
             if isinstance(names, int):
                 return names
-            _write_weights(args.output, names, checkpoint.data, checkpoint.version)
+            _write_weights(args.output, names, data, version)
         else:
-            _write_atomically(args.output, checkpoint.data)
+            _write_atomically(args.output, data)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -139,8 +270,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: cannot write {args.output}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(
-        f"wrote {args.output}: model version {checkpoint.version} (round {checkpoint.round}), "
-        f"{len(checkpoint.data)} bytes",
+        f"wrote {args.output}: model version {version} (round {entry.get('round')}), "
+        f"{len(data)} bytes",
         file=sys.stderr,
     )
     return EXIT_OK

@@ -95,6 +95,13 @@ def summary_rows(result: JobResult) -> list[tuple[str, str]]:
     """(label, value) rows of the end-of-job summary table, values already formatted."""
     report = result.to_report()["totals"]
     privacy: list[tuple[str, str]] = []
+    best: list[tuple[str, str]] = []
+    if result.best_model is not None:
+        b = result.best_model
+        metric = ", ".join(
+            f"{k} {_number(v)}" for k, v in b.items() if k not in ("version", "round")
+        )
+        best = [("Best model", f"version {b['version']} (round {b['round']}, {metric})")]
     if result.epsilon is not None:
         privacy = [("Privacy (epsilon, delta)", f"({result.epsilon:.3f}, {result.delta or 0:g})")]
     return [
@@ -105,6 +112,7 @@ def summary_rows(result: JobResult) -> list[tuple[str, str]]:
         ("Final accuracy", _percent(result.final_accuracy)),
         ("Final loss", _number(result.final_loss)),
         ("Model version", str(result.model_version)),
+        *best,
         ("Wall seconds", f"{result.wall_seconds:.1f}"),
         ("Simulated seconds", f"{result.sim_seconds:.0f}"),
         ("Outcome", _outcome(result)),

@@ -10,7 +10,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["JobResult", "ProgressSink", "RoundRecord", "device_metrics", "numeric_metrics"]
+from fedfleet.core.model_history import CheckpointsSpec, best_version
+
+__all__ = [
+    "JobResult",
+    "ProgressSink",
+    "RoundRecord",
+    "best_model_of",
+    "device_metrics",
+    "numeric_metrics",
+]
 
 DEVICE_METRIC_PREFIXES = ("train_", "federated_")
 """Metrics devices report, averaged per round by examples: training metrics (``train_loss``)
@@ -31,6 +40,14 @@ def device_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {
         k: v for k, v in numeric_metrics(metrics).items() if k.startswith(DEVICE_METRIC_PREFIXES)
     }
+
+
+def best_model_of(history: list[dict[str, Any]], policy: CheckpointsSpec) -> dict[str, Any] | None:
+    """The best committed model by ``spec.checkpoints.metric`` (kept when ``keepBest``)."""
+    best = best_version(history, policy.metric, policy.mode) if policy.keep_best else None
+    if best is None:
+        return None
+    return {"version": best.version, "round": best.round, policy.metric: best.value}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +99,8 @@ class JobResult:
     """The final global model, serialized with fedfleet.core.serde (no pickle)."""
     final_metrics: dict[str, float] = field(default_factory=dict)
     """Every metric of the last commit: server-side evaluation, device metrics, counts."""
+    best_model: dict[str, Any] | None = None
+    """The best kept model (version, round, metric value; see spec.checkpoints)."""
 
     def to_report(self) -> dict[str, Any]:
         """The JSON report: per-round rows and totals."""
@@ -104,6 +123,7 @@ class JobResult:
                 "epsilon": self.epsilon,
                 "delta": self.delta,
                 "metrics": self.final_metrics,
+                "best_model": self.best_model,
             },
         }
 

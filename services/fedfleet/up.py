@@ -27,10 +27,12 @@ from fedfleet.results import (
     JobResult,
     ProgressSink,
     RoundRecord,
+    best_model_of,
     device_metrics,
     numeric_metrics,
 )
 from fedfleet.store.base import StoreUnavailable
+from fedfleet.store.history import checkpoint_bytes
 
 __all__ = ["StoreWatch", "UpOptions", "follow", "record_from_attempt", "run_up"]
 
@@ -225,5 +227,6 @@ def run_up(
         result.final_accuracy = result.final_metrics.get("accuracy")
         result.final_loss = result.final_metrics.get("loss")
     if checkpoint is not None:
-        result.model_bytes = checkpoint.data
+        result.model_bytes = checkpoint_bytes(store, checkpoint)
+    result.best_model = best_model_of(history, job.spec.checkpoints)
     return result

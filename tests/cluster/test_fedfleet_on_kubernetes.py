@@ -16,14 +16,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from fedfleet.cli import main as cli_main
 from fedfleet.core.spec import FLJob, parse_manifest
 from fedfleet.device.http_fleet import HttpFleet
 from fedfleet.service.keys import JobKeys
 from fedfleet.store.factory import open_store
+from fedfleet.store.history.redis_models import models_in_store
+from fedfleet.tasks.weights_file import load_weights
 from fedfleet.up import UpOptions
 from tests.cluster.conftest import Cluster
 
@@ -137,10 +141,13 @@ def _drive(
     *,
     timeout: float,
     during: Callable[[dict[str, Any]], None] | None = None,
+    fleet_doc: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run a simulated fleet against the job's selector pods until ``until(fljob)`` holds."""
+    """Run a simulated fleet against the job's selector pods until ``until(fljob)`` holds.
+    ``fleet_doc``: the manifest as the devices see it, when its file paths differ from the
+    cluster's (the fleet's data and task code live on this host, not in the pods)."""
     name = doc["metadata"]["name"]
-    job: FLJob = parse_manifest({**doc, "metadata": {"name": name, "namespace": ns}})
+    job: FLJob = parse_manifest({**(fleet_doc or doc), "metadata": {"name": name, "namespace": ns}})
     cluster.wait_for(
         lambda: _ready_pods(cluster, ns, f"fedfleet.dev/job={name},fedfleet.dev/role=selector"),
         timeout=180,
@@ -199,7 +206,7 @@ def _drive(
 
 @pytest.mark.timeout(1500)
 def test_digits_reaches_succeeded_with_accuracy_in_status(
-    cluster: Cluster, fedfleet: Installed, namespace: str
+    cluster: Cluster, fedfleet: Installed, namespace: str, tmp_path: Path
 ) -> None:
     doc = _example()
     cluster.apply(doc, namespace)
@@ -234,7 +241,16 @@ def test_digits_reaches_succeeded_with_accuracy_in_status(
     assert cluster.get("configmap", "digits-plan", namespace) is not None
     store = open_store(fedfleet.redis_url)
     assert store.model_version(f"{namespace}/digits") == 50
-    assert max(m["accuracy"] for m in store.metrics(f"{namespace}/digits")) >= 0.88
+    history = store.metrics(f"{namespace}/digits")
+    assert max(m["accuracy"] for m in history) >= 0.88
+    # The best model (spec.checkpoints defaults: keep 1 + the best by accuracy) is named in
+    # the status with the command that fetches it, which holds no password.
+    best = max(history, key=lambda m: (m["accuracy"], m["model_version"]))
+    assert status["model"]["best"]["version"] == best["model_version"]
+    assert f"--store-secret {namespace}/digits-secret" in status["model"]["fetchBest"]
+    assert "--version best" in status["model"]["fetchBest"]
+    password = urlsplit(fedfleet.redis_url).password
+    assert password and password not in json.dumps(status["model"])
     # Delete: children by garbage collection, Redis keys by the finalizer.
     cluster.kubectl("delete", "fljob", "digits", "-n", namespace, "--timeout=60s", check=True)
     cluster.wait_for(
@@ -248,7 +264,90 @@ def test_digits_reaches_succeeded_with_accuracy_in_status(
     )
     assert store.model_version(f"{namespace}/digits") == 0
     assert store.job_state(f"{namespace}/digits") == {}
+    # ... and the stored models stay (spec.checkpoints.deleteWithJob is false by default)
+    out = tmp_path / "best.safetensors"
+    fetch = ["fetch-model", "--store", fedfleet.redis_url, "--job", f"{namespace}/digits"]
+    assert cli_main([*fetch, "--version", "best", "-o", str(out)]) == 0
+    assert load_weights(out)["w.0"].shape == (64, 10)
+    assert cli_main([*fetch, "--version", "50", "-o", str(out)]) == 0
+    models_in_store(store).delete_job(f"{namespace}/digits")
     store.close()
+
+
+@pytest.mark.timeout(900)
+def test_a_users_own_task_runs_from_configmap_volumes_to_succeeded(
+    cluster: Cluster, fedfleet: Installed, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/custom-numpy (a numpy linear regression, not a built-in task) on the cluster:
+    its package and its evaluation file reach the actor pods as ConfigMaps mounted through
+    ``spec.actors.volumes`` (``task.path`` and ``evaluation.data`` point into them), the pods
+    are rendered with the job's own image, and the job trains to Succeeded with its R²."""
+    example = REPO / "examples" / "custom-numpy"
+    base: dict[str, Any] = yaml.safe_load((example / "fljob.yaml").read_text())
+    cluster.kubectl(
+        "create", "configmap", "linreg-task", "-n", namespace,
+        f"--from-file={example / 'linreg'}", check=True,
+    )  # fmt: skip
+    cluster.kubectl(
+        "create", "configmap", "linreg-eval", "-n", namespace,
+        f"--from-file=test.csv={example / 'data' / 'test.csv'}", check=True,
+    )  # fmt: skip
+    doc = json.loads(json.dumps(base))
+    doc["spec"]["task"]["path"] = "/fedfleet-task"
+    doc["spec"]["evaluation"]["data"] = "/fedfleet-eval/test.csv"
+    doc["spec"]["actors"] = {
+        "selectors": 1,
+        "image": "registry.example/acme/linreg-task:0.1.0",
+        "volumes": [
+            {"name": "task", "mountPath": "/fedfleet-task/linreg", "configMap": "linreg-task"},
+            {"name": "eval", "mountPath": "/fedfleet-eval", "configMap": "linreg-eval"},
+        ],
+    }
+    # The devices (this process) have the task installed and their data here.
+    fleet_doc = json.loads(json.dumps(doc))
+    fleet_doc["spec"]["fleet"]["data"]["path"] = str(example / "data" / "train.csv")
+    fleet_doc["spec"]["evaluation"]["data"] = str(example / "data" / "test.csv")
+    monkeypatch.syspath_prepend(str(example))
+    cluster.apply(doc, namespace)
+    pods: list[dict[str, Any]] = []  # the actor pods while the job runs (gone once it ends)
+
+    def look(_: dict[str, Any]) -> None:
+        if not pods:
+            running = cluster.list("pods", namespace, "fedfleet.dev/job=custom-numpy")
+            if {p["metadata"]["labels"]["fedfleet.dev/role"] for p in running} == {
+                "coordinator",
+                "selector",
+                "aggregator",
+            }:
+                pods.extend(running)
+
+    final = _drive(
+        cluster,
+        namespace,
+        doc,
+        lambda j: j.get("status", {}).get("phase") == "Succeeded",
+        timeout=600,
+        during=look,
+        fleet_doc=fleet_doc,
+    )
+    assert final["status"]["modelVersion"] == 15
+    store = open_store(fedfleet.redis_url)
+    try:
+        metrics = store.metrics(f"{namespace}/custom-numpy")
+    finally:
+        store.close()
+    # Evaluated by the master on the mounted file, with the user's own metric.
+    assert len(metrics) == 15 and metrics[-1]["r2"] >= 0.95, metrics[-1]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    # Device metrics, weighted by examples: training loss and federated evaluation.
+    assert all("train_loss" in m and "federated_r2" in m for m in metrics)
+    # Every actor pod ran the job's own image and mounted both volumes.
+    assert pods, "no moment with a coordinator, a selector and an aggregator pod was seen"
+    for pod in pods:
+        [container] = pod["spec"]["containers"]
+        assert container["image"] == "registry.example/acme/linreg-task:0.1.0"
+        mounts = {m["mountPath"]: m.get("readOnly") for m in container["volumeMounts"]}
+        assert mounts["/fedfleet-task/linreg"] is True and mounts["/fedfleet-eval"] is True
 
 
 @pytest.mark.timeout(900)

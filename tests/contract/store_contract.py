@@ -250,3 +250,27 @@ class StoreContract:
         with pytest.raises(FencedError):
             self.store.record_attempt(JOB, t1, {"attempt": 3})
         assert len(self.store.attempts(JOB)) == 2
+        assert [a["attempt"] for a in self.store.attempts(JOB, -1)] == [2]  # the newest
+
+    # -- the aggregator pool (published by aggregators, drained by the operator) --------------
+    def test_actor_loads_replace_per_actor_and_go_with_the_job(self) -> None:
+        assert self.store.actor_loads(JOB) == {}
+        self.store.put_actor_load(JOB, "agg-1", {"bytes_per_second": 1.5, "update_bytes": 40})
+        self.store.put_actor_load(JOB, "agg-0", {"bytes_per_second": 2.0, "update_bytes": 40})
+        self.store.put_actor_load(JOB, "agg-1", {"bytes_per_second": 3.0, "update_bytes": 40})
+        loads = self.store.actor_loads(JOB)
+        assert list(loads) == ["agg-0", "agg-1"]
+        assert loads["agg-1"] == {"bytes_per_second": 3.0, "update_bytes": 40}
+        assert self.store.actor_loads("job-b") == {}
+        self.store.delete_job(JOB)
+        assert self.store.actor_loads(JOB) == {}
+
+    def test_draining_set_is_replaced_whole(self) -> None:
+        assert self.store.draining(JOB) == set()
+        self.store.set_draining(JOB, ["agg-2", "agg-3"])
+        assert self.store.draining(JOB) == {"agg-2", "agg-3"}
+        self.store.set_draining(JOB, ["agg-3"])
+        assert self.store.draining(JOB) == {"agg-3"}
+        assert self.store.draining("job-b") == set()
+        self.store.set_draining(JOB, [])
+        assert self.store.draining(JOB) == set()

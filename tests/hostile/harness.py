@@ -33,6 +33,7 @@ from fedfleet.device.http_transport import SelectorClient, TaskInfo
 from fedfleet.selector.app import create_app as selector_app
 from fedfleet.service.keys import JobKeys, new_secret
 from fedfleet.service.server import ServerLimits
+from fedfleet.store.history import checkpoint_bytes
 from fedfleet.store.redis import RedisStore
 from fedfleet.tasks.builtin import weight_shapes
 from tests.uvicorn_thread import listen, serve
@@ -99,7 +100,7 @@ class Live:
 
     def committed(self) -> tuple[int, bytes]:
         cp = self.store.checkpoint(self.job.key)
-        return (0, b"") if cp is None else (cp.version, cp.data)
+        return (0, b"") if cp is None else (cp.version, checkpoint_bytes(self.store, cp))
 
     def other_aggregator(self, device: str) -> str:
         return next(a for a in self.aggregator_urls if a != self.assigned[device])

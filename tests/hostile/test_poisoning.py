@@ -25,6 +25,7 @@ from fedfleet.core.spec import FLJob, parse_manifest
 from fedfleet.embedded import EmbeddedOptions, run_job
 from fedfleet.report import summary_rows
 from fedfleet.selector.actor import Selector
+from fedfleet.store.history import checkpoint_bytes as stored_bytes
 from fedfleet.store.memory import MemoryStore
 from fedfleet.tasks import task_of
 from fedfleet.tasks.builtin import weight_shapes
@@ -149,12 +150,12 @@ class World:
     def model(self) -> list[np.ndarray]:
         ckpt = self.store.checkpoint(self.job.key)
         assert ckpt is not None
-        return unpack_checkpoint(ckpt.data, task_of(self.job).shapes)[0]
+        return unpack_checkpoint(stored_bytes(self.store, ckpt), task_of(self.job).shapes)[0]
 
     def checkpoint_bytes(self) -> bytes:
         ckpt = self.store.checkpoint(self.job.key)
         assert ckpt is not None
-        return ckpt.data
+        return stored_bytes(self.store, ckpt)
 
 
 def _huge(shapes: list[tuple[int, ...]]) -> list[np.ndarray]:

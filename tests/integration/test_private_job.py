@@ -123,7 +123,13 @@ def test_secure_aggregation_job_trains_and_aggregators_only_see_masked_inputs(
     assert result.epsilon is None  # no DP: no epsilon claimed
     assert plain == []
     assert len(masked) >= 18 * 50
-    assert set(masked) == {4 * (64 * 10 + 10 + 1)}  # uint32 ring elements: weights + weight
+    # uint32 ring elements: weights, the weight, and (sum, weight) of 4 device metrics
+    assert set(masked) == {4 * (64 * 10 + 10 + 1 + 2 * 4)}
+    # Device metrics still reach the record: summed inside the masked vectors.
+    losses = [r.device_metrics.get("train_loss") for r in result.rounds if not r.abandoned]
+    assert losses and all(loss is not None and 0 < loss < 5 for loss in losses)
+    accuracies = [r.device_metrics["train_accuracy"] for r in result.rounds if not r.abandoned]
+    assert all(0 <= a <= 1 for a in accuracies) and accuracies[-1] > accuracies[0]
 
 
 @pytest.mark.integration
@@ -151,6 +157,7 @@ def test_private_job_over_http_and_redis() -> None:
     eps = [a["metrics"]["epsilon"] for a in committed]
     assert eps == sorted(eps) and eps[0] > 0
     assert all("examples" not in a["metrics"] for a in committed)
+    assert all("train_loss" in a["metrics"] for a in committed)  # inside the masked sums
     stats = out.fleet_stats
     assert stats.secagg_completed >= 6 * 5  # at least a minimum group per round unmasked
     assert np.isfinite(out.result.final_accuracy or np.nan)

@@ -26,6 +26,7 @@ from fedfleet.core.spec import FLJob, parse_manifest
 from fedfleet.device.runtime import SecureContribution
 from fedfleet.device.secure import SecureSession
 from fedfleet.selector.actor import Selector
+from fedfleet.store.history import checkpoint_bytes
 from fedfleet.store.memory import MemoryStore
 from fedfleet.tasks import task_of
 
@@ -86,6 +87,7 @@ class _Device:
     examples: int
     delta: list[np.ndarray]
     stop_after: int = 99
+    metrics: dict[str, float] = field(default_factory=dict)
     session: SecureSession | None = None
     sent: list[str] = field(default_factory=list)
     active: bool = True
@@ -148,8 +150,8 @@ class World:
             a.aggregator,
             a.ticket,
             secagg_params(plan, task_of(self.job).shapes),
-            secagg_vector(plan, dev.delta, dev.examples),
-            {},
+            secagg_vector(plan, dev.delta, dev.examples, dev.metrics),
+            dict(dev.metrics),
         )
         return SecureSession(contribution)
 
@@ -191,7 +193,7 @@ class World:
     def model(self) -> list[np.ndarray]:
         ckpt = self.store.checkpoint(self.job.key)
         assert ckpt is not None
-        weights, _ = unpack_checkpoint(ckpt.data, task_of(self.job).shapes)
+        weights, _ = unpack_checkpoint(checkpoint_bytes(self.store, ckpt), task_of(self.job).shapes)
         return weights
 
 
@@ -222,6 +224,38 @@ def test_committed_model_is_the_plaintext_average_despite_dropouts() -> None:
     metrics = world.store.metrics(world.job.key)[-1]
     assert metrics["reports"] == GOAL - 1
     assert "examples" not in metrics  # the master never learns example counts
+
+
+def test_device_metrics_are_summed_inside_the_masked_vector_and_only_the_mean_is_recorded() -> None:
+    secure = {"enabled": True, "minGroupSize": 3, "phaseTimeoutSeconds": 5}
+    world = World(
+        _job(secureAggregation={**secure, "metrics": ["train_loss", "federated_accuracy"]})
+    )
+    devices = world.configured(GOAL, np.random.default_rng(3))
+    for i, dev in enumerate(devices):
+        # Losses above the fixed-point range (1.0) survive the encoding; an unlisted metric
+        # never leaves the device; one device reports no federated_accuracy.
+        dev.metrics = {"train_loss": 2.0 + 0.5 * i, "train_secret": 100.0 + i}
+        if i != 0:
+            dev.metrics["federated_accuracy"] = 0.1 * i
+    devices[1].stop_after = 2  # not in the sum: neither its update nor its metrics count
+    devices[2].stop_after = 3  # in the sum, silent at unmasking
+    world.run_protocol(devices)
+
+    assert world.store.model_version(world.job.key) == 1, world.agg.last_commit_error
+    survivors = [d for d in devices if "masked" in d.sent]
+    w = {d.device_id: min(d.examples / 10, 1.0) for d in survivors}
+
+    def mean(name: str) -> float:
+        having = [d for d in survivors if name in d.metrics]
+        return sum(w[d.device_id] * d.metrics[name] for d in having) / sum(
+            w[d.device_id] for d in having
+        )
+
+    metrics = world.store.metrics(world.job.key)[-1]
+    assert metrics["train_loss"] == pytest.approx(mean("train_loss"), abs=1e-3)
+    assert metrics["federated_accuracy"] == pytest.approx(mean("federated_accuracy"), abs=1e-3)
+    assert "train_secret" not in metrics
 
 
 def test_a_group_below_its_threshold_commits_nothing_and_the_round_is_abandoned() -> None:

@@ -45,6 +45,7 @@ CONTRACT_RBAC: frozenset[tuple[str, str, str]] = frozenset(
         for r in ("configmaps", "secrets", "services")
         for v in ("get", "list", "watch", "create", "patch", "delete")
     }
+    | {("", "pods", "patch")}  # only the pod-deletion cost of a drained aggregator
     | {("apps", "deployments", v) for v in ("get", "list", "watch", "create", "patch", "delete")}
     | {("", "events", "create"), ("events.k8s.io", "events", "create")}
     | {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}

@@ -209,6 +209,7 @@ def test_status_schema_follows_the_contract(root: Schema) -> None:
         "observedGeneration",
         "conditions",
         "model",
+        "aggregators",
     }
     props = status["properties"]
     assert props["phase"]["enum"] == ["Pending", "Running", "Suspended", "Succeeded", "Failed"]
@@ -219,7 +220,14 @@ def test_status_schema_follows_the_contract(root: Schema) -> None:
         "reports",
         "epsilon",
     }
-    assert set(props["model"]["properties"]) == {"store", "key", "version", "fetch"}
+    assert set(props["model"]["properties"]) == {
+        "store",
+        "key",
+        "version",
+        "fetch",
+        "best",
+        "fetchBest",
+    }
     condition = props["conditions"]["items"]
     assert {"type", "status", "reason", "message", "lastTransitionTime"} <= set(
         condition["properties"]
@@ -315,7 +323,9 @@ def test_enums_equal_the_str_enums(spec: Schema) -> None:
             literals += 1
         else:
             assert "enum" not in node, path
-    assert seen == 4  # model.kind, aggregation.algorithm, robustness.aggregator, fleet.dataset
+    # model.kind, aggregation.algorithm, robustness.aggregator, fleet.dataset,
+    # checkpoints.mode, checkpoints.storage.kind
+    assert seen == 6
     assert literals == 2  # secureAggregation.ringBits, differentialPrivacy.accountant
     props = spec["properties"]
     assert props["aggregation"]["properties"]["algorithm"]["enum"] == [a.value for a in Algorithm]

@@ -204,6 +204,11 @@ def test_actor_ports_probes_and_security_context(settings: OperatorSettings) -> 
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
         assert c["livenessProbe"]["periodSeconds"] == 10
         assert c["livenessProbe"]["failureThreshold"] == 3
+        # A slow start is not a dead actor: liveness counts only once /healthz has answered.
+        startup = c["startupProbe"]
+        assert startup["httpGet"] == {"path": "/healthz", "port": 8080}
+        budget = startup["periodSeconds"] * startup["failureThreshold"]
+        assert budget > c["livenessProbe"]["periodSeconds"] * c["livenessProbe"]["failureThreshold"]
         assert c["securityContext"] == {
             "runAsNonRoot": True,
             "runAsUser": 65534,
@@ -217,17 +222,97 @@ def test_actor_ports_probes_and_security_context(settings: OperatorSettings) -> 
         assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
 
 
-def test_image_comes_from_the_operator_if_set_else_the_spec(settings: OperatorSettings) -> None:
-    job = make_job(actors={"image": "registry.example/fedfleet:1.2"})
-    h = spec_hash(job.spec)
-    assert container(build_selector_deployment(job, NS, settings, h))["image"] == (
-        "registry.example/fedfleet:1.2"
-    )
+def test_image_is_the_jobs_own_then_the_operators_then_the_release_default(
+    settings: OperatorSettings,
+) -> None:
+    task_job = make_job(actors={"image": "registry.example/acme-task:1.2"})
+    plain = make_job()
     pinned = OperatorSettings(
         store_url=STORE, actor_image="fedfleet/services:9", image_pull_policy="Always"
     )
-    c = container(build_selector_deployment(job, NS, pinned, h))
-    assert (c["image"], c["imagePullPolicy"]) == ("fedfleet/services:9", "Always")
+    for role in ACTOR_ROLES:
+        # A job's task image wins over the operator's (the chart's actors.image) ...
+        d = build_actor_deployment(task_job, NS, pinned, spec_hash(task_job.spec), role)
+        assert (container(d)["image"], container(d)["imagePullPolicy"]) == (
+            "registry.example/acme-task:1.2",
+            "Always",
+        )
+        # ... a job without one runs the operator's, else the release's services image.
+        d = build_actor_deployment(plain, NS, pinned, spec_hash(plain.spec), role)
+        assert container(d)["image"] == "fedfleet/services:9"
+        d = build_actor_deployment(plain, NS, settings, spec_hash(plain.spec), role)
+        assert container(d)["image"] == "fedfleet/services:0.1.0"
+        # FLJobs from before the field was optional carry the old CRD default: still the
+        # operator's image for them.
+        old = make_job(actors={"image": "fedfleet/services:0.1.0"})
+        d = build_actor_deployment(old, NS, pinned, spec_hash(old.spec), role)
+        assert container(d)["image"] == "fedfleet/services:9"
+
+
+def test_actor_volumes_are_mounted_read_only_into_every_actor_pod(
+    settings: OperatorSettings,
+) -> None:
+    job = make_job(
+        actors={
+            "volumes": [
+                {"name": "task-code", "mountPath": "/task/linreg", "configMap": "linreg"},
+                {"name": "eval", "mountPath": "/data", "persistentVolumeClaim": "eval-data"},
+            ]
+        },
+        evaluation={"data": "/data/test.csv"},
+    )
+    for role in ACTOR_ROLES:
+        d = build_actor_deployment(job, NS, settings, spec_hash(job.spec), role)
+        pod = d["spec"]["template"]["spec"]
+        assert pod["volumes"] == [
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "task-code", "configMap": {"name": "linreg"}},
+            {
+                "name": "eval",
+                "persistentVolumeClaim": {"claimName": "eval-data", "readOnly": True},
+            },
+        ]
+        assert container(d)["volumeMounts"] == [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "task-code", "mountPath": "/task/linreg", "readOnly": True},
+            {"name": "eval", "mountPath": "/data", "readOnly": True},
+        ]
+    # The actors read the same paths from the plan's manifest.
+    plan = yaml.safe_load(build_plan_configmap(job, NS)["data"]["fljob.yaml"])
+    assert plan["spec"]["evaluation"]["data"] == "/data/test.csv"
+    assert plan["spec"]["actors"]["volumes"][0]["configMap"] == "linreg"
+
+
+@pytest.mark.parametrize(
+    ("volumes", "complaint"),
+    [
+        ([{"name": "v", "mountPath": "/data"}], "exactly one of configMap"),
+        (
+            [{"name": "v", "mountPath": "/d", "configMap": "a", "persistentVolumeClaim": "b"}],
+            "exactly one of configMap",
+        ),
+        ([{"name": "tmp", "mountPath": "/data", "configMap": "a"}], "the pods' own"),
+        ([{"name": "v", "mountPath": "/tmp/", "configMap": "a"}], "the pods' own"),
+        ([{"name": "v", "mountPath": "data", "configMap": "a"}], "mountPath"),
+        (
+            [
+                {"name": "a", "mountPath": "/data", "configMap": "a"},
+                {"name": "b", "mountPath": "/data/", "configMap": "b"},
+            ],
+            "same mountPath",
+        ),
+        (
+            [
+                {"name": "a", "mountPath": "/a", "configMap": "a"},
+                {"name": "a", "mountPath": "/b", "configMap": "b"},
+            ],
+            "same name",
+        ),
+    ],
+)
+def test_bad_actor_volumes_are_refused(volumes: list[dict[str, Any]], complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        make_job(actors={"volumes": volumes})
 
 
 # -- replicas -------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class FakeKube:
     status_writes: list[dict[str, Any]] = field(default_factory=list)
     status_api_down: bool = False
     fljob_deleted: bool = False
+    pod_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None
@@ -91,6 +92,16 @@ class FakeKube:
         if secret is None:
             return None
         return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+    def scale(self, namespace: str, name: str, replicas: int) -> None:
+        assert namespace == NS
+        self.writes += 1
+        self.objects[("Deployment", name)]["spec"]["replicas"] = replicas
+
+    def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> bool:
+        assert namespace == NS
+        self.pod_annotations.setdefault(name, {}).update(annotations)
+        return True
 
     def replicas(self, role: str) -> int:
         return int(self.objects[("Deployment", f"{NAME}-{role}")]["spec"]["replicas"])
@@ -395,7 +406,10 @@ def test_success_removes_the_actors_and_says_where_the_model_is(world: World) ->
     assert world.condition("Complete")["status"] == "True"
     kind, reason, message = world.events.events[-1]
     assert (kind, reason) == ("Normal", Reason.SUCCEEDED)
-    assert "fedfleet fetch-model --store redis://10.0.0.12:6379/0 --job team-a/mnist" in message
+    assert (
+        "fedfleet fetch-model --store redis://10.0.0.12:6379/0 --store-secret "
+        "team-a/mnist-secret --job team-a/mnist" in message
+    )
     world.store.down = True  # a finished job's status no longer reads the store
     assert world.tick() == {}
 
@@ -700,3 +714,24 @@ def test_successful_status_timer_runs_are_not_logged() -> None:
     assert not quiet.filter(record(logging.INFO, "Timer 'status' succeeded."))
     assert quiet.filter(record(logging.ERROR, "Timer 'status' failed with an exception."))
     assert quiet.filter(record(logging.INFO, "Creation is processed: 1 succeeded; 0 failed."))
+
+
+# -- the aggregator pool ------------------------------------------------------------------------
+
+
+def test_the_timer_sizes_the_pool_of_a_running_job_and_writes_only_decisions(world: World) -> None:
+    world.call(on_create)
+    assert world.kube.replicas("aggregator") == 3  # 1,300 devices / 500
+    world.coordinator_reports(rounds=1)
+    for i in range(3):  # three aggregators registered, each with a 4 MB update to fold
+        world.store.register(KEY, "aggregator", f"agg-{i}", f"http://10.0.0.{i}:8080", 60)
+        world.store.put_actor_load(KEY, f"agg-{i}", {"update_bytes": 4_000_000})
+    first = world.tick()
+    pool = first["aggregators"]
+    # 1,300 x 4 MB over a 60 s round is 87 MB/s: three at 32 MiB/s each
+    assert (pool["replicas"], pool["desired"], pool["current"]) == (3, 3, 3)
+    assert "aggregators" not in world.tick()  # nothing decided: no write for the pool
+    world.store.put_actor_load(KEY, "agg-0", {"update_bytes": 4_000_000, "bytes_per_second": 4e8})
+    grown = world.tick()["aggregators"]  # measured 400 MB/s: scale up at once
+    assert grown["replicas"] == world.kube.replicas("aggregator") == 12
+    assert "AggregatorsScaledUp" in world.events.reasons()

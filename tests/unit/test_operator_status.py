@@ -275,8 +275,8 @@ def test_model_location_says_where_and_how_to_fetch_without_the_password() -> No
         "store": "redis://10.0.0.12:6379/0",
         "key": KEY,
         "version": 7,
-        "fetch": "fedfleet fetch-model --store redis://10.0.0.12:6379/0 --job team-a/mnist "
-        "-o model.bin",
+        "fetch": "fedfleet fetch-model --store redis://10.0.0.12:6379/0 --store-secret "
+        "team-a/mnist-secret --job team-a/mnist -o model.safetensors",
     }
     assert model_location(KEY, STORE, 1)["version"] == 1
     assert "s3cret" not in repr(status)

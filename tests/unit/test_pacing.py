@@ -102,3 +102,44 @@ def test_small_population_windows_concentrate_at_the_next_selection() -> None:
         returns.append(rng.uniform(w.not_before, w.not_after))
     in_window = [r for r in returns if next_open <= r <= next_open + pacer.concentrate_jitter]
     assert len(in_window) == 30
+
+
+def test_small_population_windows_follow_rounds_shorter_than_the_default_delays() -> None:
+    """Rounds of 0.2 s: a device sent away comes back within about a round, not after the
+    seconds-long defaults that would let several rounds pass without it; a large population
+    and an unmeasured round keep the usual windows."""
+    pacer = PaceSteering()
+    assert pacer.small_population(5)
+    open_now = pacer.window(100.0, round_share=5, next_open=100.0, round_seconds=0.2)
+    assert 100.0 < open_now.not_before <= 100.2 and open_now.not_after <= 100.0 + 0.4
+    later = pacer.window(100.0, round_share=5, next_open=100.1, round_seconds=0.2)
+    assert later.not_before == 100.1 and later.not_after <= 100.1 + 0.2 + 1e-9
+    unknown = pacer.window(100.0, round_share=5, next_open=100.0)
+    assert unknown.not_before == 100.0 + pacer.min_delay
+    assert unknown.not_after == unknown.not_before + pacer.concentrate_jitter
+    large = PaceSteering(mean_delay=600.0, population=1e6)
+    w = large.window(100.0, round_share=5, next_open=100.0, round_seconds=0.2)
+    assert w.not_before >= 100.0 + large.min_delay
+
+
+def test_windows_bounded_by_short_rounds_count_in_the_population_estimate() -> None:
+    """Little's law with the delays handed out: 10 check-ins a second, each sent back for
+    about 0.2 s, is a population of about 2 — not 10 x the 60 s default delay, which would
+    switch to spread-out windows and send everyone away for minutes."""
+    pacer = PaceSteering(interval=1.0)
+    for i in range(300):
+        now = i / 10.0
+        pacer.observe(now)
+        pacer.window(now, round_share=5, next_open=now, round_seconds=0.2)
+    pacer.update(0.0, 10.0)
+    pacer.update(30.0, 10.0)
+    assert pacer.observed_rate == pytest.approx(10.0)
+    assert pacer.population == pytest.approx(2.0, rel=0.01)
+    assert pacer.small_population(5)
+    unbounded = PaceSteering(interval=1.0)
+    for i in range(300):
+        unbounded.observe(i / 10.0)
+        unbounded.window(i / 10.0, round_share=5, next_open=i / 10.0)
+    unbounded.update(0.0, 10.0)
+    unbounded.update(30.0, 10.0)
+    assert unbounded.population == pytest.approx(10.0 * 60.0)  # as before: rate x T

@@ -22,6 +22,7 @@ import pytest
 from fedfleet.core.aggregation import StreamingSum, UpdateRejected
 from fedfleet.core.dp import PrivacyAccountant
 from fedfleet.core.privacy import (
+    metrics_from_secagg,
     private_delta,
     secagg_params,
     secagg_vector,
@@ -199,7 +200,11 @@ def test_camel_case_round_trip() -> None:
         dumped = job.model_dump(by_alias=True, mode=mode)
         wire = dumped["spec"]["aggregation"]
         assert wire["exampleWeightCap"] == 20
-        assert wire["secureAggregation"] == aggregation["secureAggregation"]
+        assert wire["secureAggregation"] == {
+            **aggregation["secureAggregation"],
+            "metrics": ["train_loss", "train_accuracy", "federated_loss", "federated_accuracy"],
+            "metricRange": 1000.0,
+        }
         assert wire["differentialPrivacy"] == aggregation["differentialPrivacy"]
         again = parse_manifest(json.loads(json.dumps(dumped)) if mode == "json" else dumped)
         assert isinstance(again, FLJob)
@@ -374,6 +379,8 @@ def test_plan_with_secure_aggregation_only() -> None:
         threshold_fraction=0.7,
         clip_range=3.0,
         ring_bits=64,
+        metric_names=("train_loss", "train_accuracy", "federated_loss", "federated_accuracy"),
+        metric_range=1000.0,
     )
 
 
@@ -416,6 +423,8 @@ def test_plan_with_both() -> None:
             threshold_fraction=0.75,
             clip_range=4.0,
             ring_bits=64,
+            metric_names=("train_loss", "federated_r2"),
+            metric_range=50.0,
         ),
     ],
 )
@@ -453,6 +462,11 @@ def test_from_dict_fills_defaults() -> None:
         ({"threshold_fraction": 0.4}, "threshold_fraction must be in \\[0.5, 1\\)"),
         ({"clip_range": 0}, "clip_range must be a number"),
         ({"group_id": ""}, "secure aggregation needs a group_id"),
+        ({"metric_names": "train_loss"}, "metric_names must be"),
+        ({"metric_names": ["Train-Loss"]}, "metric_names must be"),
+        ({"metric_names": ["a", "a"]}, "metric_names must be"),
+        ({"metric_names": [f"m{i}" for i in range(33)]}, "metric_names must be"),
+        ({"metric_range": 0}, "metric_range must be a number"),
     ],
 )
 def test_from_dict_refuses(changes: dict[str, Any], match: str) -> None:
@@ -753,3 +767,42 @@ def test_spec_group_limit_is_the_protocol_limit() -> None:
         )
     )
     assert "more than 4096" in err.problems[0]
+
+
+# ------------------------------------------------- secure aggregation: device metrics inside
+
+
+def test_device_metrics_ride_inside_the_secagg_vector_and_come_back_as_weighted_sums() -> None:
+    plan = PrivacyPlan(
+        weight_cap=10,
+        secure_aggregation=True,
+        group_id="g",
+        metric_names=("train_loss", "train_accuracy", "federated_r2"),
+        metric_range=100.0,
+    )
+    shapes = [(2, 3), (3,)]
+    delta = [np.full(s, 0.1, np.float32) for s in shapes]
+    reports = [
+        (5, {"train_loss": 2.5, "train_accuracy": 0.5, "other": 7.0}),  # w = 0.5
+        (20, {"train_loss": 0.5, "federated_r2": 0.9}),  # w = 1.0, no accuracy
+        (10, {"train_loss": 1e6, "train_accuracy": 1.0}),  # w = 1.0, loss clipped to 100
+    ]
+    vectors = [secagg_vector(plan, delta, n, m) for n, m in reports]
+    params = secagg_params(plan, shapes)
+    assert params.vector_length == 6 + 3 + 1 + 2 * 3
+    # Every coordinate fits the fixed-point range, whatever the metric's size.
+    assert all(np.abs(v).max() <= params.clip_range for v in vectors)
+    total = np.sum(vectors, axis=0)
+    means = metrics_from_secagg(total, shapes, plan).means()
+    assert means == pytest.approx(
+        {
+            "train_loss": (0.5 * 2.5 + 0.5 + 100.0) / 2.5,
+            "train_accuracy": (0.5 * 0.5 + 1.0) / 1.5,
+            "federated_r2": 0.9,
+        }
+    )
+    assert "other" not in means
+    partial = sum_from_secagg(total, shapes, 3, plan)
+    assert partial.total_weight == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="expected"):
+        sum_from_secagg(total, shapes, 3)  # a vector with metrics needs the plan that made it

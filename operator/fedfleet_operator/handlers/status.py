@@ -17,6 +17,9 @@ interval), the Event is posted only after the write landed, a write based on an 
 is refused rather than applied (409), and the change and resume handlers also bring a finished
 job's status to the store's truth (:mod:`.update`): completion is level-triggered.
 
+While the job runs, each tick also sizes its aggregator pool (:mod:`.scale`) and writes the
+pool's state into ``status.aggregators``.
+
 When the store reports the job finished: see :mod:`.finish` (actors deleted, an Event). A
 finished job's status never changes again, and the timer no longer reads the store for it; it
 only waits for ``spec.ttlSecondsAfterFinished``. For a job past ``spec.activeDeadlineSeconds``
@@ -36,11 +39,14 @@ from typing import Any
 
 import kopf
 
+from fedfleet.core.roles import JobPhase
+from fedfleet.core.spec import FLJob
 from fedfleet.store.base import StoreUnavailable
 from fedfleet_operator.conditions import READY, Reason, find_condition
 from fedfleet_operator.context import OperatorContext, context_of
 from fedfleet_operator.handlers.common import generation_of, leftover_in_store
 from fedfleet_operator.handlers.finish import announce, clear_actors, expire, finishing
+from fedfleet_operator.handlers.scale import scale_pool
 from fedfleet_operator.kube import StatusWriteError
 from fedfleet_operator.lifetime import end_past_deadline, past_deadline, ttl_expired
 from fedfleet_operator.naming import GROUP, PLURAL, VERSION, job_key
@@ -56,13 +62,13 @@ from fedfleet_operator.validation import InvalidJob, job_from_body
 __all__ = ["register", "sync_status", "write_status"]
 
 
-def _spec_facts(body: kopf.Body) -> tuple[str | None, bool, int | None]:
-    """(validation problem, suspended, rounds total) of the current spec."""
+def _spec_facts(body: kopf.Body) -> tuple[str | None, bool, FLJob | None]:
+    """(validation problem, suspended, the job when valid) of the current spec."""
     try:
         job = job_from_body(body)
     except InvalidJob as exc:
         return str(exc), bool(body.spec.get("suspend", False)), None
-    return None, job.spec.suspend, job.spec.rounds.total
+    return None, job.spec.suspend, job
 
 
 def write_status(
@@ -94,7 +100,8 @@ def sync_status(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any)
             expire(ctx, body, logger)
         return
     key = job_key(str(body.metadata.namespace), str(body.metadata.name))
-    invalid, suspended, rounds_total = _spec_facts(body)
+    invalid, suspended, job = _spec_facts(body)
+    rounds_total = job.spec.rounds.total if job is not None else None
     try:
         state = ctx.store.job_state(key)
         if leftover_in_store(ctx, body, state) is not None:
@@ -124,8 +131,13 @@ def sync_status(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any)
         suspended=suspended,
         invalid=invalid,
         rounds_total=rounds_total,
+        checkpoints=None if job is None else job.spec.checkpoints,  # invalid: defaults rank
     )
     done = finishing(previous, new)
+    if job is not None and new.get("phase") == JobPhase.running.value and not done:
+        pool = scale_pool(ctx, body, job, previous, logger)
+        if pool is not None:
+            new["aggregators"] = dict(pool)
     if done:
         clear_actors(ctx, body, state, logger)  # before the write: if it fails, all is retried
     if write_status(ctx, body, previous, new) and done:

@@ -1,11 +1,13 @@
 """``@kopf.on.update`` of the spec, and ``@kopf.on.resume``: converge the children.
 
 Every spec change re-applies all children, which is what each kind of change needs:
-``spec.actors.selectors`` and the aggregator sizing change replicas; ``spec.suspend`` takes all
-actors to zero replicas and back (they continue from the last checkpoint, which is in the
-store); round policy, aggregation, eligibility and plan re-render the plan ConfigMap and change
-the ``fedfleet.dev/spec-hash`` pod-template annotation, which rolls the actors so the policy
-applies from the next round. ``spec.model`` and ``spec.population`` are immutable (CRD rules).
+``spec.actors.selectors`` changes replicas (the aggregators keep the size the status timer
+gave the pool, ``status.aggregators.replicas``, which then follows the new sizing fields);
+``spec.suspend`` takes all actors to zero replicas and back (they continue from the last
+checkpoint, which is in the store); round policy, aggregation, eligibility and plan
+re-render the plan ConfigMap and change the ``fedfleet.dev/spec-hash`` pod-template
+annotation, which rolls the actors so the policy applies from the next round. ``spec.model``
+and ``spec.population`` are immutable (CRD rules).
 
 An invalid change leaves every child as it was (the job keeps running its last valid spec) and
 sets ``Invalid``; a later valid change clears it, and creates the children if the job never had
@@ -89,17 +91,21 @@ def reconcile(
             previous={**previous, **new},
             suspended=job.spec.suspend,
             rounds_total=job.spec.rounds.total,
+            checkpoints=job.spec.checkpoints,
         )
     done = state is not None and finishing(previous, new)
     if done and state is not None:
         clear_actors(ctx, body, state, logger)
     started = parse_time(new.get("startTime"))
+    pool = previous.get("aggregators")
+    sized = pool.get("replicas") if isinstance(pool, dict) else None
     applied = apply_children(
         ctx,
         job,
         body,
         actors=new.get("phase") not in TERMINAL_PHASES,
         active_since=started.timestamp() if started else None,
+        aggregators=sized if isinstance(sized, int) else None,
     )
     patch.status.update(changed_fields(previous, new))
     if done and state is not None:

@@ -32,11 +32,13 @@ import json
 import logging
 import math
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 from fedfleet.core.aggregation import StreamingSum, UpdateRejected, validate_update
+from fedfleet.core.autoscale import LoadWindow, update_bytes
 from fedfleet.core.checkpoint import pack_checkpoint
 from fedfleet.core.commitcheck import (
     COMMIT_ERROR_FIELD,
@@ -49,7 +51,7 @@ from fedfleet.core.influence import BoundedFold, InfluenceHistory, RobustFold, m
 from fedfleet.core.metrics import MetricsRejected, MetricSums, validate_metrics
 from fedfleet.core.models import Weights
 from fedfleet.core.optimizers import make_server_optimizer
-from fedfleet.core.privacy import secagg_params, sum_from_secagg
+from fedfleet.core.privacy import metrics_from_secagg, secagg_params, sum_from_secagg
 from fedfleet.core.protocol import (
     SECAGG_FAILED,
     SECAGG_STEPS,
@@ -80,6 +82,7 @@ from fedfleet.core.serde import SerdeError, decode_arrays
 from fedfleet.core.spec import FLJob
 from fedfleet.store.base import Claim, ConflictError, FencedError, Store, StoreUnavailable
 from fedfleet.store.checkpoints import CheckpointCache
+from fedfleet.store.history import ModelStorage, commit_model, storage_for
 from fedfleet.store.registration import Registration
 from fedfleet.tasks import task_of
 
@@ -99,11 +102,14 @@ weight a report gets is bounded further by what the population reports
 class _Session:
     """One aggregator group's Secure Aggregation session; its lock orders every step."""
 
-    __slots__ = ("deadline", "error", "group", "lock", "partial", "server")
+    __slots__ = ("deadline", "error", "group", "lock", "metrics", "partial", "plan", "server")
 
-    def __init__(self, server: SecAggServer, group: str) -> None:
+    def __init__(self, server: SecAggServer, group: str, plan: PrivacyPlan) -> None:
         self.server = server
         self.group = group
+        self.plan = plan
+        self.metrics: bytes | None = None
+        """The group's device metrics (sums inside the masked vector), once it has a sum."""
         self.lock = threading.Lock()
         self.deadline = 0.0
         """When the current phase after key advertisement must close."""
@@ -158,8 +164,11 @@ class Aggregator:
         self._published: set[str] = set()
         self._committed: set[str] = set()
         self._checkpoints = CheckpointCache(store, job, self._task.initial)
+        self._models: ModelStorage | None = None
+        """Where committed models go (spec.checkpoints.storage), opened at the first commit."""
         self._metrics: dict[str, MetricSums] = {}
-        """Per round, the device-reported metrics' running sums (never with secure aggregation)."""
+        """Per round, the device-reported metrics' running sums (with secure aggregation each
+        session's ``metrics`` instead: sums from inside the masked vector)."""
         self._lock = threading.Lock()
         self.stopped = False
         self.last_commit_error = ""
@@ -186,6 +195,13 @@ class Aggregator:
             else None
         )
         self._noise = noise_rng() if self._dp.enabled else None
+        self._load = LoadWindow()
+        """Recent reports' bytes and fold times: the load published for the pool's sizing."""
+        self._load_every = heartbeat_every
+        self._load_published = float("-inf")
+        self._update_bytes = update_bytes(list(self._shapes))
+        self.fold_observer: Callable[[float], None] | None = None
+        """Called with each accepted report's validate-and-fold seconds (``/metrics``)."""
 
     # -- reports ---------------------------------------------------------------------------------
     def accept(self, env: ReportEnvelope) -> None:
@@ -204,6 +220,7 @@ class Aggregator:
             raise ReportRejected(422, f"num_examples must be in 1..{most}")
         if len(env.update) > self._max_bytes:
             raise ReportRejected(413, f"update exceeds {self._max_bytes} bytes")
+        started = time.perf_counter()
         try:
             # Zero-copy, aligned, read-only views: the update is read twice (finiteness, then
             # the weighted fold) and never kept, so copying it would be a third pass for nothing.
@@ -219,7 +236,9 @@ class Aggregator:
             raise ReportRejected(422, f"metrics refused: {exc}") from None
         key = env.round_key
         # Only a valid update may take one of the round's K slots; folding it in cannot fail.
+        claimed = time.perf_counter()
         self._claim(state, env.device_id)
+        claim_seconds = time.perf_counter() - claimed
         with self._lock:
             if key in self._published:
                 raise ReportRejected(409, f"round {key} closed while the report arrived")
@@ -236,6 +255,11 @@ class Aggregator:
                     fold = self._folds[key] = make_fold(self._shapes, self._robust, self._history)
                 fold.add(update, float(env.num_examples))
             self._metrics.setdefault(key, MetricSums()).add(device_metrics, env.num_examples)
+            # The store's claim (a round trip) is not folding: leave it out of the fold time.
+            folded = time.perf_counter() - started - claim_seconds
+            self._load.add(self._now, len(env.update), folded)
+        if self.fold_observer is not None:
+            self.fold_observer(folded)
 
     def _serving(self, round_key: str) -> RoundState:
         """The round a device message is for, refused unless it is reporting here."""
@@ -365,7 +389,7 @@ class Aggregator:
                 plan = PrivacyPlan.for_group(self.spec.aggregation, group)
                 assert plan is not None
                 session = self._sessions[key] = _Session(
-                    SecAggServer(secagg_params(plan, self._shapes)), group
+                    SecAggServer(secagg_params(plan, self._shapes)), group, plan
                 )
         # The slot is taken before the keys are checked: a device whose advertisement is then
         # refused (a replayed key) loses its own slot, like a device that dropped out.
@@ -395,7 +419,12 @@ class Aggregator:
                 else:
                     result = srv.finish()
                     count = len(result.survivors)
-                    session.partial = sum_from_secagg(result.total, self._shapes, count).to_bytes()
+                    session.metrics = metrics_from_secagg(
+                        result.total, self._shapes, session.plan
+                    ).to_bytes()
+                    session.partial = sum_from_secagg(
+                        result.total, self._shapes, count, session.plan
+                    ).to_bytes()
                     return
                 session.deadline = now + timeout
         except SecAggFailed as exc:
@@ -445,6 +474,7 @@ class Aggregator:
             return
         self._registration.beat(now)
         self._now = now
+        self._publish_load(now)
         rounds = {r.key: r for r in self.store.rounds(self.name)}
         to_publish: list[tuple[str, bytes]] = []
         secure: list[str] = []
@@ -475,6 +505,9 @@ class Aggregator:
                 continue  # the session is still in its later phases
             with self._lock:
                 self._published.add(key)
+            session = self._sessions.get(key)
+            if session is not None and session.metrics is not None:
+                to_publish.append((key + METRICS_PARTIAL, session.metrics))
             to_publish.append((key, partial))
         for key, data in to_publish:
             key, metrics_part, _ = key.partition(METRICS_PARTIAL)
@@ -486,6 +519,16 @@ class Aggregator:
                 and key not in self._committed
             ):
                 self._try_commit(state, now)
+
+    def _publish_load(self, now: float) -> None:
+        """Publish this aggregator's measured load for the pool's sizing (every heartbeat)."""
+        if now - self._load_published < self._load_every:
+            return
+        with self._lock:
+            load = self._load.rates(now)
+        load.update(update_bytes=self._update_bytes, at=now)
+        self.store.put_actor_load(self.name, self.actor_id, load)
+        self._load_published = now
 
     def _forget(self, key: str) -> None:
         self._sums.pop(key, None)
@@ -596,7 +639,12 @@ class Aggregator:
             if bad:
                 raise CommitRefused(f"the new model evaluates to a non-finite {', '.join(bad)}")
             metrics.update(scores)
-        self.store.commit_checkpoint(
+        if self._models is None:
+            self._models = storage_for(self.spec.checkpoints, self.store)
+        commit_model(
+            self.store,
+            self._models,
+            self.spec.checkpoints,
             self.name,
             state.token,
             state.model_version,

@@ -27,8 +27,13 @@ from fedfleet.core.spec import FLJob
 from fedfleet.service.gate import Door, Refusal, Seen, bearer, install
 from fedfleet.service.keys import JobKeys
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
-from fedfleet.service.telemetry import timed_store, update_size_histogram
+from fedfleet.service.telemetry import (
+    fold_seconds_histogram,
+    timed_store,
+    update_size_histogram,
+)
 from fedfleet.store.base import Store, StoreUnavailable
+from fedfleet.store.events import PARTIALS, ROUNDS, events_of, publishing
 
 __all__ = ["create_app", "dataset_evaluator", "internal_doors"]
 
@@ -85,11 +90,14 @@ def create_app(
         "fedfleet_aggregated_reports", "Reports by HTTP status", ["status"], registry=registry
     )
     update_size = update_size_histogram(registry, job)
-    store = timed_store(store, registry)
+    store = publishing(timed_store(store, registry))
     aggregator = Aggregator(
         job, store, actor_id=actor_id, secret=keys.ticket_key, evaluator=evaluator, address=address
     )
+    aggregator.fold_observer = fold_seconds_histogram(registry, job)
     ticker = Ticker(f"aggregator-{actor_id}", aggregator.tick, tick_seconds)
+    # A round closing (publish the partial sum) and, on the master, partial sums arriving.
+    ticker.wake_on(events_of(store), job.key, (ROUNDS, PARTIALS))
 
     lifespan = ticking_lifespan(
         ticker,

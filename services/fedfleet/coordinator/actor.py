@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedfleet.core.autoscale import round_aggregator_limit
 from fedfleet.core.commitcheck import COMMIT_ERROR_FIELD, COMMIT_REFUSED_COUNT
 from fedfleet.core.dp import PrivacyAccountant
 from fedfleet.core.protocol import SECAGG_FAILED, TERMINAL, Phase, Quota, RoundState
@@ -91,12 +92,18 @@ class Coordinator:
         self._round_seconds = min(
             self.spec.rounds.selection_timeout_seconds, self.spec.rounds.reporting_timeout_seconds
         )
+        self._measured: float | None = None
+        """The same smoothing over measured intervals only (None until the first): pace
+        steering's bound for short rounds, which the guess above would hide for many rounds."""
         self._last_commit_at: float | None = None
         self._commit_failures = 0
         """Consecutive attempts that reached closing but committed nothing."""
         self._last_error = ""
         self._failed = False
         self._started_at: float | None = None
+        self.tick_again = False
+        """Set when a tick left work for the next one (a round whose selection just completed
+        waits to be configured): the service ticks again at once instead of on its timer."""
         self.job_state: dict[str, Any] | None = None
         """The job state as this leader last read or wrote it (None until then): what the
         service's per-job gauges show, without a store read of their own."""
@@ -212,6 +219,7 @@ class Coordinator:
             outcome = selection_outcome(r, selected, now)
             if outcome is Outcome.proceed:
                 self._put(r.evolve(phase=Phase.waiting))
+                self.tick_again = True  # configure it as soon as the pipeline allows
             elif outcome is Outcome.abandon:
                 self._end(r, now, abandoned=True, reason="too-few-selected")
         elif r.phase is Phase.waiting:
@@ -273,15 +281,19 @@ class Coordinator:
         in_flight = sum(1 for r in active if r.phase in (Phase.reporting, Phase.closing))
         if self.store.model_version(self.name) + in_flight >= self._total_rounds:
             return
-        live = sorted(self.store.members(self.name, Role.aggregator))
+        # Aggregators being drained (the operator shrinks the pool) get no new round; the
+        # rounds they hold run to their end.
+        draining = self.store.draining(self.name)
+        members = self.store.members(self.name, Role.aggregator)
+        live = sorted(a for a in members if a not in draining)
         if not live:
             return
         policy = self.spec.rounds
         attempt = self._next_attempt
-        # A round uses as many aggregators as the spec sizes it for (more only split the
-        # round into smaller groups, which Secure Aggregation cannot afford), rotating through
-        # the live ones from attempt to attempt.
-        wanted = min(len(live), self.spec.actors.aggregator_count(policy))
+        # A round spreads over the pool (the operator sizes it to the devices and update bytes
+        # of a round), up to what a round can use (Secure Aggregation groups must keep their
+        # minimum size), rotating through the live ones from attempt to attempt.
+        wanted = min(len(live), round_aggregator_limit(self.spec))
         start = attempt % len(live)
         aggregators = tuple((live + live)[start : start + wanted])
         self._next_attempt += 1
@@ -317,7 +329,8 @@ class Coordinator:
         if selecting is None:
             shares = dict.fromkeys(selectors, 0)
             attempt, aggs = 0, ()
-            next_open = now + 1.0
+            # The next selection opens when the round in flight commits: within a round.
+            next_open = now + min(1.0, 0.5 * self._pace_seconds or 1.0)
         else:
             counted = self.store.counts(self.name, selecting.key, "selected")
             shares = split_quota(selecting.target - sum(counted.values()), selectors)
@@ -341,10 +354,16 @@ class Coordinator:
                     aggregators=aggs,
                     round_share=share,
                     counted=counted.get(s, 0),
+                    round_seconds=self._pace_seconds,
                 )
                 for s in selectors
             },
         )
+
+    @property
+    def _pace_seconds(self) -> float:
+        """The measured round duration pace steering may rely on (0 until one was measured)."""
+        return self._measured or 0.0
 
     # -- endings --------------------------------------------------------------------------------
     def _end(self, r: RoundState, now: float, *, abandoned: bool, reason: str) -> None:
@@ -360,7 +379,11 @@ class Coordinator:
             metrics = dict(history[-1]) if history else {}
             if self._last_commit_at is not None:
                 # Smoothed round duration steers the check-in rate (pace steering).
-                self._round_seconds = 0.7 * self._round_seconds + 0.3 * (now - self._last_commit_at)
+                interval = now - self._last_commit_at
+                self._round_seconds = 0.7 * self._round_seconds + 0.3 * interval
+                self._measured = (
+                    interval if self._measured is None else 0.7 * self._measured + 0.3 * interval
+                )
             self._last_commit_at = now
         end = AttemptEnd(
             round=r.round,

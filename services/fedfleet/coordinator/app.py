@@ -19,6 +19,7 @@ from fedfleet.service.gate import install
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
 from fedfleet.service.telemetry import CoordinatorMetrics, timed_store
 from fedfleet.store.base import Store, StoreUnavailable
+from fedfleet.store.events import COMMITS, COUNTS, PARTIALS, REPORTS, events_of, publishing
 
 __all__ = ["create_app"]
 
@@ -52,6 +53,7 @@ def create_app(
             },
         )
 
+    store = publishing(store)
     coordinator = Coordinator(
         job,
         timed_store(store, registry),
@@ -67,10 +69,16 @@ def create_app(
     def tick(now: float) -> None:
         try:
             coordinator.tick(now)
+            if coordinator.tick_again:
+                coordinator.tick_again = False
+                ticker.poke()
         finally:
             observed.job_state(coordinator.job_state if coordinator.is_leader else None)
 
     ticker = Ticker(f"coordinator-{actor_id}", tick, tick_seconds)
+    # Selections and drop-outs counted, reports taken, partial sums (or a refusal) published,
+    # a commit: each may move a round on.
+    ticker.wake_on(events_of(store), job.key, (COUNTS, REPORTS, PARTIALS, COMMITS))
     Gauge(
         "fedfleet_coordinator_leader", "1 while this replica holds the job lease", registry=registry
     ).set_function(lambda: 1.0 if coordinator.is_leader else 0.0)

@@ -33,15 +33,18 @@ import logging
 import math
 import secrets
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import privacy_loss_distribution
-from dp_accounting.rdp import rdp_privacy_accountant
 from numpy.typing import NDArray
 
 from fedfleet.core.models import Weights
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+# dp_accounting loads scipy (seconds of start-up on a small machine): it is imported where an
+# accountant runs, so the services of a job without DP never load it.
 
 __all__ = [
     "METHODS",
@@ -326,6 +329,8 @@ class PrivacyAccountant:
 
     def event(self) -> dp_accounting.DpEvent:
         """The ``dp_accounting`` event of one round."""
+        import dp_accounting
+
         gaussian = dp_accounting.GaussianDpEvent(self._noise_multiplier)
         if self._sampling_probability == 1.0:
             return gaussian
@@ -345,6 +350,9 @@ class PrivacyAccountant:
         return eps
 
     def _rdp_epsilon(self, rounds: int) -> float:
+        import dp_accounting
+        from dp_accounting.rdp import rdp_privacy_accountant
+
         if self._rdp is None:
             accountant = dp_accounting.rdp.RdpAccountant()
             with _quiet_convergence():
@@ -355,6 +363,8 @@ class PrivacyAccountant:
         return float(eps)
 
     def _pld_epsilon(self, rounds: int) -> float:
+        from dp_accounting.pld import privacy_loss_distribution
+
         if self._sampling_probability == 1.0:
             # Without sampling, r Gaussian rounds are one Gaussian of stddev z / sqrt(r):
             # exact, and what dp_accounting's PLDAccountant does for a composed GaussianDpEvent.

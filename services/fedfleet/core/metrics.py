@@ -15,11 +15,20 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-__all__ = ["MAX_METRICS", "MetricSums", "MetricsRejected", "parse_metrics", "validate_metrics"]
+__all__ = [
+    "MAX_METRICS",
+    "METRIC_NAME",
+    "MetricSums",
+    "MetricsRejected",
+    "parse_metrics",
+    "validate_metrics",
+]
 
 MAX_METRICS: Final = 32
 """Most metrics one report may carry."""
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+METRIC_NAME: Final = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+"""How a device metric may be spelled."""
+_NAME = METRIC_NAME
 _LIMIT = 1e15
 _MAX_TEXT = 4096
 
@@ -71,6 +80,12 @@ class MetricSums:
             acc = self._sums.setdefault(name, [0.0, 0.0])
             acc[0] += weight * value
             acc[1] += weight
+
+    def add_sum(self, name: str, total: float, weight: float) -> None:
+        """Fold in an already weighted sum (``sum w * m``, ``sum w``) of one metric."""
+        acc = self._sums.setdefault(name, [0.0, 0.0])
+        acc[0] += total
+        acc[1] += weight
 
     def merge(self, other: MetricSums) -> None:
         for name, (total, weight) in other._sums.items():

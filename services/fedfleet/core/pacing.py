@@ -47,6 +47,11 @@ class PaceSteering:
     """Estimated devices cycling through this selector (rate x T)."""
     _window_start: float = math.nan
     _count: int = 0
+    _handed: float = 0.0
+    """Sum of the delays (window midpoints) handed out since the last update."""
+    _handed_count: int = 0
+    _bounded: bool = False
+    """Whether a window since the last update was shortened to the round's duration."""
 
     def observe(self, now: float, checkins: int = 1) -> None:
         """Count check-ins; re-estimate the delay once per interval."""
@@ -65,13 +70,21 @@ class PaceSteering:
         if elapsed < max(self.interval, 0.5 * self.mean_delay):
             return
         self.observed_rate = self._count / elapsed
-        self.population = self.observed_rate * self.mean_delay
+        # Little's law with T, the delay of the windows handed out. When rounds were short
+        # enough to bound the windows (``round_seconds``), devices were given far less than T,
+        # and taking T would overestimate the population a hundredfold and send every device
+        # away for minutes: then the delays actually handed out are used.
+        delay = self.mean_delay
+        if self._bounded and self._handed_count:
+            delay = self._handed / self._handed_count
+        self.population = self.observed_rate * delay
         if target_rate > 0 and self.population > 0:
             wanted = min(self.max_delay, max(self.min_delay, self.population / target_rate))
             a = self.smoothing
             self.mean_delay = math.exp((1 - a) * math.log(self.mean_delay) + a * math.log(wanted))
         self._window_start = now
         self._count = 0
+        self._handed, self._handed_count, self._bounded = 0.0, 0, False
 
     def small_population(self, round_share: int) -> bool:
         """True when fewer devices cycle through here than one round's share needs."""
@@ -84,14 +97,34 @@ class PaceSteering:
         round_share: int,
         next_open: float,
         reason: str = "not-needed",
+        round_seconds: float = 0.0,
     ) -> Reconnect:
-        """The reconnect window for one rejected check-in; the device picks a time inside it."""
+        """The reconnect window for one rejected check-in; the device picks a time inside it.
+
+        ``round_seconds`` (the measured time between commits, 0 if unknown) bounds a small
+        population's windows: when rounds take less than ``min_delay`` or
+        ``concentrate_jitter``, a device told to wait that long would miss several rounds
+        and selection would starve, so it comes back within about one round instead.
+        """
+        jitter, delay = self.concentrate_jitter, self.min_delay
+        if round_seconds > 0:
+            jitter = min(jitter, max(0.05, round_seconds))
+            delay = min(delay, max(0.05, 0.5 * round_seconds))
+            if self.small_population(round_share) and (
+                jitter < self.concentrate_jitter or delay < self.min_delay
+            ):
+                self._bounded = True
         if self.small_population(round_share) and next_open > now:
             start = next_open
-            return Reconnect(start, start + self.concentrate_jitter, reason)
+            return self._handed_out(now, Reconnect(start, start + jitter, reason))
         if self.small_population(round_share):
-            start = now + self.min_delay
-            return Reconnect(start, start + self.concentrate_jitter, reason)
+            start = now + delay
+            return self._handed_out(now, Reconnect(start, start + jitter, reason))
         lo = max(self.min_delay, (1 - self.spread) * self.mean_delay)
         hi = max(lo + 1e-3, (1 + self.spread) * self.mean_delay)
-        return Reconnect(now + lo, now + hi, reason)
+        return self._handed_out(now, Reconnect(now + lo, now + hi, reason))
+
+    def _handed_out(self, now: float, window: Reconnect) -> Reconnect:
+        self._handed += 0.5 * (window.not_before + window.not_after) - now
+        self._handed_count += 1
+        return window

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from fedfleet.core.metrics import MAX_METRICS, METRIC_NAME
 from fedfleet.core.models import Weights
 from fedfleet.core.spec import AggregationSpec, PlanSpec, TaskSpec
 
@@ -175,6 +176,9 @@ class Quota:
     """Selections of this selector the coordinator had already counted when it split the
     quota; the selector may select ``count`` more beyond that (its own total is exact, the
     coordinator's view lags by one flush)."""
+    round_seconds: float = 0.0
+    """The coordinator's smoothed time between commits (0: not measured yet); pace steering
+    keeps a small population's windows within about one round of the next selection."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -192,6 +196,7 @@ class Quota:
             aggregators=tuple(d.get("aggregators", ())),
             round_share=int(d.get("round_share", 0)),
             counted=int(d.get("counted", 0)),
+            round_seconds=float(d.get("round_seconds", 0.0)),
         )
 
 
@@ -212,6 +217,10 @@ class PrivacyPlan:
     threshold_fraction: float = 0.5
     clip_range: float = 1.0
     ring_bits: int = 32
+    metric_names: tuple[str, ...] = ()
+    """Device metrics that travel inside the masked vector (secure aggregation only)."""
+    metric_range: float = 1000.0
+    """Bound device metrics are clipped to before they are masked."""
 
     @classmethod
     def for_group(cls, spec: AggregationSpec, group_id: str) -> PrivacyPlan | None:
@@ -228,10 +237,14 @@ class PrivacyPlan:
             threshold_fraction=sa.threshold_fraction,
             clip_range=sa.clip_range,
             ring_bits=sa.ring_bits,
+            metric_names=tuple(sa.metrics) if sa.enabled else (),
+            metric_range=sa.metric_range,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["metric_names"] = list(self.metric_names)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrivacyPlan:
@@ -273,7 +286,19 @@ class PrivacyPlan:
         threshold = number("threshold_fraction", 0.5, 0.0, 1.0)
         if not 0.5 <= threshold < 1.0:
             raise ValueError(f"threshold_fraction must be in [0.5, 1), got {threshold}")
+        names = d.get("metric_names", [])
+        if (
+            not isinstance(names, list)
+            or len(names) > MAX_METRICS
+            or not all(isinstance(n, str) and METRIC_NAME.match(n) for n in names)
+            or len(set(names)) != len(names)
+        ):
+            raise ValueError(
+                f"metric_names must be at most {MAX_METRICS} distinct snake_case names"
+            )
         return cls(
+            metric_names=tuple(names),
+            metric_range=number("metric_range", 1000.0, 0.0, 1e12),
             weight_cap=integer("weight_cap", 1, 1, 1_000_000),
             clip_norm=None if clip is None else number("clip_norm", 1.0, 0.0, 1e6),
             secure_aggregation=secure,

@@ -25,13 +25,19 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from fedfleet.core.metrics import METRIC_NAME
+from fedfleet.core.model_history import CheckpointsSpec
+
 __all__ = [
     "API_VERSION",
+    "DEFAULT_ACTOR_IMAGE",
     "KIND",
+    "ActorVolume",
     "ActorsSpec",
     "AggregationSpec",
     "Algorithm",
     "AvailabilitySpec",
+    "CheckpointsSpec",
     "DataSpec",
     "Dataset",
     "DifferentialPrivacySpec",
@@ -192,6 +198,16 @@ class RoundsSpec(_Spec):
         return max(1, math.ceil(self.goal_count * self.min_report_fraction - 1e-9))
 
 
+SECAGG_DEFAULT_METRICS: Final = (
+    "train_loss",
+    "train_accuracy",
+    "federated_loss",
+    "federated_accuracy",
+)
+"""Device metrics secure aggregation carries unless `secureAggregation.metrics` says
+otherwise."""
+
+
 class SecureAggregationSpec(_Spec):
     enabled: bool = False
     """Run Secure Aggregation (Bonawitz et al., CCS 2017) in every aggregator group: the
@@ -211,6 +227,25 @@ class SecureAggregationSpec(_Spec):
     """Bits of the modular ring Z_2^b the masked updates live in (32 halves the upload)."""
     phase_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     """How long each of the protocol's phases after key advertisement waits for devices."""
+    metrics: list[str] = Field(default_factory=lambda: list(SECAGG_DEFAULT_METRICS), max_length=32)
+    """Device metrics summed inside the masked vector (two coordinates each), so the server
+    learns only each group's weighted sum, like the update's; a device metric not listed is
+    not reported under secure aggregation."""
+    metric_range: float = Field(1000.0, gt=0, le=1e12)
+    """Device metrics are clipped to [-metricRange, metricRange] before they are masked (the
+    fixed-point encoding needs a bound)."""
+
+    @model_validator(mode="after")
+    def _metric_names(self) -> SecureAggregationSpec:
+        for name in self.metrics:
+            if not METRIC_NAME.match(name):
+                raise ValueError(
+                    f"secureAggregation.metrics: {name!r} is not a device metric name "
+                    "(snake_case of up to 64 characters, e.g. train_loss)"
+                )
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("secureAggregation.metrics: a name is listed twice")
+        return self
 
 
 class DifferentialPrivacySpec(_Spec):
@@ -410,24 +445,106 @@ class EvaluationSpec(_Spec):
     `federated_<metric>`."""
 
 
+DEFAULT_ACTOR_IMAGE: Final = "fedfleet/services:0.1.0"
+"""The actors' image when neither the FLJob (`spec.actors.image`) nor the operator
+(`FEDFLEET_ACTOR_IMAGE`) names one: the services image of this release."""
+_DNS_LABEL: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN: Final = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
+class ActorVolume(_Spec):
+    """A ConfigMap or PersistentVolumeClaim of the job's namespace, mounted read-only into every
+    actor pod (Kubernetes only): evaluation data for the master, or task code for `task.path`."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=_DNS_LABEL)
+    """Volume name in the actor pods (a DNS label; `tmp` is taken by the pods' scratch space)."""
+    mount_path: str = Field(min_length=2, max_length=1024, pattern=r"^/[^:]*$")
+    """Absolute path the actors see the volume at, read-only (for example `/data`)."""
+    config_map: str | None = Field(None, min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN)
+    """A ConfigMap: each key becomes a file (`kubectl create configmap NAME --from-file=DIR`;
+    at most 1 MiB in all: task modules, a small evaluation file)."""
+    persistent_volume_claim: str | None = Field(
+        None, min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN
+    )
+    """A PersistentVolumeClaim (ReadOnlyMany or ReadWriteMany, as several pods mount it):
+    larger evaluation data."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ActorVolume:
+        if (self.config_map is None) == (self.persistent_volume_claim is None):
+            raise ValueError(
+                f"actors.volumes[{self.name}]: set exactly one of configMap and "
+                "persistentVolumeClaim"
+            )
+        if self.name == "tmp" or os.path.normpath(self.mount_path) in ("/", "/tmp"):
+            raise ValueError(
+                f"actors.volumes[{self.name}]: the name tmp and the paths / and /tmp are the "
+                "pods' own"
+            )
+        return self
+
+
 class ActorsSpec(_Spec):
     selectors: int = Field(2, ge=1, le=1000)
     """Selector replicas (devices check in with any of them)."""
     devices_per_aggregator: int = Field(500, ge=1, le=1_000_000)
-    """Aggregators are sized as ceil(goal count x over-selection / this)."""
+    """Devices one aggregator serves in a round: the pool is at least ceil(goal count x
+    over-selection / this)."""
+    min_aggregators: int = Field(1, ge=1, le=1000)
+    """Lower bound on the aggregator pool (the operator never scales it below this)."""
     max_aggregators: int = Field(16, ge=1, le=1000)
     """Upper bound on the aggregator pool."""
-    image: str = Field("fedfleet/services:0.1.0", min_length=1)
-    """Container image of the actors (Kubernetes only)."""
+    aggregator_bytes_per_second: int = Field(32 * 1024 * 1024, ge=1024, le=1 << 40)
+    """Update bytes one aggregator is counted on to receive, validate and fold per second
+    (32 MiB/s, conservative: bench/autoscale.py measured about 320 MiB/s of fold throughput on
+    one core in-process; HTTP, tickets and the store's claim come on top).
+    On Kubernetes the operator resizes the pool while the job runs to max(devices /
+    devicesPerAggregator, update bytes per second / this), where the bytes are selected devices
+    x the model's update size / the round's duration, or what the aggregators measured when
+    more; an aggregator that measures itself folding slower counts at its measured rate."""
+    scale_down_utilization: float = Field(0.7, gt=0, le=1)
+    """Hysteresis: the pool shrinks only to a size that the load would use at most this
+    fraction of (devices and bytes alike); it grows as soon as the load exceeds its capacity."""
+    scale_down_stabilization_seconds: float = Field(120.0, ge=0, le=86_400)
+    """The load must have fit the smaller pool this long before the pool shrinks (to the
+    largest size recommended in that time), so it does not flap between rounds."""
+    image: str | None = Field(None, min_length=1, max_length=1024)
+    """Container image of the actors (Kubernetes only): your task image, built `FROM` the
+    services image (deploy/docker/task.Dockerfile). Unset: the operator's
+    `FEDFLEET_ACTOR_IMAGE` (the chart's `actors.image`), else fedfleet/services:0.1.0."""
+    volumes: list[ActorVolume] = Field(default_factory=list, max_length=16)
+    """Volumes mounted read-only into every actor pod (Kubernetes only), e.g. evaluation data
+    for `evaluation.data: /data/test.csv` or task code for `task.path`."""
+
+    @model_validator(mode="after")
+    def _distinct_volumes(self) -> ActorsSpec:
+        for what, values in (
+            ("name", [v.name for v in self.volumes]),
+            ("mountPath", [os.path.normpath(v.mount_path) for v in self.volumes]),
+        ):
+            if len(set(values)) != len(values):
+                raise ValueError(f"actors.volumes: two volumes have the same {what}")
+        return self
 
     def aggregator_count(self, rounds: RoundsSpec) -> int:
+        """The pool a job starts with: sized by devices, within [minAggregators,
+        maxAggregators] (the operator then sizes it by load: fedfleet.core.autoscale)."""
         return max(
-            1,
+            self.min_aggregators,
             min(
                 self.max_aggregators,
                 math.ceil(rounds.selection_target / self.devices_per_aggregator),
             ),
         )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> ActorsSpec:
+        if self.min_aggregators > self.max_aggregators:
+            raise ValueError(
+                f"minAggregators ({self.min_aggregators}) exceeds maxAggregators "
+                f"({self.max_aggregators})"
+            )
+        return self
 
 
 class FLJobSpec(_Spec):
@@ -466,6 +583,10 @@ class FLJobSpec(_Spec):
     """Seconds after the job finished (Succeeded or Failed) at which the operator removes its
     children and then the FLJob itself (none: kept until deleted). The job's keys in the
     store, and so its model, stay: fetch it with `fedfleet fetch-model --job <ns>/<name>`."""
+    checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
+    """Which committed models are kept (the newest `keep` and the best by `metric`), where
+    (`storage`: Redis, a filesystem/PVC or S3) and whether deleting the FLJob deletes them;
+    see fedfleet.core.model_history."""
 
     @model_validator(mode="after")
     def _cross_field(self) -> FLJobSpec:

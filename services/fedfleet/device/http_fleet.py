@@ -253,6 +253,9 @@ class HttpFleet:
         self._running = False
         self._started_wall = 0.0
         self._warned: set[int] = set()
+        self.compute_seconds: dict[str, float] = {}
+        """Per round key, the slowest device's own time from receiving its task to starting
+        its upload (training plus the simulated duration): what a round cannot go below."""
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self) -> None:
@@ -611,6 +614,9 @@ class HttpFleet:
             self._later(dev, 0.5 * r, 1.5 * r)
             return
         await asyncio.sleep(max(0.0, started + duration - loop.time()))
+        key = assignment.round_key
+        spent = loop.time() - started
+        self.compute_seconds[key] = max(spent, self.compute_seconds.get(key, 0.0))
         if isinstance(env, SecureContribution):
             await self._secure(dev, sel, env, stop_after)
         else:

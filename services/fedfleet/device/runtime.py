@@ -45,8 +45,9 @@ class TaskAborted(Exception):
 class SecureContribution:
     """A trained update that leaves the device only masked, through Secure Aggregation.
 
-    ``vector`` is ``[w * clip(delta), w]`` (see :mod:`fedfleet.core.privacy`); it stays on the
-    device, and only the protocol's messages derived from it are sent.
+    ``vector`` is ``[w * clip(delta), w, metrics]`` (see :mod:`fedfleet.core.privacy`); it stays
+    on the device, and only the protocol's messages derived from it are sent. ``metrics`` are the
+    device's own (the plan's ``metric_names`` of them are inside ``vector``).
     """
 
     device_id: str
@@ -195,7 +196,7 @@ class FLRuntime:
                 aggregator=task.assignment.aggregator,
                 ticket=task.assignment.ticket,
                 params=secagg_params(privacy, loaded.shapes),
-                vector=secagg_vector(privacy, diff, result.num_examples),
+                vector=secagg_vector(privacy, diff, result.num_examples, metrics),
                 metrics=metrics,
             )
         if privacy is not None and privacy.clip_norm is not None:

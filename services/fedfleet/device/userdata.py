@@ -63,10 +63,10 @@ def take(fields: Fields, idx: NDArray[np.int64]) -> Fields:
 def _read_table(path: Path, where: str) -> tuple[list[str], NDArray[np.float64]]:
     if path.suffix == ".parquet":
         try:
-            import pyarrow.parquet as pq  # type: ignore[import-not-found,unused-ignore]
+            import pyarrow.parquet as pq
         except ImportError:
             raise DataError(
-                f"{where}: reading {path.name} needs pyarrow (pip install pyarrow)"
+                f"{where}: reading {path.name} needs pyarrow (pip install 'fedfleet[parquet]')"
             ) from None
         table = pq.read_table(path)
         columns = [str(c) for c in table.column_names]

@@ -112,6 +112,11 @@ class Selector:
         self._checkpoints = CheckpointCache(store, job, task_of(job).initial)
         self._lock = threading.Lock()
         self.stopped = False
+        self.wake: Callable[[], None] | None = None
+        """Asks for a tick now (the service's ticker): called when this selector selected a
+        device or a selected device dropped, so the counts reach the store at once (from the
+        ticker's thread; a burst of selections is still one flush) instead of on the next
+        timer tick. Check-ins that end in a reconnect window never call it."""
 
     # -- device API (local decisions only) -------------------------------------------------------
     def check_in(self, msg: CheckIn, now: float, link: DeviceLink) -> Assignment | Reconnect:
@@ -121,11 +126,16 @@ class Selector:
             quota = self._quota
             share = quota.round_share if quota else 1
             next_open = quota.next_open if quota else now
+            pace = quota.round_seconds if quota else 0.0
             if msg.population != self.spec.population:
                 return Reconnect(now + 3600.0, now + 7200.0, "unknown-population")
             if not is_eligible(self.spec.eligibility, msg):
                 return self.pacing.window(
-                    now, round_share=share, next_open=next_open, reason="ineligible"
+                    now,
+                    round_share=share,
+                    next_open=next_open,
+                    reason="ineligible",
+                    round_seconds=pace,
                 )
             if quota is not None and quota.aggregators:
                 key = attempt_key(quota.attempt)
@@ -136,7 +146,9 @@ class Selector:
                     and self._selected[key] - quota.counted < quota.count
                 ):
                     return self._select(msg.device_id, state, quota, link)
-            return self.pacing.window(now, round_share=share, next_open=next_open)
+            return self.pacing.window(
+                now, round_share=share, next_open=next_open, round_seconds=pace
+            )
 
     def _select(
         self, device_id: str, state: RoundState, quota: Quota, link: DeviceLink
@@ -155,6 +167,8 @@ class Selector:
         self._selected[state.key] += 1
         self._chosen[state.key].add(device_id)
         self._unflushed[(state.key, "selected")] += 1
+        if self.wake is not None:  # the count reaches the store from the ticker's thread
+            self.wake()
         return assignment
 
     def ticket_ok(self, round_key: str, device_id: str, ticket: str) -> bool:
@@ -219,7 +233,9 @@ class Selector:
             if not recorded:  # it reported (or aborted) through another selector
                 return False
             self._unflushed[(round_key, "dropped")] += 1
-            return True
+        if self.wake is not None:
+            self.wake()
+        return True
 
     def checkpoint(self, version: int) -> tuple[Weights, bytes]:
         """The model at ``version`` and its encoded form (for downloads); ValueError if gone."""

@@ -43,7 +43,8 @@ from fedfleet.core.protocol import (
     secagg_message_limit,
 )
 from fedfleet.core.roles import Role
-from fedfleet.core.spec import FLJob
+from fedfleet.core.spec import FLJob, PlanSpec
+from fedfleet.selector import contract
 from fedfleet.selector.actor import Selector
 from fedfleet.selector.doors import ID, ROUND, device_doors
 from fedfleet.service.gate import Door, Refusal, Seen, install
@@ -51,6 +52,7 @@ from fedfleet.service.keys import JobKeys
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
 from fedfleet.service.telemetry import JOB_LABELS, job_labels, timed_store
 from fedfleet.store.base import Store, StoreUnavailable
+from fedfleet.store.events import QUOTAS, ROUNDS, events_of, publishing
 
 __all__ = ["CheckInRequest", "CheckInResponse", "TaskResponse", "create_app"]
 
@@ -81,20 +83,22 @@ class TaskResponse(BaseModel):
     round_key: str
     model_version: int
     checkpoint_url: str
-    task: dict[str, Any] = Field(
+    task: contract.TaskDescription = Field(
         description="The task to run (`ref`, `config`); a device refuses one it does not have."
     )
-    plan: dict[str, Any]
+    plan: PlanSpec = Field(
+        description="Local training: epochs, minibatch size, learning rate, FedProx term."
+    )
     evaluate: bool = Field(
         False,
         description="Federated evaluation: also evaluate the checkpoint on the device's "
         "examples and report the metrics as `federated_<name>`.",
     )
     aggregator: str
-    privacy: dict[str, Any] | None = Field(
+    privacy: contract.PrivacyDescription | None = Field(
         None,
         description="What the device does to its update before it leaves the device "
-        "(capped weight, DP clipping, Secure Aggregation group); absent when neither is on.",
+        "(capped weight, DP clipping, Secure Aggregation group); null when neither is on.",
     )
 
 
@@ -172,7 +176,7 @@ def create_app(
         checkins.labels(**job_labels(job), outcome=answer)
         for answer in ("reconnect", "selected", "unavailable", "refused")
     )
-    store = timed_store(store, registry)
+    store = publishing(timed_store(store, registry))
     reports = Counter("fedfleet_reports", "Reports by HTTP status", ["status"], registry=registry)
     aggregators: dict[str, str] = {}
     client = httpx.Client(
@@ -274,6 +278,9 @@ def create_app(
             unsettled.pop(0)
 
     ticker = Ticker(f"selector-{actor_id}", tick, tick_seconds)
+    # A round opened or configured, a quota changed: answer held devices and select at once.
+    ticker.wake_on(events_of(store), job.key, (ROUNDS, QUOTAS))
+    selector.wake = ticker.poke
 
     def leave() -> None:
         try:
@@ -289,6 +296,7 @@ def create_app(
         lifespan=lifespan,
         description="Check-in, plan and checkpoint download, report upload (Bonawitz et al. 2019).",
     )
+    contract.document(app)
     app.state.selector = selector
     app.state.ticker = ticker
     install(
@@ -323,37 +331,13 @@ def create_app(
     # The hot path at scale: most check-ins end in a reconnect window. Reading the header from
     # the request (FastAPI re-inspects a Header() parameter on every call) and writing the
     # reconnect JSON directly (instead of building and re-validating a response model) keep it
-    # close to a bare endpoint; the OpenAPI document still describes both.
-    bearer_doc: dict[str, Any] = {
-        "parameters": [
-            {
-                "name": "authorization",
-                "in": "header",
-                "required": True,
-                "description": "Bearer <device token issued at enrollment>",
-                "schema": {"type": "string"},
-            },
-            {
-                "name": "x-fedfleet-device",
-                "in": "header",
-                "required": True,
-                "description": "The enrolled device id the token was issued to (checked "
-                "before the body is read; the body's device_id must be the same)",
-                "schema": {"type": "string", "pattern": ID},
-            },
-        ]
-    }
-
+    # close to a bare endpoint; the OpenAPI document still describes both (selector.contract).
     @app.post(
         "/v1/checkin",
         response_model=CheckInResponse,
         response_model_exclude_none=True,
-        openapi_extra=bearer_doc,
-        responses={
-            401: {"description": "Missing or invalid device token"},
-            413: {"description": "The body exceeds the check-in limit"},
-            503: {"description": "The shared store is unreachable; Retry-After says when"},
-        },
+        responses=contract.CHECKIN["responses"],
+        openapi_extra=contract.CHECKIN["openapi_extra"],
     )
     async def check_in(body: CheckInRequest, request: Request) -> Any:
         # The gate checked the token for the x-fedfleet-device header before the body was
@@ -406,10 +390,8 @@ def create_app(
     @app.get(
         "/v1/tasks/{round_key}",
         response_model=TaskResponse,
-        responses={
-            202: {"description": "Not configured yet: poll again"},
-            410: {"description": "Released"},
-        },
+        responses=contract.TASK["responses"],
+        openapi_extra=contract.TASK["openapi_extra"],
     )
     async def task(
         round_key: Annotated[str, Path(pattern=ROUND)],
@@ -451,17 +433,8 @@ def create_app(
     @app.get(
         "/v1/checkpoints/{version}",
         response_class=Response,
-        openapi_extra=bearer_doc,
-        responses={
-            200: {
-                "description": "The global model at this version, in the array wire format",
-                "content": {"application/octet-stream": {}},
-            },
-            304: {"description": "Not modified (If-None-Match matched the version's ETag)"},
-            401: {"description": "Missing or invalid device token"},
-            404: {"description": "No such version (yet, or no longer)"},
-            503: {"description": "The shared store is unreachable; Retry-After says when"},
-        },
+        responses=contract.CHECKPOINT["responses"],
+        openapi_extra=contract.CHECKPOINT["openapi_extra"],
     )
     def checkpoint(
         version: Annotated[int, Path(ge=0)],
@@ -482,7 +455,12 @@ def create_app(
             return unavailable()
         return Response(data, media_type="application/octet-stream", headers=headers)
 
-    @app.post("/v1/reports/{round_key}", status_code=202)
+    @app.post(
+        "/v1/reports/{round_key}",
+        status_code=202,
+        responses=contract.REPORT["responses"],
+        openapi_extra=contract.REPORT["openapi_extra"],
+    )
     async def report(
         request: Request,
         round_key: Annotated[str, Path(pattern=ROUND)],
@@ -531,10 +509,8 @@ def create_app(
 
     @app.post(
         "/v1/secagg/{round_key}/{step}",
-        responses={
-            202: {"description": "Not published yet: poll again"},
-            410: {"description": "This device is no longer part of the session"},
-        },
+        responses=contract.SECAGG["responses"],
+        openapi_extra=contract.SECAGG["openapi_extra"],
     )
     async def secagg(
         request: Request,
@@ -585,7 +561,12 @@ def create_app(
             return JSONResponse({"detail": "not published yet"}, status_code=202)
         return answer
 
-    @app.post("/v1/aborts/{round_key}", status_code=202)
+    @app.post(
+        "/v1/aborts/{round_key}",
+        status_code=202,
+        responses=contract.ABORT["responses"],
+        openapi_extra=contract.ABORT["openapi_extra"],
+    )
     async def abort(
         round_key: Annotated[str, Path(pattern=ROUND)],
         body: AbortRequest,

@@ -12,7 +12,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from fedfleet.store.base import StoreUnavailable
+from fedfleet.store.events import Events
 
 __all__ = ["JsonFormatter", "Ticker", "add_ops_routes", "configure_logging", "ticking_lifespan"]
 
@@ -70,6 +71,10 @@ class Ticker:
     exponential backoff (the interval doubling up to ``max_backoff`` seconds), logged once
     when it starts and once when it ends; any other error is logged and the loop goes on —
     an actor never dies of one bad tick, and never hides one either.
+
+    :meth:`poke` (and store events, :meth:`wake_on`) run the next tick at once: a burst of
+    pokes during a tick costs one more tick, not one per poke. The interval stays the
+    safety net for lost events, expiring leases and timeouts.
     """
 
     max_backoff = 1.0
@@ -81,17 +86,33 @@ class Ticker:
         self._fn = fn
         self.interval = interval
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._listens: list[tuple[Events, str, tuple[str, ...]]] = []
+        self._unsubscribes: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name=f"tick-{name}", daemon=True)
         self.store_ok = False
         self.last_ok = 0.0
         self.last_error = ""
         self.ticks = 0
 
+    def wake_on(self, events: Events, job: str, topics: Iterable[str]) -> None:
+        """Tick as soon as one of ``topics`` of ``job`` is announced (from :meth:`start` on)."""
+        self._listens.append((events, job, tuple(topics)))
+
+    def poke(self, _topic: str = "") -> None:
+        """Run the next tick now (or right after the current one); safe from any thread."""
+        self._wake.set()
+
     def start(self) -> None:
+        for events, job, topics in self._listens:
+            self._unsubscribes.append(events.subscribe(job, topics, self.poke))
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
+        while self._unsubscribes:
+            self._unsubscribes.pop()()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -118,7 +139,8 @@ class Ticker:
                 self.last_error = repr(exc)
                 log.exception("tick failed", extra={"ticker": self.name})
             self.ticks += 1
-            self._stop.wait(max(0.0, wait - (time.monotonic() - started)))
+            self._wake.wait(max(0.0, wait - (time.monotonic() - started)))
+            self._wake.clear()
 
 
 def add_ops_routes(

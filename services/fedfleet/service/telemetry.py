@@ -38,6 +38,7 @@ __all__ = [
     "ATTEMPT_REASONS",
     "JOB_LABELS",
     "CoordinatorMetrics",
+    "fold_seconds_histogram",
     "job_labels",
     "reason_label",
     "timed_store",
@@ -233,6 +234,38 @@ def update_size_histogram(registry: CollectorRegistry, job: FLJob) -> Callable[[
         "Bytes of each device update body an aggregator received",
         list(JOB_LABELS),
         buckets=UPDATE_BYTES_BUCKETS,
+        registry=registry,
+    ).labels(**job_labels(job))
+    return child.observe
+
+
+FOLD_SECONDS_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    float("inf"),
+)
+
+
+def fold_seconds_histogram(registry: CollectorRegistry, job: FLJob) -> Callable[[float], None]:
+    """The aggregator's ``fedfleet_fold_seconds``: validating and folding each accepted report
+    (with ``fedfleet_update_size_bytes``: reports/s, bytes/s and fold time by ``rate()``)."""
+    child = Histogram(
+        "fedfleet_fold_seconds",
+        "Seconds an aggregator spent decoding, validating and folding each accepted update",
+        list(JOB_LABELS),
+        buckets=FOLD_SECONDS_BUCKETS,
         registry=registry,
     ).labels(**job_labels(job))
     return child.observe

@@ -100,6 +100,22 @@ class Store(Protocol):
         """Live actors of a role: id -> address."""
         ...
 
+    # -- the aggregator pool (fedfleet.core.autoscale) ----------------------------------------
+    def put_actor_load(self, job: str, actor_id: str, load: dict[str, Any]) -> None:
+        """An actor's latest measured load (rates, update size), replacing its last one."""
+        ...
+
+    def actor_loads(self, job: str) -> dict[str, dict[str, Any]]:
+        """Every actor's latest load (including actors no longer registered)."""
+        ...
+
+    def set_draining(self, job: str, actor_ids: list[str]) -> None:
+        """Replace the set of aggregators being drained: the coordinator gives them no new
+        round (the operator removes them once they hold none)."""
+        ...
+
+    def draining(self, job: str) -> set[str]: ...
+
     # -- rounds -------------------------------------------------------------------------------
     def put_round(self, job: str, token: int, state: RoundState) -> None:
         """Publish a round attempt's state (fenced)."""

@@ -16,6 +16,7 @@ from fedfleet.core.models import Weights, shapes_of
 from fedfleet.core.serde import encode_arrays
 from fedfleet.core.spec import FLJob
 from fedfleet.store.base import Store
+from fedfleet.store.history.keeper import checkpoint_bytes
 
 __all__ = ["CheckpointCache"]
 
@@ -52,8 +53,9 @@ class CheckpointCache:
                     raise ValueError(
                         f"checkpoint version {version} not available (store has {have})"
                     )
-                self._weights, self._opt = unpack_checkpoint(cp.data, self._shapes)
-                self._raw = cp.data
+                data = checkpoint_bytes(self._store, cp)
+                self._weights, self._opt = unpack_checkpoint(data, self._shapes)
+                self._raw = data
             self._version = version
         return self._weights, self._opt
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from fedfleet.core.protocol import Quota, RoundState
 from fedfleet.store.base import Checkpoint, Claim, ConflictError, FencedError, Lease
+from fedfleet.store.events import LocalEvents
 
 __all__ = ["MemoryStore"]
 
@@ -37,13 +38,28 @@ class _Job:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+    loads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    draining: set[str] = field(default_factory=set)
 
 
 class MemoryStore:
+    @property
+    def unwrapped(self) -> MemoryStore:
+        """This store, also when reached through a wrapper that delegates attributes (the
+        telemetry and events wrappers do): side tables of the process that belong to the store,
+        like its kept models, are keyed by it, so every actor sharing it finds them."""
+        return self
+
     def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
         self._clock = clock or time.time  # wall clock, like Redis: deadlines cross processes
         self._lock = threading.RLock()
         self._jobs: dict[str, _Job] = defaultdict(_Job)
+        self._events = LocalEvents()
+
+    def events(self) -> LocalEvents:
+        """This store's event hub (:mod:`fedfleet.store.events`): every actor sharing the
+        store in this process hears the others' announcements."""
+        return self._events
 
     # -- lease ------------------------------------------------------------------------------
     def acquire_lease(self, job: str, holder: str, ttl: float) -> int | None:
@@ -96,6 +112,23 @@ class MemoryStore:
             for dead in [k for k, (_, exp) in live.items() if exp <= now]:
                 del live[dead]
             return {k: addr for k, (addr, _) in sorted(live.items())}
+
+    # -- the aggregator pool ---------------------------------------------------------------
+    def put_actor_load(self, job: str, actor_id: str, load: dict[str, Any]) -> None:
+        with self._lock:
+            self._jobs[job].loads[actor_id] = dict(load)
+
+    def actor_loads(self, job: str) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {k: dict(v) for k, v in sorted(self._jobs[job].loads.items())}
+
+    def set_draining(self, job: str, actor_ids: list[str]) -> None:
+        with self._lock:
+            self._jobs[job].draining = set(actor_ids)
+
+    def draining(self, job: str) -> set[str]:
+        with self._lock:
+            return set(self._jobs[job].draining)
 
     # -- rounds ---------------------------------------------------------------------------------
     def put_round(self, job: str, token: int, state: RoundState) -> None:
@@ -232,4 +265,4 @@ class MemoryStore:
             return 1 if self._jobs.pop(job, None) is not None else 0
 
     def close(self) -> None:
-        pass
+        self._events.close()

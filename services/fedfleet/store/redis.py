@@ -24,6 +24,8 @@ of a job lives in one slot and the scripts may touch several of them:
 ``metrics``                 list    JSON of each committed round's metrics, oldest first
 ``attempts``                list    JSON of each finished attempt, oldest first
 ``state``                   string  JSON job-level record
+``loads``                   hash    actor id -> JSON of its latest measured load
+``draining``                set     ids of the aggregators being drained
 ==========================  ======  ================================================
 
 Times: lease and registration expiry use the Redis server's clock (PX, ``TIME`` in scripts),
@@ -57,6 +59,7 @@ from fedfleet.store.base import (
     Lease,
     StoreUnavailable,
 )
+from fedfleet.store.redis_events import RedisEvents
 
 __all__ = ["PASSWORD_ENV", "RedisStore"]
 
@@ -276,6 +279,13 @@ class RedisStore:
         self._claim = register(_CLAIM)
         self._abort = register(_ABORT)
         self._clear_round = register(_CLEAR_ROUND)
+        self._events: RedisEvents | None = None
+
+    def events(self) -> RedisEvents:
+        """Pub/sub announcements of the job's writes (:mod:`fedfleet.store.redis_events`)."""
+        if self._events is None:
+            self._events = RedisEvents(self._r, prefix=self._prefix)
+        return self._events
 
     @classmethod
     def from_url(
@@ -382,6 +392,30 @@ class RedisStore:
         flat: list[bytes] = self._run(self._members, keys, [])
         pairs = zip(flat[::2], flat[1::2], strict=True)
         return dict(sorted((k.decode(), v.decode()) for k, v in pairs))
+
+    # -- the aggregator pool ----------------------------------------------------------------------
+    def put_actor_load(self, job: str, actor_id: str, load: dict[str, Any]) -> None:
+        with self._io():
+            self._r.hset(self._key(job, "loads"), actor_id, _dumps(load))
+
+    def actor_loads(self, job: str) -> dict[str, dict[str, Any]]:
+        with self._io():
+            raw = cast(dict[bytes, bytes], self._r.hgetall(self._key(job, "loads")))
+        return dict(sorted((k.decode(), dict(json.loads(v))) for k, v in raw.items()))
+
+    def set_draining(self, job: str, actor_ids: list[str]) -> None:
+        key = self._key(job, "draining")
+        with self._io():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.delete(key)
+            if actor_ids:
+                pipe.sadd(key, *actor_ids)
+            pipe.execute()
+
+    def draining(self, job: str) -> set[str]:
+        with self._io():
+            raw = cast(set[bytes], self._r.smembers(self._key(job, "draining")))
+        return {m.decode() for m in raw}
 
     # -- rounds -----------------------------------------------------------------------------------
     def put_round(self, job: str, token: int, state: RoundState) -> None:
@@ -538,5 +572,12 @@ class RedisStore:
                 removed += int(self._r.unlink(*batch))
         return removed
 
+    @property
+    def client(self) -> redis.Redis:
+        """The connection, for model storage in the same Redis (fedfleet.store.history)."""
+        return self._r
+
     def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
         self._r.close()
