@@ -119,7 +119,11 @@ def test_redis_sigkilled_mid_job_committed_versions_survive_and_the_job_finishes
 
         async def main() -> bool:
             fleet = HttpFleet(
-                job, d.urls("selector"), d.keys, rest_seconds=UpOptions().rest_seconds
+                job,
+                d.urls("selector"),
+                d.keys,
+                rest_seconds=UpOptions().rest_seconds,
+                rest_rounds=UpOptions().rest_rounds,
             )
             stop = asyncio.Event()
             tasks = [

@@ -167,7 +167,12 @@ def _drive(
                 await asyncio.sleep(1)
                 continue
             fleet = HttpFleet(
-                job, urls, keys, time_scale=0.01, rest_seconds=UpOptions().rest_seconds
+                job,
+                urls,
+                keys,
+                time_scale=0.01,
+                rest_seconds=UpOptions().rest_seconds,
+                rest_rounds=UpOptions().rest_rounds,
             )
             # The fleet runs on its own thread and loop, so a slow teardown of the fleet (seen
             # once after a job had Succeeded, not yet explained) cannot hold the test's loop;

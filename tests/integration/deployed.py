@@ -102,6 +102,7 @@ def run_deployed(
                 d.keys,
                 time_scale=time_scale,
                 rest_seconds=UpOptions().rest_seconds,
+                rest_rounds=UpOptions().rest_rounds,
             )
             stop = asyncio.Event()
             tasks = [asyncio.create_task(fleet.run(until=stop)), asyncio.create_task(watch(stop))]

@@ -65,7 +65,12 @@ def live_job(
     try:
         d.start(timeout=start_timeout)
         fleet = HttpFleet(
-            job, d.urls("selector"), d.keys, time_scale=0.01, rest_seconds=UpOptions().rest_seconds
+            job,
+            d.urls("selector"),
+            d.keys,
+            time_scale=0.01,
+            rest_seconds=UpOptions().rest_seconds,
+            rest_rounds=UpOptions().rest_rounds,
         )
         with FleetThread(fleet):
             yield d

@@ -170,7 +170,10 @@ class HttpFleet:
     pool for short requests); ``max_long_polls`` bounds held plan polls per selector (keep it
     under the process's open-file limit); ``train_workers`` is the training thread pool;
     ``start_spread``, ``recheck_seconds``, ``rest_seconds`` and ``retry_seconds`` are the
-    simulator's own delays (scaled by ``time_scale``); ``max_task_wait`` makes a selected
+    simulator's own delays (scaled by ``time_scale``); ``rest_rounds`` (if given) makes a
+    device that reported rest at least that many rounds too, in rounds as this fleet measures
+    them (the interval between new rounds' first tasks), so a server slowed down (a loaded
+    machine) does not see the same few devices every round; ``max_task_wait`` makes a selected
     device give up waiting for its plan; ``availability_offset`` is the time of the simulated
     day at start (0: the curve's peak, as in embedded runs).
     """
@@ -190,6 +193,7 @@ class HttpFleet:
         start_spread: float = 30.0,
         recheck_seconds: float = 60.0,
         rest_seconds: tuple[float, float] = (30.0, 90.0),
+        rest_rounds: tuple[float, float] | None = None,
         retry_seconds: tuple[float, float] = (5.0, 15.0),
         selector_backoff: float = 5.0,
         report_attempts: int = 3,
@@ -215,6 +219,11 @@ class HttpFleet:
         self.start_spread = start_spread
         self.recheck_seconds = recheck_seconds
         self.rest_seconds = rest_seconds
+        self.rest_rounds = rest_rounds
+        self._last_round_key = ""
+        self._last_round_at = math.nan
+        self.round_interval = math.nan
+        """Smoothed real time between new rounds' first tasks (NaN until two were seen)."""
         self.retry_seconds = retry_seconds
         self.selector_backoff = selector_backoff
         self.report_attempts = max(1, report_attempts)
@@ -581,6 +590,7 @@ class HttpFleet:
             self._retry(dev)
             return
         self.stats.configured += 1
+        self._seen_round(assignment.round_key)
 
         # The drop-out and duration model of the embedded fleet, on scaled wall time.
         loop = asyncio.get_running_loop()
@@ -621,7 +631,25 @@ class HttpFleet:
             await self._secure(dev, sel, env, stop_after)
         else:
             await self._report(dev, sel, env, task.assignment.aggregator)
-        self._later(dev, *self.rest_seconds)
+        self._rest(dev)
+
+    def _seen_round(self, key: str) -> None:
+        """Measure the interval between rounds from the first task of each new round."""
+        if key == self._last_round_key:
+            return
+        now = time.monotonic()
+        if not math.isnan(self._last_round_at):
+            gap = now - self._last_round_at
+            old = self.round_interval
+            self.round_interval = gap if math.isnan(old) else 0.7 * old + 0.3 * gap
+        self._last_round_key, self._last_round_at = key, now
+
+    def _rest(self, dev: _Device) -> None:
+        """After a report: rest ``rest_seconds`` (scaled), and ``rest_rounds`` rounds if longer."""
+        delay = self._pick.uniform(*self.rest_seconds) * self.time_scale
+        if self.rest_rounds is not None and not math.isnan(self.round_interval):
+            delay = max(delay, self._pick.uniform(*self.rest_rounds) * self.round_interval)
+        self._schedule(dev, time.time() + delay)
 
     async def _secure(
         self, dev: _Device, sel: _Selector, contribution: SecureContribution, stop_after: int
