@@ -34,6 +34,7 @@ import math
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
@@ -66,7 +67,7 @@ from fedfleet.device.secure import SecureSession
 from fedfleet.device.userdata import take
 from fedfleet.service.keys import JobKeys
 
-__all__ = ["HttpFleet", "HttpFleetStats"]
+__all__ = ["HttpFleet", "HttpFleetStats", "RoundClock", "rest_delay"]
 
 log = logging.getLogger("fedfleet.device.fleet")
 
@@ -158,6 +159,36 @@ class _Device:
         return self.runtime.device_id
 
 
+class RoundClock:
+    """The real time between rounds, from the first task of each new round a fleet sees
+    (smoothed; NaN until two rounds were seen)."""
+
+    __slots__ = ("_at", "_seen", "interval")
+
+    def __init__(self) -> None:
+        self._seen: deque[str] = deque(maxlen=16)
+        """Recent round keys: a late task of an earlier round does not count as a new one."""
+        self._at = math.nan
+        self.interval = math.nan
+
+    def observe(self, round_key: str, now: float) -> None:
+        if round_key in self._seen:
+            return
+        if not math.isnan(self._at):
+            gap = now - self._at
+            self.interval = gap if math.isnan(self.interval) else 0.7 * self.interval + 0.3 * gap
+        self._seen.append(round_key)
+        self._at = now
+
+
+def rest_delay(seconds: float, rounds: float | None, interval: float) -> float:
+    """A reporting device's rest: ``seconds``, or ``rounds`` round intervals if that is
+    longer and the interval is known."""
+    if rounds is None or math.isnan(interval):
+        return seconds
+    return max(seconds, rounds * interval)
+
+
 class HttpFleet:
     """Simulated devices of ``job`` checking in at ``selectors`` (base URLs) over HTTP.
 
@@ -220,10 +251,7 @@ class HttpFleet:
         self.recheck_seconds = recheck_seconds
         self.rest_seconds = rest_seconds
         self.rest_rounds = rest_rounds
-        self._last_round_key = ""
-        self._last_round_at = math.nan
-        self.round_interval = math.nan
-        """Smoothed real time between new rounds' first tasks (NaN until two were seen)."""
+        self.rounds = RoundClock()
         self.retry_seconds = retry_seconds
         self.selector_backoff = selector_backoff
         self.report_attempts = max(1, report_attempts)
@@ -590,7 +618,7 @@ class HttpFleet:
             self._retry(dev)
             return
         self.stats.configured += 1
-        self._seen_round(assignment.round_key)
+        self.rounds.observe(assignment.round_key, time.monotonic())
 
         # The drop-out and duration model of the embedded fleet, on scaled wall time.
         loop = asyncio.get_running_loop()
@@ -633,23 +661,11 @@ class HttpFleet:
             await self._report(dev, sel, env, task.assignment.aggregator)
         self._rest(dev)
 
-    def _seen_round(self, key: str) -> None:
-        """Measure the interval between rounds from the first task of each new round."""
-        if key == self._last_round_key:
-            return
-        now = time.monotonic()
-        if not math.isnan(self._last_round_at):
-            gap = now - self._last_round_at
-            old = self.round_interval
-            self.round_interval = gap if math.isnan(old) else 0.7 * old + 0.3 * gap
-        self._last_round_key, self._last_round_at = key, now
-
     def _rest(self, dev: _Device) -> None:
         """After a report: rest ``rest_seconds`` (scaled), and ``rest_rounds`` rounds if longer."""
-        delay = self._pick.uniform(*self.rest_seconds) * self.time_scale
-        if self.rest_rounds is not None and not math.isnan(self.round_interval):
-            delay = max(delay, self._pick.uniform(*self.rest_rounds) * self.round_interval)
-        self._schedule(dev, time.time() + delay)
+        seconds = self._pick.uniform(*self.rest_seconds) * self.time_scale
+        rounds = None if self.rest_rounds is None else self._pick.uniform(*self.rest_rounds)
+        self._schedule(dev, time.time() + rest_delay(seconds, rounds, self.rounds.interval))
 
     async def _secure(
         self, dev: _Device, sel: _Selector, contribution: SecureContribution, stop_after: int
