@@ -86,6 +86,9 @@ class Reason:
     CHILDREN_APPLIED: Final = "ChildrenApplied"
     CLEANUP_SKIPPED: Final = "StoreCleanupSkipped"
     CLEANED_UP: Final = "StoreCleanedUp"
+    MODELS_KEPT: Final = "StoredModelsKept"
+    """``deleteWithJob`` asked for the models to go, but they are on a volume the operator
+    cannot reach (a filesystem in the job's pods)."""
 
 
 class Condition(TypedDict):

@@ -35,6 +35,7 @@ from fedfleet.store.history.files import FileModels
 from fedfleet.store.history.redis_models import models_in_store
 from fedfleet.store.redis import RedisStore
 from fedfleet.tasks.weights_file import load_weights
+from fedfleet_operator.handlers.delete import delete_stored_job
 from tests.redis_server import RedisServer
 from tests.s3_server import S3Server
 
@@ -279,3 +280,39 @@ def test_delete_job_removes_every_model(backend: Backend) -> None:
         assert isinstance(backend.models, FileModels)
         assert not (backend.models.root / JOB).exists()
         shutil.rmtree(backend.models.root)
+
+
+def test_the_operator_deletes_s3_models_with_the_credentials_secret_of_the_job(
+    s3_server: S3Server, redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The operator's own environment holds no S3 credentials: deleteWithJob reads the Secret
+    # the job names (the actors get the same Secret as environment variables).
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    prefix = f"t{secrets.token_hex(4)}"
+    storage = {
+        "kind": "s3",
+        "bucket": s3_server.bucket,
+        "prefix": prefix,
+        "endpoint": s3_server.endpoint,
+        "credentialsSecret": "s3-creds",
+    }
+    spec = {"checkpoints": {"keep": 2, "deleteWithJob": True, "storage": storage}}
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    models = s3_server.models(prefix=prefix)
+    try:
+        backend = Backend(StorageKind.s3, store, models, None, s3_server)
+        _commit_all(
+            backend, CheckpointsSpec.model_validate(spec["checkpoints"]), [0.1, 0.2], "accuracy"
+        )
+        assert len(models.names(JOB)) == 3  # two models and the index
+        key, secret, _ = s3_server.credentials
+        secrets_of_ns = {"s3-creds": {"accessKeyId": key, "secretAccessKey": secret}}
+
+        removed, removed_models = delete_stored_job(store, JOB, spec, secrets_of_ns.get)
+
+        assert removed > 0 and removed_models == 3
+        assert models.names(JOB) == [] and store.checkpoint(JOB) is None
+    finally:
+        models.close()
+        store.close()

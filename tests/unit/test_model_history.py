@@ -23,10 +23,11 @@ from fedfleet.core.model_history import (
 from fedfleet.core.spec import ManifestError
 from fedfleet.report import summary_rows
 from fedfleet.results import JobResult
-from fedfleet.store.history import commit_model
+from fedfleet.store.history import ModelStorageError, commit_model
 from fedfleet.store.history.files import FileModels
+from fedfleet.store.history.redis_models import models_in_store
 from fedfleet.store.memory import MemoryStore
-from fedfleet_operator.handlers.delete import delete_stored_job
+from fedfleet_operator.handlers.delete import delete_stored_job, models_out_of_reach
 from fedfleet_operator.naming import ChildRole
 from fedfleet_operator.settings import OperatorSettings
 from fedfleet_operator.status import model_location, status_from_store
@@ -166,18 +167,12 @@ def test_s3_credentials_come_from_the_named_secret_never_the_spec() -> None:
 
 @pytest.mark.parametrize("delete_with_job", [False, True])
 def test_deleting_the_job_keeps_its_models_unless_delete_with_job(
-    tmp_path: Path, delete_with_job: bool
+    delete_with_job: bool,
 ) -> None:
     store = MemoryStore()
-    spec = {
-        "checkpoints": {
-            "keep": 2,
-            "deleteWithJob": delete_with_job,
-            "storage": {"kind": "filesystem", "path": str(tmp_path)},
-        }
-    }
+    spec = {"checkpoints": {"keep": 2, "deleteWithJob": delete_with_job}}  # Redis (default)
     policy = CheckpointsSpec.model_validate(spec["checkpoints"])
-    models = FileModels(tmp_path)
+    models = models_in_store(store)
     token = store.acquire_lease(KEY, "master", 60)
     assert token is not None
     for v in range(3):
@@ -193,6 +188,48 @@ def test_deleting_the_job_keeps_its_models_unless_delete_with_job(
         assert removed_models == 3 and models.names(KEY) == []
     else:
         assert removed_models == 0 and models.names(KEY) == before
+    assert models_out_of_reach(spec) is None
+
+
+def test_models_on_a_filesystem_stay_and_say_why(tmp_path: Path) -> None:
+    # A filesystem (a PVC) is mounted in the job's pods, never in the operator: deleteWithJob
+    # cannot reach it, so the models stay and the reason names where they are.
+    store = MemoryStore()
+    models = FileModels(tmp_path)
+    models.put(KEY, "index.json", b"{}")
+    storage = {"kind": "filesystem", "path": str(tmp_path), "claimName": "models"}
+    spec = {"checkpoints": {"deleteWithJob": True, "storage": storage}}
+    assert delete_stored_job(store, KEY, spec) == (0, 0)
+    assert models.names(KEY) == ["index.json"]
+    reason = models_out_of_reach(spec)
+    assert reason is not None and str(tmp_path) in reason and "PVC models" in reason
+    assert models_out_of_reach({"checkpoints": {"storage": storage}}) is None  # kept anyway
+
+
+@pytest.mark.parametrize(
+    ("secret", "message"),
+    [(None, "not found"), ({"accessKeyId": "k"}, "lacks accessKeyId or secretAccessKey")],
+)
+def test_s3_deletion_needs_the_credentials_secret(
+    secret: dict[str, str] | None, message: str
+) -> None:
+    store = MemoryStore()
+    storage = {
+        "kind": "s3",
+        "bucket": "models",
+        "endpoint": "http://127.0.0.1:9",
+        "credentialsSecret": "s3",
+    }
+    spec = {"checkpoints": {"deleteWithJob": True, "storage": storage}}
+    asked: list[str] = []
+
+    def read(name: str) -> dict[str, str] | None:
+        asked.append(name)
+        return secret
+
+    with pytest.raises(ModelStorageError, match=message):
+        delete_stored_job(store, KEY, spec, read)
+    assert asked == ["s3"]
 
 
 def test_a_spec_that_does_not_parse_keeps_the_models(tmp_path: Path) -> None:

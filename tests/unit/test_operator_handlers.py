@@ -668,6 +668,20 @@ def test_delete_retries_a_dead_store_then_lets_go(world: World) -> None:
     assert KEY in message
 
 
+def test_delete_with_job_on_a_pvc_keeps_the_models_and_warns_where_they_are(world: World) -> None:
+    world.raw["spec"]["checkpoints"] = {
+        "deleteWithJob": True,
+        "storage": {"kind": "filesystem", "path": "/models", "claimName": "team-models"},
+    }
+    world.call(on_create)
+    world.coordinator_reports(rounds=1)
+    world.call(on_delete, retry=0)
+    assert world.store.job_state(KEY) == {}  # the record goes
+    kind, reason, message = world.events.events[-1]
+    assert (kind, reason) == ("Warning", Reason.MODELS_KEPT)
+    assert "/models on PVC team-models" in message
+
+
 # -- startup --------------------------------------------------------------------------------------
 
 

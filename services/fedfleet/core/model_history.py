@@ -124,7 +124,9 @@ class CheckpointsSpec(_Spec):
     error, mse, mae, rmse or perplexity, else `max`. Ties go to the newer model."""
     delete_with_job: bool = False
     """Delete the stored models when the FLJob is deleted. By default they stay (in Redis,
-    the directory or the bucket), fetchable with `fedfleet fetch-model`."""
+    the directory or the bucket), fetchable with `fedfleet fetch-model`. S3 models are deleted
+    with the credentials of `storage.credentialsSecret`; models on a filesystem (a PVC) always
+    stay, since the operator does not mount the job's volumes (a Warning Event says so)."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
     """Where the models' bytes are stored."""
 

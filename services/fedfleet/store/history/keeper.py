@@ -54,8 +54,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def open_models(location: Mapping[str, Any], store: Store | None = None) -> ModelStorage:
-    """The backend a location names (credentials from the environment)."""
+def open_models(
+    location: Mapping[str, Any],
+    store: Store | None = None,
+    credentials: tuple[str, str, str | None] | None = None,
+) -> ModelStorage:
+    """The backend a location names (S3 credentials given, or from the environment)."""
     kind = location.get("kind")
     if kind == StorageKind.filesystem:
         from fedfleet.store.history.files import FileModels
@@ -69,6 +73,7 @@ def open_models(location: Mapping[str, Any], store: Store | None = None) -> Mode
             prefix=str(location.get("prefix", "")),
             endpoint=str(location["endpoint"]) if location.get("endpoint") else None,
             region=str(location.get("region", "us-east-1")),
+            credentials=credentials,
         )
     if kind == StorageKind.redis:
         if store is None:
@@ -77,8 +82,13 @@ def open_models(location: Mapping[str, Any], store: Store | None = None) -> Mode
     raise ModelStorageError(f"unknown model storage kind {kind!r}")
 
 
-def storage_for(spec: CheckpointsSpec, store: Store) -> ModelStorage:
-    """The backend ``spec.checkpoints.storage`` names."""
+def storage_for(
+    spec: CheckpointsSpec,
+    store: Store,
+    credentials: tuple[str, str, str | None] | None = None,
+) -> ModelStorage:
+    """The backend ``spec.checkpoints.storage`` names (S3: ``credentials``, or the
+    environment's)."""
     s = spec.storage
     if s.kind is StorageKind.filesystem:
         return open_models({"kind": "filesystem", "path": s.path})
@@ -90,7 +100,7 @@ def storage_for(spec: CheckpointsSpec, store: Store) -> ModelStorage:
             "endpoint": s.endpoint,
             "region": s.region,
         }
-        return open_models(location)
+        return open_models(location, credentials=credentials)
     return models_in_store(store)
 
 
