@@ -720,3 +720,100 @@ def test_kubectl_explain_documents_the_spec(cluster: Cluster, fedfleet: Installe
     assert "Reports needed to close a round" in out
     out = cluster.kubectl("explain", "fljob.spec.aggregation", check=True).stdout
     assert "algorithm" in out and "fedyogi" in out
+
+
+def _pool(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    return dict(_fljob(cluster, ns, name).get("status", {}).get("aggregators") or {})
+
+
+def _aggregator_pods(cluster: Cluster, ns: str, name: str) -> set[str]:
+    return {
+        p["metadata"]["name"]
+        for p in cluster.list("pods", ns, f"fedfleet.dev/job={name},fedfleet.dev/role=aggregator")
+    }
+
+
+@pytest.mark.timeout(1500)
+def test_a_ten_times_larger_model_gets_more_aggregators_and_the_pool_shrinks_again(
+    cluster: Cluster, fedfleet: Installed, namespace: str
+) -> None:
+    """Sizing by update bytes (operator/CONTRACT.md, "Aggregator pool"): no fleet is needed,
+    the aggregators publish the model's update size as soon as they run, and rounds of 8 s
+    (the selection timeout, until one commits) of 26 devices set the bytes to fold."""
+    actors = {
+        "selectors": 1,
+        "devicesPerAggregator": 26,  # one aggregator by devices, for both jobs
+        "maxAggregators": 6,
+        "aggregatorBytesPerSecond": 16 * 1024,
+        "scaleDownStabilizationSeconds": 0,
+    }
+    rounds = {"total": 400, "selectionTimeoutSeconds": 8}
+    small = _example(rounds=rounds, actors=actors)
+    small["metadata"] = {"name": "pool-small"}
+    large = _example(rounds=rounds, actors=actors, model={"kind": "mlp", "hidden": [86]})
+    large["metadata"] = {"name": "pool-large"}  # 6,460 parameters: 9.9x the softmax's 650
+    # One job at a time: the node runs every pod as a process, on a shared machine.
+    cluster.apply(small, namespace)
+    small_pool = cluster.wait_for(
+        lambda: (p := _pool(cluster, namespace, "pool-small")).get("current") == 1 and p,
+        timeout=420,
+        what="the small model's aggregator registered and sized",
+        namespace=namespace,
+    )
+    assert small_pool["replicas"] == small_pool["desired"] == 1, small_pool  # 26 x 2.6 kB / 8 s
+    cluster.kubectl("delete", "fljob", "pool-small", "-n", namespace, "--wait=false", check=True)
+    cluster.apply(large, namespace)
+    # 26 x 25.8 kB / 8 s = 82 kB/s: six at 16 KiB/s.
+    grown = cluster.wait_for(
+        lambda: (p := _pool(cluster, namespace, "pool-large")).get("replicas") == 6 and p,
+        timeout=420,
+        what="the large model's pool at 6 aggregators",
+        namespace=namespace,
+    )
+    assert "bytes" in grown["reason"]
+    cluster.wait_for(
+        lambda: _pool(cluster, namespace, "pool-large").get("current") == 6,
+        timeout=420,
+        what="6 aggregators of the large model registered",
+        namespace=namespace,
+    )
+    # Selection shrinks to 7 devices a round: 22 kB/s, two aggregators.
+    cluster.kubectl(
+        "patch", "fljob", "pool-large", "-n", namespace, "--type=merge",
+        "-p", json.dumps({"spec": {"rounds": {"goalCount": 5}}}), check=True,
+    )  # fmt: skip
+    drained = cluster.wait_for(
+        lambda: (
+            (p := _pool(cluster, namespace, "pool-large")).get("desired") == 2
+            and (p.get("draining") or p.get("leaving"))
+            and p
+        ),
+        timeout=180,
+        what="the large model's pool draining to 2",
+        namespace=namespace,
+    )
+    going = set(drained.get("draining") or []) | set(drained.get("leaving") or [])
+    # Four go; a replica whose registration lapsed (a slow heartbeat on a loaded node) goes
+    # first without a drain, as one that never registered would.
+    assert 1 <= len(going) <= 4, drained
+    cluster.wait_for(
+        lambda: (
+            (cluster.get("deployment", "pool-large-aggregator", namespace) or {})
+            .get("spec", {})
+            .get("replicas")
+            == 2
+            and _aggregator_pods(cluster, namespace, "pool-large").isdisjoint(going)
+            and len(_aggregator_pods(cluster, namespace, "pool-large")) == 2
+        ),
+        timeout=300,
+        what="the pool down to 2, the drained aggregators' pods gone",
+        namespace=namespace,
+    )
+    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True)
+    reasons = {e.get("reason") for e in json.loads(events.stdout)["items"]}
+    assert {"AggregatorsScaledUp", "AggregatorsDraining", "AggregatorsScaledDown"} <= reasons
+    store = open_store(fedfleet.redis_url)
+    try:
+        assert store.draining(f"{namespace}/pool-large") <= going
+    finally:
+        store.close()
