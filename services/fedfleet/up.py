@@ -219,6 +219,10 @@ def run_up(
             )
 
         state, history, checkpoint, result.model_version = asyncio.run(final())
+        if checkpoint is not None:
+            # The pointer names the model's bytes in the model storage (in this deployment's
+            # Redis by default): read them while the deployment still runs.
+            result.model_bytes = checkpoint_bytes(store, checkpoint)
     for actor_id, status, log_path in deployment.failures:
         print(f"actor {actor_id} exited with status {status}; its log: {log_path}", file=sys.stderr)
     result.wall_seconds = time.perf_counter() - wall0
@@ -231,7 +235,5 @@ def run_up(
         result.final_metrics = numeric_metrics(history[-1])
         result.final_accuracy = result.final_metrics.get("accuracy")
         result.final_loss = result.final_metrics.get("loss")
-    if checkpoint is not None:
-        result.model_bytes = checkpoint_bytes(store, checkpoint)
     result.best_model = best_model_of(history, job.spec.checkpoints)
     return result
