@@ -814,6 +814,9 @@ def test_a_ten_times_larger_model_gets_more_aggregators_and_the_pool_shrinks_aga
     assert {"AggregatorsScaledUp", "AggregatorsDraining", "AggregatorsScaledDown"} <= reasons
     store = open_store(fedfleet.redis_url)
     try:
-        assert store.draining(f"{namespace}/pool-large") <= going
+        # The two that stay get rounds: neither is in the draining set (the spec patch also
+        # rolled the pods, so later drains may name pods the first look did not).
+        survivors = _aggregator_pods(cluster, namespace, "pool-large")
+        assert store.draining(f"{namespace}/pool-large").isdisjoint(survivors)
     finally:
         store.close()
