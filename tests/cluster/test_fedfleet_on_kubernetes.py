@@ -164,6 +164,11 @@ def _drive(
             pods = _ready_pods(cluster, ns, f"fedfleet.dev/job={name},fedfleet.dev/role=selector")
             urls = [f"http://{p['status']['podIP']}:8080" for p in pods]
             if not urls:
+                # No selector to drive (not up yet, or the job ended and its actors went):
+                # the FLJob may already be where the test wants it.
+                last = await asyncio.to_thread(_fljob, cluster, ns, name)
+                if until(last):
+                    return last
                 await asyncio.sleep(1)
                 continue
             fleet = HttpFleet(
@@ -194,8 +199,12 @@ def _drive(
                             cluster, ns, f"fedfleet.dev/job={name},fedfleet.dev/role=selector"
                         )
                     }
-                    if now != known:
-                        break  # selector pods changed: restart the fleet on the new set
+                    # Selector pods changed: restart the fleet on the new set. None left
+                    # (suspended, or the job ended and its actors went): keep watching the
+                    # FLJob, whose status may reach its end only now (and a TTL may remove it
+                    # soon after), until selectors come back.
+                    if now and now != known:
+                        break
             finally:
                 await asyncio.to_thread(_stop_fleet, fleet, runner)
         return last
