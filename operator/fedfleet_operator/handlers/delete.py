@@ -131,7 +131,7 @@ def on_delete(body: kopf.Body, retry: int, memo: kopf.Memo, logger: kopf.Logger,
             ctx.events.warn(body, reason=Reason.CLEANUP_SKIPPED, message=message)
             return
         raise kopf.TemporaryError(
-            f"store unavailable (attempt {attempts} of {limit}): {exc}",
+            f"store or model storage unavailable (attempt {attempts} of {limit}): {exc}",
             delay=ctx.settings.cleanup_retry_delay,
         ) from exc
     logger.info("removed job %s from the store (%d keys, %d stored models)", key, removed, models)
