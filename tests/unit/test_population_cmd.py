@@ -10,6 +10,7 @@ import pytest
 
 from fedfleet.cli import main
 from fedfleet.redis_server import free_port
+from fedfleet.service import ops
 
 pytestmark = pytest.mark.unit
 
@@ -50,3 +51,21 @@ def test_revoke_refuses_bad_input_before_touching_a_store(
     assert "--store" in capsys.readouterr().err
     assert main([*argv, "d-1"]) == 1  # the store is unreachable
     assert "unavailable" in capsys.readouterr().err
+
+
+def test_a_selector_refuses_a_bad_population_secret_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the service would take over the process's logging: not in a test process
+    monkeypatch.setattr(ops, "configure_logging", lambda *a, **k: None)
+    manifest = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "digits.yaml"
+    job_secret = tmp_path / "job-secret"
+    job_secret.write_text("ab" * 32)
+    short = tmp_path / "population-secret"
+    short.write_text("abcd")
+    argv = ["selector", "--manifest", str(manifest), "--secret-file", str(job_secret),
+            "--store", f"redis://127.0.0.1:{free_port('127.0.0.1')}/0"]  # fmt: skip
+    assert main([*argv, "--population-secret-file", str(short)]) == 2
+    assert "population secret" in capsys.readouterr().err
+    assert main([*argv, "--population-secret-file", str(tmp_path / "absent")]) == 2
+    assert "population secret" in capsys.readouterr().err
