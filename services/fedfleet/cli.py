@@ -348,21 +348,56 @@ def _args_up(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=3600.0, help="give up after this many seconds"
     )
+    parser.add_argument(
+        "--no-fleet",
+        action="store_true",
+        help="start only the server side: real devices (`fedfleet device run`) train the job",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="with --no-fleet: keep the population's endpoint (DIR/endpoint.json: url, "
+        "population, enrollToken), secret and store here, for this and later jobs",
+    )
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="with --state-dir: the selector's address (default: the last job's, else "
+        "127.0.0.1 and a free port)",
+    )
     _args_output(parser)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from fedfleet.endpoint import EndpointError, parse_listen
     from fedfleet.local import ActorFailed
     from fedfleet.up import UpOptions, run_up
 
+    if bool(args.no_fleet) != (args.state_dir is not None):
+        raise _UsageError(
+            [
+                "error: --no-fleet and --state-dir DIR go together (real devices "
+                "find the server through DIR/endpoint.json)"
+            ]
+        )
+    if args.listen is not None and args.state_dir is None:
+        raise _UsageError(["error: --listen needs --no-fleet --state-dir DIR"])
     job = _fits(_load_file(args.manifest), args, str(args.manifest))
-    _check_task_and_data(job)
+    _check_task_and_data(job)  # the server side evaluates the task on the job's data too
+    try:
+        listen = parse_listen(args.listen)
+    except EndpointError as exc:
+        raise _UsageError([f"error: {exc}"]) from None
     opts = UpOptions(
         store_url=args.store,
         selectors=args.selectors,
         aggregators=args.aggregators,
         time_scale=args.time_scale,
         timeout=args.timeout,
+        no_fleet=args.no_fleet,
+        state_dir=args.state_dir,
+        listen=listen,
     )
     try:
         return _run(
@@ -375,6 +410,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except ActorFailed as exc:
         print(f"error: an actor failed to start: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except EndpointError as exc:
+        return _error([f"error: {exc}"])
 
 
 def _args_service(parser: argparse.ArgumentParser) -> None:

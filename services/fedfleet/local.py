@@ -148,8 +148,12 @@ class LocalDeployment:
         lease_ttl: float = 3.0,
         python: str = sys.executable,
         population_secret: bytes | None = None,
+        selector_address: tuple[str, int] | None = None,
     ) -> None:
+        """``selector_address`` pins the first selector's host and port (a population endpoint
+        that devices keep across jobs); the other actors take loopback addresses of their own."""
         self.job = job
+        self.selector_address = selector_address
         self._own_workdir = workdir is None
         self.workdir = (workdir or Path(tempfile.mkdtemp(prefix=f"fedfleet-{job.name}-"))).resolve()
         self.redis: RedisServer | None = None
@@ -203,6 +207,8 @@ class LocalDeployment:
         old = self.actors.get(actor_id)
         if old is not None:
             host, port = old.host, old.port
+        elif actor_id == "selector-0" and self.selector_address is not None:
+            host, port = self.selector_address
         else:
             host = f"127.0.0.{self._next_host}"
             self._next_host += 1

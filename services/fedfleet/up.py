@@ -14,14 +14,17 @@ the job's timeout ends it, with a one-line error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from fedfleet.core.roles import JobPhase
 from fedfleet.core.spec import FLJob
+from fedfleet.endpoint import EndpointError
 from fedfleet.local import LocalDeployment
 from fedfleet.results import (
     JobResult,
@@ -61,6 +64,12 @@ class UpOptions:
     timeout: float = 3600.0
     restart_redis: bool = True
     """Start the private redis-server again if it dies (it reloads its append-only file)."""
+    no_fleet: bool = False
+    """Start only the server side: real devices (``fedfleet device run``) do the training."""
+    state_dir: Path | None = None
+    """With ``no_fleet``: the population endpoint kept across jobs (:mod:`fedfleet.endpoint`)."""
+    listen: tuple[str, int] | None = None
+    """With ``state_dir``: the selector's host and port (the last job's, else a free one)."""
 
 
 class StoreWatch:
@@ -176,6 +185,66 @@ async def follow(
     return False
 
 
+def _deployment(
+    job: FLJob, opts: UpOptions, stack: contextlib.ExitStack
+) -> tuple[LocalDeployment, Callable[[], None]]:
+    """The deployment ``opts`` asks for, and what to do once it serves: with a state
+    directory, its store and population endpoint, and ``endpoint.json`` written once the
+    selector listens (a device or a script waiting for the file finds the server up)."""
+    if opts.state_dir is None:
+        return LocalDeployment(
+            job,
+            store_url=opts.store_url,
+            selectors=opts.selectors,
+            aggregators=opts.aggregators,
+            tick_seconds=opts.tick_seconds,
+            lease_ttl=opts.lease_ttl,
+        ), lambda: None
+    from fedfleet.endpoint import load_or_create
+    from fedfleet.redis_server import RedisServer
+    from fedfleet.service.enrollment import enroll_token
+    from fedfleet.store.factory import open_store
+
+    endpoint = load_or_create(opts.state_dir, job.spec.population, opts.listen)
+    store_url = opts.store_url
+    if store_url is None:
+        redis = RedisServer(endpoint.redis_dir)
+        redis.start()
+        stack.callback(redis.stop)
+        store_url = redis.url
+    store = open_store(store_url)
+    try:
+        phase = store.job_state(job.key).get("phase")
+    finally:
+        store.close()
+    if phase in (JobPhase.succeeded.value, JobPhase.failed.value):
+        raise EndpointError(
+            f"job {job.name} already ended ({phase}) in {opts.state_dir}: give the new job "
+            "another metadata.name, or use another --state-dir"
+        )
+    deployment = LocalDeployment(
+        job,
+        store_url=store_url,
+        selectors=1,  # devices know one URL: a second selector would hold quota nobody reaches
+        aggregators=opts.aggregators,
+        tick_seconds=opts.tick_seconds,
+        lease_ttl=opts.lease_ttl,
+        selector_address=(endpoint.host, endpoint.port),
+        population_secret=endpoint.secret,
+    )
+    token = enroll_token(endpoint.secret)
+
+    def announce() -> None:
+        path = endpoint.write(token)
+        print(
+            f"devices of population {job.spec.population!r} join at {endpoint.url}: {path}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return deployment, announce
+
+
 def run_up(
     job: FLJob, progress: ProgressSink | None = None, options: UpOptions | None = None
 ) -> JobResult:
@@ -184,17 +253,15 @@ def run_up(
     opts = options or UpOptions()
     result = JobResult(job=job.name)
     wall0 = time.perf_counter()
-    with LocalDeployment(
-        job,
-        store_url=opts.store_url,
-        selectors=opts.selectors,
-        aggregators=opts.aggregators,
-        tick_seconds=opts.tick_seconds,
-        lease_ttl=opts.lease_ttl,
-    ) as deployment:
+    with contextlib.ExitStack() as stack:
+        deployment, announce = _deployment(job, opts, stack)
+        stack.enter_context(deployment)
+        announce()
         watch = StoreWatch(deployment, restart_redis=opts.restart_redis)
 
         async def main() -> bool:
+            if opts.no_fleet:
+                return await follow(deployment, result, progress, timeout=opts.timeout, watch=watch)
             fleet = HttpFleet(
                 job, deployment.urls("selector"), deployment.keys, time_scale=opts.time_scale
             )
