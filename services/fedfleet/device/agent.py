@@ -1,0 +1,562 @@
+"""One real device taking part in its population's federated learning, for as long as it runs.
+
+:class:`DeviceAgent` is the public entry point for an app on a Linux device (and the reference
+that mobile SDKs follow). It is configured once — server URL, population, state directory,
+Example Store, the tasks it may run, where its eligibility comes from — and then loops:
+
+1. enroll once (``POST /v1/enroll``) and keep the identity in the state directory; renew the
+   credential once half its lifetime has passed;
+2. check in only when the device is eligible and the persisted reconnect time has come (the
+   time is picked inside the server's window by :class:`~fedfleet.device.runtime.FLRuntime`);
+3. back off on 503 / 429 (``Retry-After``) and on connection errors (exponential, 1-60 s, with
+   jitter) without ever giving up: a job ending and its selector going away is normal;
+4. when selected, run the task with :class:`FLRuntime` on the Example Store, re-checking the
+   signals before every epoch and aborting (``POST /v1/aborts``) when eligibility is lost, and
+   report at most once per round (the round key is written to the state before the upload).
+
+Security: a device only runs the tasks it was configured to run (the built-in ones unless told
+otherwise); any other task ref is refused locally and the assignment aborted, so a server cannot
+make a device import arbitrary modules. A task's ``path`` from the server is ignored for the same
+reason (allowed tasks must be installed). A 401 with a stored credential stops the agent with
+:class:`CredentialRefused`: it never re-enrolls on its own (that is ``re_enroll=True``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Collection
+from contextlib import suppress
+from datetime import UTC, datetime
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from fedfleet.core.protocol import Assignment, Reconnect, ReportEnvelope
+from fedfleet.core.secagg import SecAggError
+from fedfleet.core.spec import BUILTIN_TASK_REF, EligibilitySpec, TaskSpec
+from fedfleet.device.enroll_client import EnrollmentClient
+from fedfleet.device.http_transport import (
+    ProtocolError,
+    Refused,
+    SelectorClient,
+    ServerBusy,
+    TaskInfo,
+    TransportError,
+    Unreachable,
+)
+from fedfleet.device.runtime import (
+    DeviceConditions,
+    ExampleSource,
+    FLRuntime,
+    SecureContribution,
+    TaskAborted,
+)
+from fedfleet.device.scheduling import backoff_delay, renew_due, retry_after_delay
+from fedfleet.device.secure import SecureSession
+from fedfleet.device.signals import ConditionsError
+from fedfleet.device.state import Identity, StateDir, StateError
+from fedfleet.tasks import LoadedTask, TaskError, load_task
+
+__all__ = [
+    "BUILTIN_TASKS",
+    "CREDENTIAL_REFUSED",
+    "ConditionsSource",
+    "CredentialRefused",
+    "DeviceAgent",
+    "EnrollmentRefused",
+]
+
+log = logging.getLogger("fedfleet.device")
+
+BUILTIN_TASKS: frozenset[str] = frozenset({BUILTIN_TASK_REF})
+"""The task refs every device runs unless configured otherwise."""
+
+CREDENTIAL_REFUSED = "credential refused (revoked or expired): re-enroll with --re-enroll"
+
+_T = TypeVar("_T")
+
+
+class CredentialRefused(Exception):
+    """The server refused this device's stored credential (401): revoked or expired."""
+
+    def __init__(self) -> None:
+        super().__init__(CREDENTIAL_REFUSED)
+
+
+class EnrollmentRefused(StateError):
+    """Enrollment cannot succeed as configured (no or a wrong token, unknown population)."""
+
+
+class ConditionsSource(Protocol):
+    """Where the agent reads its eligibility conditions from, for example
+    :class:`~fedfleet.device.signals.SystemSignals`. ``busy`` is True while this device is
+    training (its own load must not count against it); an app's callable may ignore it."""
+
+    def __call__(self, busy: bool = False) -> DeviceConditions: ...
+
+
+class _Stopped(Exception):
+    """The stop event was set while waiting."""
+
+
+def _when(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+class DeviceAgent:
+    """A device of ``population`` at ``server``, with its state in ``state``.
+
+    ``examples`` is the Example Store the app feeds; ``conditions`` reads the eligibility
+    signals; ``allowed_tasks`` are the task refs it may run; ``enroll_token`` is needed only
+    until the device is enrolled. ``policy`` is the device's own eligibility gate (charging,
+    unmetered, idle and at least one example by default: the server applies the job's own on
+    top). The ``*_seconds`` knobs: how long an ineligible device waits before it looks again,
+    how long it rests after a report, how long it waits for a plan once selected.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        population: str,
+        state: StateDir,
+        examples: ExampleSource,
+        *,
+        conditions: ConditionsSource,
+        allowed_tasks: Collection[str] = BUILTIN_TASKS,
+        enroll_token: str | None = None,
+        re_enroll: bool = False,
+        policy: EligibilitySpec | None = None,
+        recheck_seconds: float = 60.0,
+        rest_seconds: float = 10.0,
+        task_wait_seconds: float = 600.0,
+        poll_wait: float = 10.0,
+        secagg_poll_seconds: float = 0.5,
+        seed: int | None = None,
+    ) -> None:
+        self.server = server.rstrip("/")
+        self.population = population
+        self.state = state
+        self.examples = examples
+        self.conditions = conditions
+        self.allowed_tasks = frozenset(allowed_tasks)
+        self.enroll_token = enroll_token
+        self.re_enroll = re_enroll
+        self.policy = policy or EligibilitySpec()
+        self.recheck_seconds = recheck_seconds
+        self.rest_seconds = rest_seconds
+        self.task_wait_seconds = task_wait_seconds
+        self.poll_wait = poll_wait
+        self.secagg_poll_seconds = secagg_poll_seconds
+        self.rng = random.Random(seed)
+        self._np_rng = np.random.default_rng(seed)
+        self.identity: Identity | None = None
+        self.reported: list[str] = state.load_reported()
+        self.next_checkin = state.load_next_checkin()
+        self._failures = 0
+        self._renew_failures = 0
+        self._renew_not_before = 0.0
+        self._last_ineligible: str | None = None
+        self._stop = threading.Event()
+        self._abort_reason = "eligibility-lost"
+        self._runtime: FLRuntime | None = None
+
+    # -- public API ------------------------------------------------------------------------------
+    def enroll_if_needed(self, stop: threading.Event | None = None) -> Identity | None:
+        """The stored identity, or a new one from ``POST /v1/enroll`` (retried while the server
+        is unreachable or busy; None if ``stop`` was set meanwhile). Raises
+        :class:`EnrollmentRefused` when it cannot succeed."""
+        self._stop = stop or threading.Event()
+        try:
+            return asyncio.run(self._with_enroller(self._enroll))
+        except _Stopped:
+            return None
+
+    def run(self, stop: threading.Event) -> None:
+        """Take part until ``stop`` is set (then abort a running task and return). Raises
+        :class:`CredentialRefused` on a 401 with the stored credential."""
+        self._stop = stop
+        asyncio.run(self._main())
+
+    # -- plumbing --------------------------------------------------------------------------------
+    async def _with_enroller(self, body: _EnrollStep) -> Identity:
+        enroller = EnrollmentClient(self.server)
+        try:
+            return await body(enroller)
+        finally:
+            await enroller.aclose()
+
+    async def _guard(self, aw: Awaitable[_T]) -> _T:
+        """Await ``aw`` unless the stop event is set first (then cancel it, raise _Stopped)."""
+        task = asyncio.ensure_future(aw)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if self._stop.is_set():
+                task.cancel()
+                with suppress(BaseException):
+                    await task
+                raise _Stopped
+
+    async def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + max(0.0, seconds)
+        while not self._stop.is_set() and (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(0.2, left))
+        if self._stop.is_set():
+            raise _Stopped
+
+    def _save_schedule(self) -> None:
+        self.state.save_schedule(self.next_checkin, self.reported)
+
+    def _later(self, delay: float, why: str) -> None:
+        self.next_checkin = time.time() + delay
+        self._save_schedule()
+        log.info("%s; next check-in in %.1fs", why, delay)
+
+    def _failed(self, exc: Exception, what: str, *, credential: bool = False) -> None:
+        """Schedule the retry after a failed request (never gives up). A 401 to a request
+        that carried the credential (``credential``) is :class:`CredentialRefused`."""
+        if credential and isinstance(exc, Refused) and exc.status == 401:
+            raise CredentialRefused
+        self._failures += 1
+        if isinstance(exc, ServerBusy | Refused) and (
+            isinstance(exc, ServerBusy) or exc.status == 429
+        ):
+            delay = retry_after_delay(exc.retry_after, self._failures, self.rng)
+        else:
+            delay = backoff_delay(self._failures, self.rng)
+        self._later(delay, f"{what}: {exc}")
+
+    # -- enrollment ------------------------------------------------------------------------------
+    async def _enroll(self, enroller: EnrollmentClient) -> Identity:
+        identity = self.state.load_identity()
+        if identity is not None and self.re_enroll:
+            log.info("re-enrolling: forgetting device %s", identity.device_id)
+            self.state.clear_identity()
+            identity = None
+        self.re_enroll = False
+        if identity is not None:
+            if identity.population != self.population:
+                raise EnrollmentRefused(
+                    f"state directory {self.state.path} belongs to population "
+                    f"{identity.population!r}, not {self.population!r} (use another --state)"
+                )
+            if identity.server != self.server:
+                log.info("server moved from %s to %s", identity.server, self.server)
+                identity = Identity.from_dict({**identity.as_dict(), "server": self.server})
+                self.state.save_identity(identity)
+            self.identity = identity
+            return identity
+        if not self.enroll_token:
+            raise EnrollmentRefused(
+                f"this device is not enrolled yet (no identity in {self.state.path}): "
+                "give it the population's enrollment token (--enroll-token)"
+            )
+        failures = 0
+        while True:
+            try:
+                identity = await self._guard(enroller.enroll(self.population, self.enroll_token))
+                break
+            except Refused as exc:
+                if exc.status == 401:
+                    raise EnrollmentRefused("enrollment token refused (401)") from None
+                if exc.status != 429:
+                    raise EnrollmentRefused(f"enrollment refused: {exc}") from None
+                failures += 1
+                delay = retry_after_delay(exc.retry_after, failures, self.rng)
+            except (Unreachable, ServerBusy, ProtocolError) as exc:
+                failures += 1
+                delay = (
+                    retry_after_delay(exc.retry_after, failures, self.rng)
+                    if isinstance(exc, ServerBusy)
+                    else backoff_delay(failures, self.rng)
+                )
+                log.info("enroll: %s; retrying in %.1fs", exc, delay)
+            await self._sleep(delay)
+        self.state.save_identity(identity)
+        self.reported, self.next_checkin = [], 0.0
+        self._save_schedule()
+        log.info(
+            "enrolled as %s in %s (credential expires %s)",
+            identity.device_id,
+            identity.population,
+            _when(identity.expires_at),
+        )
+        self.identity = identity
+        return identity
+
+    async def _renew_if_due(self, enroller: EnrollmentClient) -> None:
+        identity = self.identity
+        now = time.time()
+        if identity is None or not renew_due(identity, now) or now < self._renew_not_before:
+            return
+        try:
+            renewed = await self._guard(enroller.renew(identity))
+        except Refused as exc:
+            if exc.status == 401:
+                raise CredentialRefused from None
+            renewed = None
+            error: Exception = exc
+        except (Unreachable, ServerBusy, ProtocolError) as exc:
+            renewed, error = None, exc
+        if renewed is None:
+            self._renew_failures += 1
+            delay = backoff_delay(self._renew_failures, self.rng, low=30.0, high=3600.0)
+            self._renew_not_before = now + delay
+            log.info("renew: %s; trying again in %.0fs", error, delay)
+            return
+        self._renew_failures = 0
+        self.state.save_identity(renewed)
+        self.identity = renewed
+        log.info("credential renewed (expires %s)", _when(renewed.expires_at))
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def _main(self) -> None:
+        enroller = EnrollmentClient(self.server)
+        client = SelectorClient(
+            self.server, max_connections=4, max_long_polls=2, poll_wait=self.poll_wait
+        )
+        try:
+            identity = await self._enroll(enroller)
+            runtime = FLRuntime(
+                identity.device_id,
+                self.population,
+                self.examples,
+                policy=self.policy,
+                rng=self._np_rng,
+                tasks=self._load_task,
+            )
+            runtime.next_checkin = self.next_checkin
+            self._runtime = runtime
+            while not self._stop.is_set():
+                await self._renew_if_due(enroller)
+                await self._step(client, runtime)
+        except _Stopped:
+            pass
+        finally:
+            self._save_schedule()
+            await client.aclose()
+            await enroller.aclose()
+        log.info("stopped")
+
+    def _load_task(self, spec: TaskSpec) -> LoadedTask:
+        """Only the allowed tasks, and only as installed (a server-given ``path`` is ignored)."""
+        if spec.ref not in self.allowed_tasks:
+            raise TaskError(f"task {spec.ref} is not allowed on this device")
+        return load_task(spec.model_copy(update={"path": None}))
+
+    def _read_conditions(self, busy: bool = False) -> DeviceConditions | str:
+        try:
+            return self.conditions(busy=busy)
+        except ConditionsError as exc:
+            return f"conditions-unreadable ({exc})"
+
+    async def _step(self, client: SelectorClient, runtime: FLRuntime) -> None:
+        now = time.time()
+        if now < self.next_checkin:
+            # Wake at least once a minute: a renewal may come due meanwhile.
+            await self._sleep(min(self.next_checkin - now, 60.0))
+            return
+        conditions = self._read_conditions()
+        reason = (
+            conditions
+            if isinstance(conditions, str)
+            else runtime.ineligible_because(conditions, now)
+        )
+        if reason is not None or isinstance(conditions, str):
+            if reason != self._last_ineligible:
+                log.info("not eligible: %s", reason)
+                self._last_ineligible = reason
+            await self._sleep(self.recheck_seconds * self.rng.uniform(0.5, 1.5))
+            return
+        self._last_ineligible = None
+        assert self.identity is not None
+        try:
+            answer = await self._guard(
+                client.checkin(runtime.checkin(conditions, now), self.identity.credential)
+            )
+        except TransportError as exc:
+            self._failed(exc, "check-in", credential=True)
+            return
+        self._failures = 0
+        if isinstance(answer, Reconnect):
+            runtime.on_reconnect(answer)
+            self.next_checkin = runtime.next_checkin
+            self._save_schedule()
+            log.info(
+                "check-in: reconnect (%s) at %s", answer.reason or "-", _when(self.next_checkin)
+            )
+            return
+        log.info("check-in: selected for round %s", answer.round_key)
+        await self._participate(client, runtime, answer)
+
+    async def _participate(
+        self, client: SelectorClient, runtime: FLRuntime, assignment: Assignment
+    ) -> None:
+        identity = self.identity
+        assert identity is not None
+        device_id, key = identity.device_id, assignment.round_key
+        try:
+            info = await self._guard(
+                client.wait_task(assignment, device_id, give_up_after=self.task_wait_seconds)
+            )
+        except TransportError as exc:
+            self._failed(exc, f"waiting for the plan of {key}")
+            return
+        except _Stopped:
+            await self._abort(client, assignment, "stopped")
+            raise
+        if info is None:
+            self._later(backoff_delay(1, self.rng), f"round {key}: released before its plan")
+            return
+        if isinstance(info, Reconnect):
+            runtime.on_reconnect(info)
+            self._later(max(0.0, runtime.next_checkin - time.time()), f"round {key} ended")
+            return
+        refusal = self._refusal(info)
+        if refusal is not None:
+            log.warning("round %s: refusing task %s: %s", key, info.task.ref, refusal)
+            await self._abort(client, assignment, refusal)
+            self._later(self.recheck_seconds, f"round {key}: task refused")
+            return
+        try:
+            await self._train_and_report(client, runtime, assignment, info)
+        except _Stopped:
+            await self._abort(client, assignment, "stopped")
+            raise
+
+    def _refusal(self, info: TaskInfo) -> str | None:
+        if info.task.ref not in self.allowed_tasks:
+            return "task-not-allowed"
+        if info.round_key in self.reported:
+            return "already-reported"
+        return None
+
+    async def _train_and_report(
+        self, client: SelectorClient, runtime: FLRuntime, assignment: Assignment, info: TaskInfo
+    ) -> None:
+        identity = self.identity
+        assert identity is not None
+        key = assignment.round_key
+        try:
+            task = await self._guard(
+                client.task(assignment, info, identity.device_id, identity.credential)
+            )
+        except TransportError as exc:
+            await self._abort(client, assignment, "checkpoint-unavailable")
+            self._failed(exc, f"checkpoint {info.model_version} of {key}", credential=True)
+            return
+        self._abort_reason = "eligibility-lost"
+        try:
+            outcome = await asyncio.to_thread(runtime.execute, task, time.time(), self._eligible)
+        except TaskAborted as exc:
+            if self._stop.is_set():
+                raise _Stopped from None
+            log.info("round %s: task aborted: %s", key, exc)
+            reason = self._abort_reason if "eligib" in str(exc) else "task-error"
+            await self._abort(client, assignment, reason)
+            self._later(self.recheck_seconds, f"round {key}: aborted")
+            return
+        except Exception as exc:  # the task's own code failed on this device's data
+            log.warning("round %s: task failed: %s: %s", key, type(exc).__name__, exc)
+            await self._abort(client, assignment, "task-error")
+            self._later(self.recheck_seconds, f"round {key}: task failed")
+            return
+        # At most once: the key is in the state before any byte of the report leaves.
+        self.reported.append(key)
+        self._save_schedule()
+        if isinstance(outcome, SecureContribution):
+            ok = await self._secure(client, outcome)
+            what = "secure aggregation completed" if ok else "left secure aggregation"
+        else:
+            ok = await self._report(client, outcome, info.aggregator)
+            what = "reported" if ok else "report not accepted"
+        log.info("round %s: %s", key, what)
+        self._later(self.rest_seconds * self.rng.uniform(0.5, 1.5), f"round {key} done")
+
+    def _eligible(self, epoch: int) -> bool:
+        """Asked by the training thread before every epoch."""
+        if self._stop.is_set():
+            self._abort_reason = "stopped"
+            return False
+        conditions = self._read_conditions(busy=True)
+        runtime = self._runtime
+        assert runtime is not None
+        reason = (
+            conditions
+            if isinstance(conditions, str)
+            else runtime.ineligible_because(conditions, time.time())
+        )
+        if reason is not None:
+            self._abort_reason = f"eligibility-lost: {reason}"[:200]
+            return False
+        return True
+
+    async def _abort(self, client: SelectorClient, assignment: Assignment, reason: str) -> None:
+        """Tell the selector (best effort, bounded: this also runs on the way out)."""
+        assert self.identity is not None
+        try:
+            await asyncio.wait_for(
+                client.abort(
+                    assignment.round_key, self.identity.device_id, assignment.ticket, reason
+                ),
+                timeout=5.0,
+            )
+            log.info("round %s: aborted (%s)", assignment.round_key, reason)
+        except (TransportError, TimeoutError) as exc:
+            log.info("round %s: abort not delivered: %s", assignment.round_key, exc)
+
+    async def _report(self, client: SelectorClient, env: ReportEnvelope, aggregator: str) -> bool:
+        for attempt in range(1, 4):
+            try:
+                await self._guard(client.report(env, aggregator))
+                return True
+            except (Unreachable, ServerBusy) as exc:
+                delay = (
+                    retry_after_delay(exc.retry_after, attempt, self.rng)
+                    if isinstance(exc, ServerBusy)
+                    else backoff_delay(attempt, self.rng)
+                )
+                log.info("report of %s: %s; retrying in %.1fs", env.round_key, exc, delay)
+                await self._sleep(delay)
+            except (Refused, ProtocolError) as exc:
+                if isinstance(exc, Refused) and exc.status == 401:
+                    raise CredentialRefused from None
+                log.info("report of %s refused: %s", env.round_key, exc)
+                return False
+        return False
+
+    async def _secure(self, client: SelectorClient, c: SecureContribution) -> bool:
+        """Walk the Secure Aggregation session (the simulated fleet's steps, one selector)."""
+        session = SecureSession(c)
+        give_up = time.monotonic() + self.task_wait_seconds
+
+        async def call(step: str, body: bytes = b"") -> dict[str, object] | None:
+            return await self._guard(
+                client.secagg(c.round_key, c.device_id, c.ticket, c.aggregator, step, body)
+            )
+
+        try:
+            step, body = session.start()
+            while True:
+                await call(step, body)
+                session.sent(step)
+                if session.done:
+                    return True
+                assert session.poll is not None
+                while (published := await call(session.poll)) is None:
+                    if time.monotonic() > give_up:
+                        return False
+                    await self._sleep(self.secagg_poll_seconds)
+                step, body = await asyncio.to_thread(session.answer, dict(published))
+        except (TransportError, SecAggError) as exc:
+            log.info("secure aggregation of %s: %s", c.round_key, exc)
+            return False
+
+
+class _EnrollStep(Protocol):
+    def __call__(self, enroller: EnrollmentClient) -> Awaitable[Identity]: ...
