@@ -28,25 +28,27 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Collection
-from contextlib import suppress
-from datetime import UTC, datetime
-from typing import Protocol, TypeVar
+from collections.abc import Collection
+from typing import Protocol
 
 import numpy as np
 
-from fedfleet.core.protocol import Assignment, Reconnect, ReportEnvelope
-from fedfleet.core.secagg import SecAggError
+from fedfleet.core.protocol import Assignment, Reconnect
 from fedfleet.core.spec import BUILTIN_TASK_REF, EligibilitySpec, TaskSpec
 from fedfleet.device.enroll_client import EnrollmentClient
+from fedfleet.device.enrollment import (
+    CREDENTIAL_REFUSED,
+    CredentialRefused,
+    Enrollment,
+    EnrollmentRefused,
+    when,
+)
 from fedfleet.device.http_transport import (
-    ProtocolError,
     Refused,
     SelectorClient,
     ServerBusy,
     TaskInfo,
     TransportError,
-    Unreachable,
 )
 from fedfleet.device.runtime import (
     DeviceConditions,
@@ -55,10 +57,15 @@ from fedfleet.device.runtime import (
     SecureContribution,
     TaskAborted,
 )
-from fedfleet.device.scheduling import backoff_delay, renew_due, retry_after_delay
-from fedfleet.device.secure import SecureSession
+from fedfleet.device.scheduling import backoff_delay, retry_after_delay
 from fedfleet.device.signals import ConditionsError
-from fedfleet.device.state import Identity, StateDir, StateError
+from fedfleet.device.state import Identity, StateDir
+from fedfleet.device.upload import (
+    Interruptible,
+    Stopped,
+    upload_report,
+    walk_secure_aggregation,
+)
 from fedfleet.tasks import LoadedTask, TaskError, load_task
 
 __all__ = [
@@ -75,21 +82,6 @@ log = logging.getLogger("fedfleet.device")
 BUILTIN_TASKS: frozenset[str] = frozenset({BUILTIN_TASK_REF})
 """The task refs every device runs unless configured otherwise."""
 
-CREDENTIAL_REFUSED = "credential refused (revoked or expired): re-enroll with --re-enroll"
-
-_T = TypeVar("_T")
-
-
-class CredentialRefused(Exception):
-    """The server refused this device's stored credential (401): revoked or expired."""
-
-    def __init__(self) -> None:
-        super().__init__(CREDENTIAL_REFUSED)
-
-
-class EnrollmentRefused(StateError):
-    """Enrollment cannot succeed as configured (no or a wrong token, unknown population)."""
-
 
 class ConditionsSource(Protocol):
     """Where the agent reads its eligibility conditions from, for example
@@ -97,14 +89,6 @@ class ConditionsSource(Protocol):
     training (its own load must not count against it); an app's callable may ignore it."""
 
     def __call__(self, busy: bool = False) -> DeviceConditions: ...
-
-
-class _Stopped(Exception):
-    """The stop event was set while waiting."""
-
-
-def _when(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 class DeviceAgent:
@@ -157,10 +141,9 @@ class DeviceAgent:
         self.reported: list[str] = state.load_reported()
         self.next_checkin = state.load_next_checkin()
         self._failures = 0
-        self._renew_failures = 0
-        self._renew_not_before = 0.0
         self._last_ineligible: str | None = None
         self._stop = threading.Event()
+        self._waits = Interruptible(self._stop)
         self._abort_reason = "eligibility-lost"
         self._runtime: FLRuntime | None = None
 
@@ -170,44 +153,48 @@ class DeviceAgent:
         is unreachable or busy; None if ``stop`` was set meanwhile). Raises
         :class:`EnrollmentRefused` when it cannot succeed."""
         self._stop = stop or threading.Event()
+        self._waits = Interruptible(self._stop)
         try:
-            return asyncio.run(self._with_enroller(self._enroll))
-        except _Stopped:
+            return asyncio.run(self._enroll_once())
+        except Stopped:
             return None
 
     def run(self, stop: threading.Event) -> None:
         """Take part until ``stop`` is set (then abort a running task and return). Raises
         :class:`CredentialRefused` on a 401 with the stored credential."""
         self._stop = stop
+        self._waits = Interruptible(stop)
         asyncio.run(self._main())
 
     # -- plumbing --------------------------------------------------------------------------------
-    async def _with_enroller(self, body: _EnrollStep) -> Identity:
-        enroller = EnrollmentClient(self.server)
+    def _enrollment(self, client: EnrollmentClient) -> Enrollment:
+        return Enrollment(
+            client,
+            self.state,
+            self.server,
+            self.population,
+            self.enroll_token,
+            self._waits,
+            self.rng,
+        )
+
+    async def _enroll_once(self) -> Identity:
+        client = EnrollmentClient(self.server)
         try:
-            return await body(enroller)
+            return await self._identity(self._enrollment(client))
         finally:
-            await enroller.aclose()
+            await client.aclose()
 
-    async def _guard(self, aw: Awaitable[_T]) -> _T:
-        """Await ``aw`` unless the stop event is set first (then cancel it, raise _Stopped)."""
-        task = asyncio.ensure_future(aw)
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.2)
-            if done:
-                return task.result()
-            if self._stop.is_set():
-                task.cancel()
-                with suppress(BaseException):
-                    await task
-                raise _Stopped
-
-    async def _sleep(self, seconds: float) -> None:
-        end = time.monotonic() + max(0.0, seconds)
-        while not self._stop.is_set() and (left := end - time.monotonic()) > 0:
-            await asyncio.sleep(min(0.2, left))
-        if self._stop.is_set():
-            raise _Stopped
+    async def _identity(self, enrollment: Enrollment) -> Identity:
+        """The stored identity, or a fresh one (which starts with a clean schedule)."""
+        identity = enrollment.stored(self.re_enroll)
+        self.re_enroll = False
+        if identity is None:
+            identity = await enrollment.enroll()
+            self.reported, self.next_checkin = [], 0.0
+            self._save_schedule()
+        self.identity = identity
+        return identity
 
     def _save_schedule(self) -> None:
         self.state.save_schedule(self.next_checkin, self.reported)
@@ -231,89 +218,6 @@ class DeviceAgent:
             delay = backoff_delay(self._failures, self.rng)
         self._later(delay, f"{what}: {exc}")
 
-    # -- enrollment ------------------------------------------------------------------------------
-    async def _enroll(self, enroller: EnrollmentClient) -> Identity:
-        identity = self.state.load_identity()
-        if identity is not None and self.re_enroll:
-            log.info("re-enrolling: forgetting device %s", identity.device_id)
-            self.state.clear_identity()
-            identity = None
-        self.re_enroll = False
-        if identity is not None:
-            if identity.population != self.population:
-                raise EnrollmentRefused(
-                    f"state directory {self.state.path} belongs to population "
-                    f"{identity.population!r}, not {self.population!r} (use another --state)"
-                )
-            if identity.server != self.server:
-                log.info("server moved from %s to %s", identity.server, self.server)
-                identity = Identity.from_dict({**identity.as_dict(), "server": self.server})
-                self.state.save_identity(identity)
-            self.identity = identity
-            return identity
-        if not self.enroll_token:
-            raise EnrollmentRefused(
-                f"this device is not enrolled yet (no identity in {self.state.path}): "
-                "give it the population's enrollment token (--enroll-token)"
-            )
-        failures = 0
-        while True:
-            try:
-                identity = await self._guard(enroller.enroll(self.population, self.enroll_token))
-                break
-            except Refused as exc:
-                if exc.status == 401:
-                    raise EnrollmentRefused("enrollment token refused (401)") from None
-                if exc.status != 429:
-                    raise EnrollmentRefused(f"enrollment refused: {exc}") from None
-                failures += 1
-                delay = retry_after_delay(exc.retry_after, failures, self.rng)
-            except (Unreachable, ServerBusy, ProtocolError) as exc:
-                failures += 1
-                delay = (
-                    retry_after_delay(exc.retry_after, failures, self.rng)
-                    if isinstance(exc, ServerBusy)
-                    else backoff_delay(failures, self.rng)
-                )
-                log.info("enroll: %s; retrying in %.1fs", exc, delay)
-            await self._sleep(delay)
-        self.state.save_identity(identity)
-        self.reported, self.next_checkin = [], 0.0
-        self._save_schedule()
-        log.info(
-            "enrolled as %s in %s (credential expires %s)",
-            identity.device_id,
-            identity.population,
-            _when(identity.expires_at),
-        )
-        self.identity = identity
-        return identity
-
-    async def _renew_if_due(self, enroller: EnrollmentClient) -> None:
-        identity = self.identity
-        now = time.time()
-        if identity is None or not renew_due(identity, now) or now < self._renew_not_before:
-            return
-        try:
-            renewed = await self._guard(enroller.renew(identity))
-        except Refused as exc:
-            if exc.status == 401:
-                raise CredentialRefused from None
-            renewed = None
-            error: Exception = exc
-        except (Unreachable, ServerBusy, ProtocolError) as exc:
-            renewed, error = None, exc
-        if renewed is None:
-            self._renew_failures += 1
-            delay = backoff_delay(self._renew_failures, self.rng, low=30.0, high=3600.0)
-            self._renew_not_before = now + delay
-            log.info("renew: %s; trying again in %.0fs", error, delay)
-            return
-        self._renew_failures = 0
-        self.state.save_identity(renewed)
-        self.identity = renewed
-        log.info("credential renewed (expires %s)", _when(renewed.expires_at))
-
     # -- the loop --------------------------------------------------------------------------------
     async def _main(self) -> None:
         enroller = EnrollmentClient(self.server)
@@ -321,7 +225,8 @@ class DeviceAgent:
             self.server, max_connections=4, max_long_polls=2, poll_wait=self.poll_wait
         )
         try:
-            identity = await self._enroll(enroller)
+            enrollment = self._enrollment(enroller)
+            identity = await self._identity(enrollment)
             runtime = FLRuntime(
                 identity.device_id,
                 self.population,
@@ -333,9 +238,9 @@ class DeviceAgent:
             runtime.next_checkin = self.next_checkin
             self._runtime = runtime
             while not self._stop.is_set():
-                await self._renew_if_due(enroller)
+                identity = self.identity = await enrollment.renew_if_due(identity)
                 await self._step(client, runtime)
-        except _Stopped:
+        except Stopped:
             pass
         finally:
             self._save_schedule()
@@ -359,7 +264,7 @@ class DeviceAgent:
         now = time.time()
         if now < self.next_checkin:
             # Wake at least once a minute: a renewal may come due meanwhile.
-            await self._sleep(min(self.next_checkin - now, 60.0))
+            await self._waits.sleep(min(self.next_checkin - now, 60.0))
             return
         conditions = self._read_conditions()
         reason = (
@@ -371,12 +276,12 @@ class DeviceAgent:
             if reason != self._last_ineligible:
                 log.info("not eligible: %s", reason)
                 self._last_ineligible = reason
-            await self._sleep(self.recheck_seconds * self.rng.uniform(0.5, 1.5))
+            await self._waits.sleep(self.recheck_seconds * self.rng.uniform(0.5, 1.5))
             return
         self._last_ineligible = None
         assert self.identity is not None
         try:
-            answer = await self._guard(
+            answer = await self._waits.guard(
                 client.checkin(runtime.checkin(conditions, now), self.identity.credential)
             )
         except TransportError as exc:
@@ -388,7 +293,7 @@ class DeviceAgent:
             self.next_checkin = runtime.next_checkin
             self._save_schedule()
             log.info(
-                "check-in: reconnect (%s) at %s", answer.reason or "-", _when(self.next_checkin)
+                "check-in: reconnect (%s) at %s", answer.reason or "-", when(self.next_checkin)
             )
             return
         log.info("check-in: selected for round %s", answer.round_key)
@@ -401,13 +306,13 @@ class DeviceAgent:
         assert identity is not None
         device_id, key = identity.device_id, assignment.round_key
         try:
-            info = await self._guard(
+            info = await self._waits.guard(
                 client.wait_task(assignment, device_id, give_up_after=self.task_wait_seconds)
             )
         except TransportError as exc:
             self._failed(exc, f"waiting for the plan of {key}")
             return
-        except _Stopped:
+        except Stopped:
             await self._abort(client, assignment, "stopped")
             raise
         if info is None:
@@ -425,7 +330,7 @@ class DeviceAgent:
             return
         try:
             await self._train_and_report(client, runtime, assignment, info)
-        except _Stopped:
+        except Stopped:
             await self._abort(client, assignment, "stopped")
             raise
 
@@ -443,7 +348,7 @@ class DeviceAgent:
         assert identity is not None
         key = assignment.round_key
         try:
-            task = await self._guard(
+            task = await self._waits.guard(
                 client.task(assignment, info, identity.device_id, identity.credential)
             )
         except TransportError as exc:
@@ -455,7 +360,7 @@ class DeviceAgent:
             outcome = await asyncio.to_thread(runtime.execute, task, time.time(), self._eligible)
         except TaskAborted as exc:
             if self._stop.is_set():
-                raise _Stopped from None
+                raise Stopped from None
             log.info("round %s: task aborted: %s", key, exc)
             reason = self._abort_reason if "eligib" in str(exc) else "task-error"
             await self._abort(client, assignment, reason)
@@ -470,10 +375,16 @@ class DeviceAgent:
         self.reported.append(key)
         self._save_schedule()
         if isinstance(outcome, SecureContribution):
-            ok = await self._secure(client, outcome)
+            ok = await walk_secure_aggregation(
+                client,
+                outcome,
+                self._waits,
+                poll_seconds=self.secagg_poll_seconds,
+                give_up_seconds=self.task_wait_seconds,
+            )
             what = "secure aggregation completed" if ok else "left secure aggregation"
         else:
-            ok = await self._report(client, outcome, info.aggregator)
+            ok = await upload_report(client, outcome, info.aggregator, self._waits, self.rng)
             what = "reported" if ok else "report not accepted"
         log.info("round %s: %s", key, what)
         self._later(self.rest_seconds * self.rng.uniform(0.5, 1.5), f"round {key} done")
@@ -509,54 +420,3 @@ class DeviceAgent:
             log.info("round %s: aborted (%s)", assignment.round_key, reason)
         except (TransportError, TimeoutError) as exc:
             log.info("round %s: abort not delivered: %s", assignment.round_key, exc)
-
-    async def _report(self, client: SelectorClient, env: ReportEnvelope, aggregator: str) -> bool:
-        for attempt in range(1, 4):
-            try:
-                await self._guard(client.report(env, aggregator))
-                return True
-            except (Unreachable, ServerBusy) as exc:
-                delay = (
-                    retry_after_delay(exc.retry_after, attempt, self.rng)
-                    if isinstance(exc, ServerBusy)
-                    else backoff_delay(attempt, self.rng)
-                )
-                log.info("report of %s: %s; retrying in %.1fs", env.round_key, exc, delay)
-                await self._sleep(delay)
-            except (Refused, ProtocolError) as exc:
-                if isinstance(exc, Refused) and exc.status == 401:
-                    raise CredentialRefused from None
-                log.info("report of %s refused: %s", env.round_key, exc)
-                return False
-        return False
-
-    async def _secure(self, client: SelectorClient, c: SecureContribution) -> bool:
-        """Walk the Secure Aggregation session (the simulated fleet's steps, one selector)."""
-        session = SecureSession(c)
-        give_up = time.monotonic() + self.task_wait_seconds
-
-        async def call(step: str, body: bytes = b"") -> dict[str, object] | None:
-            return await self._guard(
-                client.secagg(c.round_key, c.device_id, c.ticket, c.aggregator, step, body)
-            )
-
-        try:
-            step, body = session.start()
-            while True:
-                await call(step, body)
-                session.sent(step)
-                if session.done:
-                    return True
-                assert session.poll is not None
-                while (published := await call(session.poll)) is None:
-                    if time.monotonic() > give_up:
-                        return False
-                    await self._sleep(self.secagg_poll_seconds)
-                step, body = await asyncio.to_thread(session.answer, dict(published))
-        except (TransportError, SecAggError) as exc:
-            log.info("secure aggregation of %s: %s", c.round_key, exc)
-            return False
-
-
-class _EnrollStep(Protocol):
-    def __call__(self, enroller: EnrollmentClient) -> Awaitable[Identity]: ...

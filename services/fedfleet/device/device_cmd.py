@@ -163,6 +163,7 @@ def _run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per outcome, not request
     if args.conditions is not None:
         read_conditions_file(args.conditions)  # a bad file is a usage error now, not later
     state = StateDir(args.state)

@@ -1,0 +1,200 @@
+"""Real devices end to end: ``fedfleet device run`` processes enroll with a population's token,
+train a job of a :class:`LocalDeployment` (real redis-server, real uvicorn actors) on their own
+``.npz`` slices of digits, and complete it; one of them is stopped with SIGTERM mid-job and
+restarted, and keeps its identity; ``fedfleet device status`` never prints the credential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedfleet.core.spec import FLJob, parse_manifest
+from fedfleet.device.datasets import prepare
+from fedfleet.device.userdata import take
+from fedfleet.local import LocalDeployment
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+POPULATION = "edge-boxes"
+DEVICES = 3
+ROUNDS = 3
+
+
+def _job() -> FLJob:
+    return parse_manifest(
+        {
+            "apiVersion": "fedfleet.dev/v1alpha1",
+            "kind": "FLJob",
+            "metadata": {"name": "real-devices"},
+            "spec": {
+                "population": POPULATION,
+                "model": {"kind": "softmax", "inputs": 64, "classes": 10},
+                "plan": {"localEpochs": 1, "batchSize": 10, "learningRate": 0.1},
+                "rounds": {
+                    "total": ROUNDS,
+                    "goalCount": DEVICES,
+                    "overSelection": 1.0,
+                    "selectionTimeoutSeconds": 30,
+                    "reportingTimeoutSeconds": 30,
+                },
+                "eligibility": {
+                    "requireCharging": False,
+                    "requireUnmetered": False,
+                    "requireIdle": False,
+                },
+                "fleet": {"devices": DEVICES, "dataset": "digits", "shardsPerDevice": 0},
+                "actors": {"selectors": 1, "devicesPerAggregator": DEVICES},
+            },
+        }
+    )
+
+
+def enroll_token(secret: bytes) -> str:
+    """The population's enrollment token, as the enrollment design derives it."""
+    return hmac.new(secret, b"fedfleet/population/enroll", hashlib.sha256).hexdigest()
+
+
+class Device:
+    """One ``fedfleet device run`` process and its state directory."""
+
+    def __init__(self, root: Path, index: int, server: str, token: str) -> None:
+        self.root = root
+        self.state = root / f"state-{index}"
+        self.data = root / f"data-{index}.npz"
+        self.server = server
+        self.token = token
+        self.runs = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def log(self, run: int | None = None) -> Path:
+        return self.root / f"device-{self.state.name}-{self.runs if run is None else run}.log"
+
+    def start(self, conditions: Path) -> None:
+        self.runs += 1
+        with self.log().open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "fedfleet.cli", "device", "run"),
+                    *("--server", self.server, "--population", POPULATION),
+                    *("--enroll-token", self.token, "--data", str(self.data)),
+                    *("--state", str(self.state), "--conditions", str(conditions)),
+                    *("--recheck-seconds", "1", "--rest-seconds", "0.5"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    def stop(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def identity(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads((self.state / "identity.json").read_text())
+        return value
+
+    def text(self) -> str:
+        return "".join(self.log(i).read_text() for i in range(1, self.runs + 1))
+
+    def status(self) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "fedfleet.cli", "device", "status", "--state", str(self.state)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return out.stdout
+
+
+def _wait(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[LocalDeployment, list[Device], Path]]:
+    job = _job()
+    secret = os.urandom(32)
+    split = prepare(job.spec.fleet)
+    conditions = tmp_path / "conditions.json"
+    # The machine running the test is busy and may run on battery: the app says it is fine.
+    conditions.write_text(json.dumps({"charging": True, "idle": True}))
+    with LocalDeployment(
+        job, tick_seconds=0.1, lease_ttl=2.0, selectors=1, population_secret=secret
+    ) as d:
+        server = d.urls("selector")[0]
+        devices = [Device(tmp_path, i, server, enroll_token(secret)) for i in range(DEVICES)]
+        for i, dev in enumerate(devices):
+            fields = take(split.train, split.shards[i])
+            np.savez(dev.data, x=fields["x"], y=fields["y"])
+        try:
+            yield d, devices, conditions
+        finally:
+            for dev in devices:
+                if dev.proc is not None and dev.proc.poll() is None:
+                    dev.proc.kill()
+                    dev.proc.wait()
+
+
+def test_real_devices_enroll_train_survive_restart_and_complete_the_job(
+    fleet: tuple[LocalDeployment, list[Device], Path],
+) -> None:
+    d, devices, conditions = fleet
+    name = d.job.key
+    for dev in devices:
+        dev.start(conditions)
+    _wait(lambda: all((dev.state / "identity.json").exists() for dev in devices), 120, "enroll")
+    ids = [dev.identity()["device_id"] for dev in devices]
+    assert len(set(ids)) == DEVICES
+    assert all(i.startswith("d-") for i in ids)
+
+    # Mid-job: the first committed round, then SIGTERM one device (clean exit) and restart it.
+    _wait(lambda: d.store.model_version(name) >= 1, 240, "the first committed round")
+    victim = devices[0]
+    assert victim.stop() == 0
+    status = victim.status()
+    credential = victim.identity()["credential"]
+    assert f"device_id: {ids[0]}" in status
+    assert f"population: {POPULATION}" in status
+    assert "expires_at" in status
+    assert credential not in status
+    victim.start(conditions)
+
+    _wait(lambda: d.store.model_version(name) >= ROUNDS, 300, f"{ROUNDS} committed rounds")
+    for dev in devices:
+        assert dev.stop() == 0, dev.text()
+    assert victim.identity()["device_id"] == ids[0]  # the restart kept its identity
+    second_run = victim.log(2).read_text()
+    assert "enrolled as" not in second_run, second_run
+    for dev in devices:
+        text = dev.text()
+        assert "reported" in text, text
+        assert "loaded" in dev.log(1).read_text()
+    assert "loaded" not in second_run  # the same data file is not added twice
+    for dev in devices:
+        reported = json.loads((dev.state / "schedule.json").read_text())["reported"]
+        assert len(reported) == len(set(reported))
