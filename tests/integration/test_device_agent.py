@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from fedfleet.core.spec import FLJob, parse_manifest
+from fedfleet.device.agent import CREDENTIAL_REFUSED
 from fedfleet.device.datasets import prepare
 from fedfleet.device.userdata import take
 from fedfleet.local import LocalDeployment
@@ -33,7 +35,7 @@ DEVICES = 3
 ROUNDS = 3
 
 
-def _job() -> FLJob:
+def _job(**extra: Any) -> FLJob:
     return parse_manifest(
         {
             "apiVersion": "fedfleet.dev/v1alpha1",
@@ -56,6 +58,7 @@ def _job() -> FLJob:
                     "requireIdle": False,
                 },
                 "fleet": {"devices": DEVICES, "dataset": "digits", "shardsPerDevice": 0},
+                **extra,
                 "actors": {"selectors": 1, "devicesPerAggregator": DEVICES},
             },
         }
@@ -135,9 +138,8 @@ def _wait(condition: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[tuple[LocalDeployment, list[Device], Path]]:
-    job = _job()
+@contextmanager
+def _fleet(tmp_path: Path, job: FLJob) -> Iterator[tuple[LocalDeployment, list[Device], Path]]:
     secret = os.urandom(32)
     split = prepare(job.spec.fleet)
     conditions = tmp_path / "conditions.json"
@@ -158,6 +160,12 @@ def fleet(tmp_path: Path) -> Iterator[tuple[LocalDeployment, list[Device], Path]
                 if dev.proc is not None and dev.proc.poll() is None:
                     dev.proc.kill()
                     dev.proc.wait()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[LocalDeployment, list[Device], Path]]:
+    with _fleet(tmp_path, _job()) as f:
+        yield f
 
 
 def test_real_devices_enroll_train_survive_restart_and_complete_the_job(
@@ -185,16 +193,56 @@ def test_real_devices_enroll_train_survive_restart_and_complete_the_job(
     victim.start(conditions)
 
     _wait(lambda: d.store.model_version(name) >= ROUNDS, 300, f"{ROUNDS} committed rounds")
-    for dev in devices:
-        assert dev.stop() == 0, dev.text()
     assert victim.identity()["device_id"] == ids[0]  # the restart kept its identity
     second_run = victim.log(2).read_text()
     assert "enrolled as" not in second_run, second_run
-    for dev in devices:
-        text = dev.text()
-        assert "reported" in text, text
-        assert "loaded" in dev.log(1).read_text()
     assert "loaded" not in second_run  # the same data file is not added twice
-    for dev in devices:
+    assert all("loaded" in dev.log(1).read_text() for dev in devices)
+
+    # A revoked device is refused at its next check-in and stops with status 3.
+    revoked = devices[1]
+    d.store.revoke_device(POPULATION, ids[1], time.time())
+    assert revoked.proc is not None
+    assert revoked.proc.wait(60) == 3, revoked.text()
+    assert CREDENTIAL_REFUSED in revoked.text()
+
+    # A forged credential (someone else's, signature altered) is refused the same way.
+    forger = Device(devices[2].root, DEVICES, devices[2].server, "")
+    forger.data.write_bytes(devices[2].data.read_bytes())
+    forged = devices[2].identity()
+    forged["credential"] = forged["credential"][:-2] + (
+        "AA" if forged["credential"][-2:] != "AA" else "BB"
+    )
+    forger.state.mkdir(mode=0o700)
+    (forger.state / "identity.json").write_text(json.dumps(forged))
+    forger.start(conditions)
+    assert forger.proc is not None
+    assert forger.proc.wait(60) == 3, forger.text()
+    assert CREDENTIAL_REFUSED in forger.text()
+
+    # The selector going away (the job's end on a cluster) is not fatal: devices keep trying.
+    d.kill("selector-0")
+    survivor = devices[2]
+    _wait(
+        lambda: "Unreachable" in survivor.text() or "ConnectError" in survivor.text(),
+        60,
+        "a failed check-in",
+    )
+    assert survivor.proc is not None and survivor.proc.poll() is None
+    for dev in (devices[0], devices[2]):
+        assert dev.stop() == 0, dev.text()
+        assert "reported" in dev.text()
         reported = json.loads((dev.state / "schedule.json").read_text())["reported"]
-        assert len(reported) == len(set(reported))
+        assert len(reported) == len(set(reported)) >= 1
+
+
+def test_real_devices_complete_a_secure_aggregation_job(tmp_path: Path) -> None:
+    secure = {"enabled": True, "minGroupSize": DEVICES, "phaseTimeoutSeconds": 20}
+    job = _job(aggregation={"secureAggregation": secure})
+    with _fleet(tmp_path, job) as (d, devices, conditions):
+        for dev in devices:
+            dev.start(conditions)
+        _wait(lambda: d.store.model_version(d.job.key) >= ROUNDS, 300, "secure rounds")
+        for dev in devices:
+            assert dev.stop() == 0, dev.text()
+            assert "secure aggregation completed" in dev.text(), dev.text()

@@ -13,7 +13,7 @@ import pytest
 
 from fedfleet.core.spec import BUILTIN_TASK_REF, TaskSpec
 from fedfleet.device.agent import BUILTIN_TASKS, DeviceAgent
-from fedfleet.device.runtime import ArrayExamples, DeviceConditions
+from fedfleet.device.runtime import ArrayExamples, DeviceConditions, FLRuntime
 from fedfleet.device.scheduling import (
     BACKOFF_MAX,
     BACKOFF_MIN,
@@ -90,3 +90,32 @@ def test_allowed_tasks_load_without_the_servers_path(tmp_path: Path) -> None:
     with pytest.raises(TaskError, match="cannot import"):  # allowed, but not installed
         agent._load_task(TaskSpec(ref="elsewhere_mod:task", path=str(tmp_path)))
     assert str(tmp_path) not in sys.path
+
+
+def test_losing_eligibility_or_a_stop_mid_task_says_no_with_the_reason(tmp_path: Path) -> None:
+    now = {"charging": True}
+    calls: list[bool] = []
+
+    def conditions(busy: bool = False) -> DeviceConditions:
+        calls.append(busy)
+        return DeviceConditions(charging=now["charging"], unmetered=True, idle=True)
+
+    agent = DeviceAgent(
+        "http://127.0.0.1:9",
+        "pop",
+        StateDir(tmp_path),
+        ArrayExamples({"x": np.zeros((2, 64), np.float32), "y": np.zeros(2, np.int64)}),
+        conditions=conditions,
+    )
+    agent._runtime = FLRuntime(
+        "d-1", "pop", agent.examples, policy=agent.policy, rng=np.random.default_rng(0)
+    )
+    assert agent._eligible(0) is True
+    assert calls == [True]  # asked as a busy device: its own training load is allowed for
+    now["charging"] = False
+    assert agent._eligible(1) is False
+    assert agent._abort_reason == "eligibility-lost: not-charging"
+    now["charging"] = True
+    agent._stop.set()
+    assert agent._eligible(2) is False
+    assert agent._abort_reason == "stopped"

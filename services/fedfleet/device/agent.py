@@ -144,7 +144,8 @@ class DeviceAgent:
         self._last_ineligible: str | None = None
         self._stop = threading.Event()
         self._waits = Interruptible(self._stop)
-        self._abort_reason = "eligibility-lost"
+        self._abort_reason: str | None = None
+        """Why the last eligibility check during a task said no (None: it never did)."""
         self._runtime: FLRuntime | None = None
 
     # -- public API ------------------------------------------------------------------------------
@@ -355,14 +356,15 @@ class DeviceAgent:
             await self._abort(client, assignment, "checkpoint-unavailable")
             self._failed(exc, f"checkpoint {info.model_version} of {key}", credential=True)
             return
-        self._abort_reason = "eligibility-lost"
+        self._abort_reason = None
         try:
             outcome = await asyncio.to_thread(runtime.execute, task, time.time(), self._eligible)
         except TaskAborted as exc:
             if self._stop.is_set():
                 raise Stopped from None
             log.info("round %s: task aborted: %s", key, exc)
-            reason = self._abort_reason if "eligib" in str(exc) else "task-error"
+            # Eligibility lost (the checks said no), or the task itself cannot run here.
+            reason = self._abort_reason or f"task-error: {exc}"[:200]
             await self._abort(client, assignment, reason)
             self._later(self.recheck_seconds, f"round {key}: aborted")
             return
