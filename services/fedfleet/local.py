@@ -147,6 +147,7 @@ class LocalDeployment:
         tick_seconds: float = 0.2,
         lease_ttl: float = 3.0,
         python: str = sys.executable,
+        population_secret: bytes | None = None,
     ) -> None:
         self.job = job
         self._own_workdir = workdir is None
@@ -163,6 +164,8 @@ class LocalDeployment:
         self.python = python
         self.secret = secrets.token_bytes(32)
         self.keys = JobKeys.from_secret(self.secret)
+        self.population_secret = population_secret
+        """With it, selectors enroll devices of the job's population (``population-secret``)."""
         self.actors: dict[str, ActorProcess] = {}
         self._store: Store | None = None
         self._next_host = 2
@@ -184,6 +187,10 @@ class LocalDeployment:
         self.secret_path = self.workdir / "job-secret"
         self.secret_path.write_text(self.secret.hex())
         self.secret_path.chmod(0o600)
+        if self.population_secret is not None:
+            population = self.workdir / "population-secret"
+            population.touch(0o600)
+            population.write_text(self.population_secret.hex())
         for role in ("coordinator", "aggregator", "selector"):
             for i in range(self.counts[role]):
                 self.spawn(role, f"{role}-{i}")
@@ -226,6 +233,11 @@ class LocalDeployment:
                 str(self.tick_seconds),
                 "--lease-ttl",
                 str(self.lease_ttl),
+                *(
+                    ["--population-secret-file", str(self.workdir / "population-secret")]
+                    if role == "selector" and self.population_secret is not None
+                    else []
+                ),
             ],
             stdout=actor.log,
             stderr=subprocess.STDOUT,
@@ -268,8 +280,9 @@ class LocalDeployment:
             shutil.rmtree(self.workdir, ignore_errors=True)
         elif self._own_workdir:
             # Keep the logs for the user to read, not the job's secret.
-            with contextlib.suppress(OSError):
-                (self.workdir / "job-secret").unlink()
+            for secret in ("job-secret", "population-secret"):
+                with contextlib.suppress(OSError):
+                    (self.workdir / secret).unlink()
 
     def __enter__(self) -> LocalDeployment:
         try:

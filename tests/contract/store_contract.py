@@ -6,10 +6,12 @@ Subclass :class:`StoreContract` and provide ``store`` (a fresh, empty store) and
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from fedfleet.core.protocol import Phase, Quota, RoundState
-from fedfleet.store.base import Claim, ConflictError, FencedError, Store
+from fedfleet.store.base import REVOCATION_KEEP_S, Claim, ConflictError, FencedError, Store
 
 JOB = "job-a"
 
@@ -34,6 +36,10 @@ class StoreContract:
 
     def advance(self, seconds: float) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def now(self) -> float:
+        """The store's clock (Unix seconds): the wall clock unless a backend drives its own."""
+        return time.time()
 
     # -- lease ----------------------------------------------------------------------------------
     def test_lease_is_exclusive_until_it_expires(self) -> None:
@@ -274,3 +280,32 @@ class StoreContract:
         assert self.store.draining("job-b") == set()
         self.store.set_draining(JOB, [])
         assert self.store.draining(JOB) == set()
+
+    # -- population revocations (device enrollment) ----------------------------------------------
+    def test_revocations_are_per_population_and_the_latest_wins(self) -> None:
+        now = self.now()
+        assert self.store.revoked_devices("phones") == {}
+        self.store.revoke_device("phones", "d-1", now - 5)
+        self.store.revoke_device("phones", "d-2", now)
+        self.store.revoke_device("tablets", "d-1", now - 1)
+        assert self.store.revoked_devices("phones") == {"d-1": now - 5, "d-2": now}
+        assert self.store.revoked_devices("tablets") == {"d-1": now - 1}
+        self.store.revoke_device("phones", "d-1", now + 2)
+        self.store.revoke_device("phones", "d-1", now - 100)  # an older one changes nothing
+        assert self.store.revoked_devices("phones")["d-1"] == now + 2
+
+    def test_revocations_outlive_jobs_and_are_not_jobs(self) -> None:
+        now = self.now()
+        self.store.revoke_device(JOB, "d-1", now)
+        token = self.store.acquire_lease(JOB, "c1", ttl=30.0)
+        assert token is not None
+        self.store.put_job_state(JOB, token, {"phase": "Running"})
+        self.store.delete_job(JOB)  # a job named like the population
+        assert self.store.revoked_devices(JOB) == {"d-1": now}
+        assert self.store.jobs() == []
+
+    def test_revocations_are_forgotten_once_every_credential_they_refuse_expired(self) -> None:
+        now = self.now()
+        self.store.revoke_device("phones", "d-old", now - REVOCATION_KEEP_S - 60)
+        self.store.revoke_device("phones", "d-kept", now - REVOCATION_KEEP_S + 3600)
+        assert self.store.revoked_devices("phones") == {"d-kept": now - REVOCATION_KEEP_S + 3600}

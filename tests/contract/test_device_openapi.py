@@ -23,7 +23,12 @@ from fedfleet.core.protocol import report_ticket
 from fedfleet.core.serde import decode_arrays, encode_arrays
 from fedfleet.selector import contract
 from fedfleet.selector.app import CheckInResponse, TaskResponse
+from fedfleet.selector.app import create_app as selector_app
+from fedfleet.selector.enroll_routes import Enrollment, EnrollmentSettings
+from fedfleet.selector.ratelimit import RateLimit
+from fedfleet.service.enrollment import PopulationKeys
 from tests.integration.test_http_fleet import Deployment, _job, deployment
+from tests.uvicorn_thread import listen, serve
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +39,8 @@ ROUTES = {
     "report": ("post", "/v1/reports/{round_key}"),
     "secagg": ("post", "/v1/secagg/{round_key}/{step}"),
     "abort": ("post", "/v1/aborts/{round_key}"),
+    "enroll": ("post", "/v1/enroll"),
+    "renew": ("post", "/v1/enroll/renew"),
 }
 HOSTILE_OBSERVED = {
     # Statuses tests/hostile asserts per route (test_http_limits, test_exactly_once).
@@ -55,6 +62,7 @@ MODELS: dict[str, type[BaseModel]] = {
         contract.Accepted,
         contract.Noted,
         contract.ReconnectWindow,
+        Enrollment,
     )
 }
 DEVICE = "probe-1"
@@ -103,6 +111,9 @@ def test_every_route_names_its_credential(document: dict[str, Any]) -> None:
     assert {"deviceToken", "deviceId"} == set(_op(document, "checkpoint")["security"][0])
     for route in ("report", "secagg", "abort", "task"):
         assert "reportTicket" in _op(document, route)["security"][0], route
+    assert [{"enrollToken": []}] == _op(document, "enroll")["security"]
+    assert {"deviceToken", "deviceId"} == set(_op(document, "renew")["security"][0])
+    assert schemes["enrollToken"] == {**schemes["enrollToken"], "type": "http", "scheme": "bearer"}
 
 
 def test_binary_bodies_are_declared(document: dict[str, Any]) -> None:
@@ -310,3 +321,74 @@ def test_report_and_abort_statuses(live: Deployment, document: dict[str, Any]) -
     _probe(document, "abort", httpx.post(abort, json=other, headers=headers, timeout=10), 403)
     _probe(document, "abort", httpx.post(abort, json=body, headers=headers, timeout=10), 202)
     _probe(document, "abort", httpx.post(abort, json={"x": 1}, headers=headers, timeout=10), 422)
+
+
+# -- enrollment: a selector of the same job with the population's secret -----------------------
+
+POPULATION_SECRET = bytes.fromhex("a7" * 32)
+
+
+@pytest.fixture(scope="module")
+def enrolling(live: Deployment) -> Iterator[tuple[str, PopulationKeys]]:
+    """A second selector of the live job, enrolling devices, with small rate limits."""
+    sock, url = listen()
+    app = selector_app(
+        live.job,
+        live.store,
+        live.keys,
+        actor_id="selector-enroll",
+        address=url,
+        tick_seconds=0.1,
+        population_secret=POPULATION_SECRET,
+        enrollment=EnrollmentSettings(
+            enroll_rate=RateLimit(0.001, 4), checkin_rate=RateLimit(0.001, 2)
+        ),
+    )
+    with serve(app, sock=sock):
+        yield url, PopulationKeys.from_secret(POPULATION_SECRET, live.job.spec.population)
+
+
+def test_enroll_and_renew_statuses(
+    live: Deployment, document: dict[str, Any], enrolling: tuple[str, PopulationKeys]
+) -> None:
+    url, keys = enrolling
+    enroll = f"{url}/v1/enroll"
+    token = {"authorization": f"Bearer {keys.enroll_token}"}
+    body = {"population": live.job.spec.population}
+    r = _probe(document, "enroll", httpx.post(enroll, json=body, headers=token, timeout=10), 201)
+    device, credential = r.json()["device_id"], r.json()["credential"]
+    _probe(document, "enroll", httpx.post(enroll, json=body, timeout=10), 401)
+    other = {"population": "elsewhere"}
+    _probe(document, "enroll", httpx.post(enroll, json=other, headers=token, timeout=10), 404)
+    extra = {**body, "device_id": "d-mine"}
+    _probe(document, "enroll", httpx.post(enroll, json=extra, headers=token, timeout=10), 422)
+    big = {"population": "x" * 2000}
+    _probe(document, "enroll", httpx.post(enroll, json=big, headers=token, timeout=10), 413)
+    for _ in range(4):  # the burst of 4 is spent: 201s and 422s alike
+        r = httpx.post(enroll, json=body, headers=token, timeout=10)
+    _probe(document, "enroll", r, 429)
+    # without a population secret (the live job's own selector): no enrollment
+    plain = f"{live.selector_url}/v1/enroll"
+    _probe(document, "enroll", httpx.post(plain, json=body, headers=token, timeout=10), 404)
+
+    renew = f"{url}/v1/enroll/renew"
+    device_auth = {"authorization": f"Bearer {credential}", "x-fedfleet-device": device}
+    r = _probe(document, "renew", httpx.post(renew, headers=device_auth, timeout=10), 200)
+    assert r.json()["device_id"] == device
+    _probe(document, "renew", httpx.post(renew, headers=token, timeout=10), 401)
+    with_body = httpx.post(renew, headers=device_auth, content=b"{}", timeout=10)
+    _probe(document, "renew", with_body, 413)
+    _probe(document, "renew", httpx.post(renew, headers=device_auth, timeout=10), 429)
+    plain_renew = f"{live.selector_url}/v1/enroll/renew"
+    r = httpx.post(plain_renew, headers=device_auth, timeout=10)
+    _probe(document, "renew", r, 404)
+
+    checkin = f"{url}/v1/checkin"
+    good = {"device_id": device, "population": live.job.spec.population, "charging": True,
+            "unmetered": True, "idle": True, "num_examples": 3}  # fmt: skip
+    # renewals spent the device's two tokens: its next check-in is limited
+    r = httpx.post(checkin, json=good, headers=device_auth, timeout=10)
+    _probe(document, "checkin", r, 429)
+    assert int(r.headers["retry-after"]) >= 1
+    checkpoint = f"{url}/v1/checkpoints/0"
+    _probe(document, "checkpoint", httpx.get(checkpoint, headers=device_auth, timeout=10), 200)

@@ -13,8 +13,11 @@ pytestmark = pytest.mark.contract
 class TestMemoryStore(StoreContract):
     @pytest.fixture(autouse=True)
     def _store(self) -> None:
-        self.now = 1000.0
-        self.store = MemoryStore(clock=lambda: self.now)
+        self.clock = 1000.0
+        self.store = MemoryStore(clock=lambda: self.clock)
 
     def advance(self, seconds: float) -> None:
-        self.now += seconds
+        self.clock += seconds
+
+    def now(self) -> float:
+        return self.clock

@@ -16,7 +16,7 @@ from typing import TypeVar
 import pytest
 
 from fedfleet.core.protocol import Phase, Quota, RoundState
-from fedfleet.store.base import Claim, StoreUnavailable
+from fedfleet.store.base import REVOCATION_KEEP_S, Claim, StoreUnavailable
 from fedfleet.store.factory import open_store
 from fedfleet.store.redis import PASSWORD_ENV, RedisStore
 from tests.contract.store_contract import JOB, StoreContract
@@ -270,3 +270,23 @@ def test_jobs_are_listed_per_prefix(redis_url: str, redis_prefix: str) -> None:
     finally:
         for store in stores:
             store.close()
+
+
+def test_revocations_live_in_one_expiring_population_hash(
+    redis_server: RedisServer, redis_url: str, redis_prefix: str
+) -> None:
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    raw = redis_server.client()
+    try:
+        store.revoke_device("phones", "d-1", time.time())
+        store.revoke_device("phones", "d-2", time.time())
+        keys = [k.decode() for k in raw.scan_iter(match=f"{redis_prefix}:*")]
+        assert keys == [f"{redis_prefix}:population:{{phones}}:revoked"]
+        ttl_ms = int(raw.pttl(keys[0]))
+        assert 0 < ttl_ms <= REVOCATION_KEEP_S * 1000
+        assert ttl_ms > (REVOCATION_KEEP_S - 60) * 1000  # refreshed by the last write
+        with pytest.raises(ValueError, match="braces"):
+            store.revoke_device("a{b}", "d-1", time.time())
+    finally:
+        raw.close()
+        store.close()

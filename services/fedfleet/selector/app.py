@@ -1,10 +1,11 @@
 """The Selector service: the device API (``/v1``) over the Selector actor.
 
-Devices authenticate every check-in with a bearer token issued at enrollment, for the device
-named in ``x-fedfleet-device``, and every later call with their report ticket; both are checked
-from the headers before any body is read, and every body is bounded while it streams
-(:mod:`fedfleet.selector.doors`, :mod:`fedfleet.service.gate`). A check-in is
-decided in memory (no store round trip): either a reconnect window, or a selection whose plan
+Devices authenticate every check-in with a bearer credential issued at enrollment
+(:mod:`fedfleet.selector.enroll_routes`; or a job token, :mod:`fedfleet.selector.credentials`),
+for the device named in ``x-fedfleet-device``, and every later call with their report ticket;
+both are checked from the headers before any body is read, and every body is bounded while it
+streams (:mod:`fedfleet.selector.doors`, :mod:`fedfleet.service.gate`). A check-in is decided
+in memory (no store round trip): either a reconnect window, or a selection whose plan
 the device then long-polls for at ``/v1/tasks/{round}``. The checkpoint is downloaded from
 ``/v1/checkpoints/{version}`` with the device's token (immutable, privately cacheable by
 version); the update is uploaded as a
@@ -47,6 +48,12 @@ from fedfleet.core.spec import FLJob, PlanSpec
 from fedfleet.selector import contract
 from fedfleet.selector.actor import Selector
 from fedfleet.selector.doors import ID, ROUND, device_doors
+from fedfleet.selector.enroll_routes import (
+    EnrollmentSettings,
+    add_enroll_routes,
+    device_auth,
+    enroll_doors,
+)
 from fedfleet.service.gate import Door, Refusal, Seen, install
 from fedfleet.service.keys import JobKeys
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
@@ -162,13 +169,18 @@ def create_app(
     address: str,
     tick_seconds: float = 0.5,
     liveness_seconds: float = 30.0,
+    population_secret: bytes | None = None,
+    enrollment: EnrollmentSettings | None = None,
 ) -> FastAPI:
-    """Build the Selector service; the tick thread starts with the app's lifespan."""
+    """Build the Selector service; the tick thread starts with the app's lifespan.
+
+    With ``population_secret`` the selector enrolls devices of ``job.spec.population`` and
+    accepts their credentials besides the job's device tokens."""
     registry = CollectorRegistry()
     checkins = Counter(
         "fedfleet_checkins",
         "Check-ins by answer: selected, reconnect (a window to come back in), refused (bad "
-        "credentials), unavailable (store unreachable)",
+        "credentials, or a device over its rate), unavailable (store unreachable)",
         [*JOB_LABELS, "outcome"],
         registry=registry,
     )
@@ -252,6 +264,7 @@ def create_app(
         forward_secagg=forward_secagg,
         address=address,
     )
+    auth = device_auth(keys, job.spec.population, population_secret, enrollment)
     pending: dict[tuple[str, str], _Pending] = {}
     pending_lock = threading.Lock()
     Gauge(
@@ -266,6 +279,7 @@ def create_app(
         # Swap in a whole new map: a report forwarded meanwhile sees the old one, never an
         # empty one; if the store fails, the last known map stays.
         aggregators = dict(store.members(job.key, Role.aggregator))
+        auth.refresh(store)  # revocations take effect within a tick
         cutoff = time.monotonic() - liveness_seconds
         with pending_lock:
             lost = [k for k, p in pending.items() if p.last_seen < cutoff]
@@ -302,10 +316,14 @@ def create_app(
     install(
         app,
         [
-            _counting_refusals(d, checkin_refused.inc)
-            for d in device_doors(job, keys, selector.ticket_ok)
+            *(
+                _counting_refusals(d, checkin_refused.inc)
+                for d in device_doors(job, auth, selector.ticket_ok)
+            ),
+            *enroll_doors(auth, enrollment),
         ],
     )
+    add_enroll_routes(app, auth, store, enrollment)
     add_ops_routes(
         app, registry, ticker, status=lambda: {"actor": actor_id, "waiting": len(pending)}
     )
@@ -319,7 +337,7 @@ def create_app(
 
     def authenticate(authorization: str | None, device_id: str) -> None:
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not keys.device_ok(device_id, token.strip()):
+        if scheme.lower() != "bearer" or not auth.ok(device_id, token.strip()):
             raise HTTPException(
                 401, "missing or invalid device token", {"WWW-Authenticate": "Bearer"}
             )

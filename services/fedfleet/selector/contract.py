@@ -25,6 +25,8 @@ __all__ = [
     "ABORT",
     "CHECKIN",
     "CHECKPOINT",
+    "ENROLL",
+    "RENEW",
     "REPORT",
     "SECAGG",
     "SECURITY_SCHEMES",
@@ -236,8 +238,16 @@ SECURITY_SCHEMES: dict[str, Any] = {
     "deviceToken": {
         "type": "http",
         "scheme": "bearer",
-        "description": "The device token issued to the device named in `x-fedfleet-device` "
-        "(opaque to the device).",
+        "description": "The device's credential from `POST /v1/enroll` (`v1.<payload>.<sig>`, "
+        "signed, expiring, bound to the device named in `x-fedfleet-device` and the "
+        "population; docs/device-protocol.md, 'Enrollment and credentials'), or a job's device "
+        "token for simulated devices (opaque to the device).",
+    },
+    "enrollToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The population's enroll token (64 hex characters): it can only enroll "
+        "new devices, whose ids the server picks.",
     },
     "deviceId": {
         "type": "apiKey",
@@ -260,6 +270,7 @@ SECURITY_SCHEMES: dict[str, Any] = {
     },
 }
 _TOKEN: list[dict[str, list[str]]] = [{"deviceToken": [], "deviceId": []}]
+_ENROLL_TOKEN: list[dict[str, list[str]]] = [{"enrollToken": []}]
 _TICKET: list[dict[str, list[str]]] = [{"reportTicket": [], "deviceId": []}]
 _TICKET_QUERY: list[dict[str, list[str]]] = [{"reportTicket": [], "deviceIdQuery": []}]
 
@@ -309,6 +320,12 @@ _BAD_TOKEN = {
     "description": "Missing or invalid device token (or a token of another device).",
     "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
 }
+_TOO_MANY = {
+    "model": Problem,
+    "description": "Rate limited: come back after Retry-After seconds.",
+    "headers": _RETRY_AFTER,
+}
+_NOT_ENROLLING = "Enrollment is not enabled on this selector (it has no population secret)"
 _NO_TICKET = _problem("`x-fedfleet-ticket` or the device id is missing.")
 _BAD_TICKET = _problem("The ticket is not valid for this device and round.")
 
@@ -322,6 +339,40 @@ CHECKIN: dict[str, Any] = {
         },
         401: _BAD_TOKEN,
         413: _problem("The body exceeds 1024 bytes."),
+        429: {
+            **_TOO_MANY,
+            "description": "A device with a population credential checked in more often than "
+            "once a second (burst 5): come back after Retry-After seconds.",
+        },
+        503: _UNAVAILABLE,
+    },
+    "openapi_extra": {"security": _TOKEN, "parameters": [_DEVICE_HEADER]},
+}
+ENROLL: dict[str, Any] = {
+    "responses": {
+        **_GATE,
+        201: {"description": "Enrolled: the new device's id and credential."},
+        401: {**_BAD_TOKEN, "description": "Missing or invalid enroll token."},
+        404: _problem(f"`unknown population` (the body names another one), or: {_NOT_ENROLLING}."),
+        413: _problem("The body exceeds 1024 bytes."),
+        429: {**_TOO_MANY, "description": "Too many enrollments on this selector (20/s, burst "
+              "100): retry after Retry-After seconds."},
+    },
+    "openapi_extra": {"security": _ENROLL_TOKEN},
+}  # fmt: skip
+RENEW: dict[str, Any] = {
+    "responses": {
+        400: _GATE[400],
+        431: _GATE[431],
+        200: {"description": "A new credential for the same device (its lifetime restarts)."},
+        401: {
+            **_BAD_TOKEN,
+            "description": "The credential is missing, expired, forged, of another device or "
+            "population, or revoked: enroll again.",
+        },
+        404: _problem(_NOT_ENROLLING + "."),
+        413: _problem("This route takes no body."),
+        429: {**_TOO_MANY, "description": "Renewals count against the device's check-ins."},
         503: _UNAVAILABLE,
     },
     "openapi_extra": {"security": _TOKEN, "parameters": [_DEVICE_HEADER]},

@@ -1,11 +1,12 @@
 """The device API's doors: what each route takes and which credential it needs, from headers.
 
 A device proves who it is on every request before the selector reads a byte of its body (see
-:mod:`fedfleet.service.gate`): a check-in carries the device's enrollment token for the
-device named in ``x-fedfleet-device``, and so does a checkpoint download (the global model is
-the job's property, not public); every later call of its task (the plan poll, the report,
-the Secure Aggregation steps, the abort) carries the report ticket the selection issued, bound
-to the job, the attempt in the path and that device. Bodies are bounded per route: a check-in
+:mod:`fedfleet.service.gate`): a check-in carries the device's credential (or its job token,
+:mod:`fedfleet.selector.credentials`) for the device named in ``x-fedfleet-device``, and so
+does a checkpoint download (the global model is the job's property, not public); every later
+call of its task (the plan poll, the report, the Secure Aggregation steps, the abort) carries
+the report ticket the selection issued, bound to the job, the attempt in the path and that
+device. Bodies are bounded per route: a check-in
 or an abort is a few hundred bytes of JSON, a report at most ``maxUpdateBytes``, a Secure
 Aggregation message at most its step's limit.
 """
@@ -14,11 +15,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fedfleet.core.protocol import secagg_message_limit
 from fedfleet.core.spec import FLJob
 from fedfleet.service.gate import Door, Refusal, Seen, bearer
-from fedfleet.service.keys import JobKeys
+
+if TYPE_CHECKING:
+    from fedfleet.selector.credentials import DeviceAuth
 
 __all__ = ["CHECKIN_LIMIT", "ID", "ROUND", "SMALL_JSON_LIMIT", "device_doors"]
 
@@ -33,7 +37,6 @@ _ROUND = r"(?P<round>[^/]+)"
 route-less 404 with an unbounded body."""
 _ROUND_KEY = re.compile(ROUND)
 _ID = re.compile(ID)
-_UNAUTHENTICATED = Refusal(401, "missing or invalid device token", {"WWW-Authenticate": "Bearer"})
 _NO_TICKET = Refusal(401, "missing x-fedfleet-device or x-fedfleet-ticket header")
 _BAD_TICKET = Refusal(403, "invalid ticket for this device and round")
 
@@ -41,13 +44,11 @@ TicketOk = Callable[[str, str, str], bool]
 """``(round_key, device_id, ticket) -> bool``: the selector's ticket check."""
 
 
-def _token_check(keys: JobKeys) -> Callable[[Seen], Refusal | None]:
+def _token_check(auth: DeviceAuth, *, limited: bool = False) -> Callable[[Seen], Refusal | None]:
     def check(seen: Seen) -> Refusal | None:
-        device = seen.headers.get("x-fedfleet-device", "")
-        token = bearer(seen.headers)
-        if token is None or not _ID.match(device) or not keys.device_ok(device, token):
-            return _UNAUTHENTICATED
-        return None
+        return auth.check(
+            seen.headers.get("x-fedfleet-device", ""), bearer(seen.headers), limited=limited
+        )
 
     return check
 
@@ -73,13 +74,14 @@ def _ticket_check(
     return check
 
 
-def device_doors(job: FLJob, keys: JobKeys, ticket_ok: TicketOk) -> list[Door]:
-    """The doors of the selector's ``/v1`` routes for ``job``."""
+def device_doors(job: FLJob, auth: DeviceAuth, ticket_ok: TicketOk) -> list[Door]:
+    """The doors of the selector's ``/v1`` routes for ``job`` (enrollment's are
+    :func:`fedfleet.selector.enroll_routes.enroll_doors`)."""
     ticketed = _ticket_check(ticket_ok)
     agg = job.spec.aggregation
     return [
-        Door("POST", re.compile(r"/v1/checkin"), CHECKIN_LIMIT, _token_check(keys)),
-        Door("GET", re.compile(r"/v1/checkpoints/[^/]+"), 0, _token_check(keys)),
+        Door("POST", re.compile(r"/v1/checkin"), CHECKIN_LIMIT, _token_check(auth, limited=True)),
+        Door("GET", re.compile(r"/v1/checkpoints/[^/]+"), 0, _token_check(auth)),
         Door("POST", re.compile(rf"/v1/reports/{_ROUND}"), agg.max_update_bytes, ticketed),
         Door(
             "POST",

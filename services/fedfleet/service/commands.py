@@ -44,6 +44,13 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
         help="file holding the job secret (FEDFLEET_SECRET_FILE; or FEDFLEET_JOB_SECRET as hex)",
     )
     parser.add_argument(
+        "--population-secret-file",
+        default=_env("POPULATION_SECRET_FILE"),
+        help="selector only: file holding the population secret (hex or raw, >= 16 bytes); "
+        "with it the selector enrolls devices (POST /v1/enroll) and accepts their credentials "
+        "besides job tokens (FEDFLEET_POPULATION_SECRET_FILE; default: no enrollment)",
+    )
+    parser.add_argument(
         "--id", default=_env("ACTOR_ID") or _env("POD_NAME"), help="actor id (FEDFLEET_ACTOR_ID)"
     )
     parser.add_argument(
@@ -147,6 +154,7 @@ def run_service(role: str, args: argparse.Namespace) -> int:
 def _build_app(
     role: str, args: argparse.Namespace, job: FLJob, store: Store, actor_id: str
 ) -> FastAPI | None:
+    from fedfleet.service.enrollment import PopulationKeys
     from fedfleet.service.keys import JobKeys, load_secret
 
     address = args.advertise or f"http://{args.host}:{args.port}"
@@ -170,8 +178,22 @@ def _build_app(
         if role == "selector":
             from fedfleet.selector.app import create_app as selector_app
 
+            population_secret = None
+            if args.population_secret_file:
+                try:
+                    population_secret = load_secret(args.population_secret_file)
+                    PopulationKeys.from_secret(population_secret, job.spec.population)
+                except (OSError, ValueError) as exc:
+                    print(f"error: population secret: {exc}", file=sys.stderr)
+                    return None
             app = selector_app(
-                job, store, keys, actor_id=actor_id, address=address, tick_seconds=args.tick
+                job,
+                store,
+                keys,
+                actor_id=actor_id,
+                address=address,
+                tick_seconds=args.tick,
+                population_secret=population_secret,
             )
         else:
             from fedfleet.aggregator.app import create_app as aggregator_app

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 from fedfleet.core.protocol import Quota, RoundState
 
 __all__ = [
+    "REVOCATION_KEEP_S",
     "Checkpoint",
     "Claim",
     "ConflictError",
@@ -30,6 +31,11 @@ __all__ = [
     "Store",
     "StoreUnavailable",
 ]
+
+
+REVOCATION_KEEP_S = 31 * 86_400.0
+"""How long a device revocation is kept: longer than any credential's lifetime (30 days), so
+every credential it refuses has expired by the time it is forgotten."""
 
 
 class FencedError(RuntimeError):
@@ -220,6 +226,18 @@ class Store(Protocol):
 
     def delete_job(self, job: str) -> int:
         """Remove every key of the job; returns how many were removed."""
+        ...
+
+    # -- population (device enrollment; fedfleet.service.enrollment) ---------------------------
+    def revoke_device(self, population: str, device_id: str, at: float) -> None:
+        """Refuse every credential of ``device_id`` in ``population`` issued at or before
+        ``at`` (Unix seconds). The latest ``at`` of a device wins; a revocation is forgotten
+        :data:`REVOCATION_KEEP_S` after its ``at`` (the store's clock), when all it refuses
+        has expired. Population-scoped: no job's deletion removes it."""
+        ...
+
+    def revoked_devices(self, population: str) -> dict[str, float]:
+        """The population's kept revocations: device id -> ``at``."""
         ...
 
     def close(self) -> None: ...

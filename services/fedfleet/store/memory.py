@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedfleet.core.protocol import Quota, RoundState
-from fedfleet.store.base import Checkpoint, Claim, ConflictError, FencedError, Lease
+from fedfleet.store.base import (
+    REVOCATION_KEEP_S,
+    Checkpoint,
+    Claim,
+    ConflictError,
+    FencedError,
+    Lease,
+)
 from fedfleet.store.events import LocalEvents
 
 __all__ = ["MemoryStore"]
@@ -54,6 +61,8 @@ class MemoryStore:
         self._clock = clock or time.time  # wall clock, like Redis: deadlines cross processes
         self._lock = threading.RLock()
         self._jobs: dict[str, _Job] = defaultdict(_Job)
+        self._revoked: dict[str, dict[str, float]] = defaultdict(dict)
+        """Per population: device id -> revoked at (not a job's: delete_job keeps it)."""
         self._events = LocalEvents()
 
     def events(self) -> LocalEvents:
@@ -263,6 +272,24 @@ class MemoryStore:
     def delete_job(self, job: str) -> int:
         with self._lock:
             return 1 if self._jobs.pop(job, None) is not None else 0
+
+    # -- population -------------------------------------------------------------------------
+    def _prune_revoked(self, population: str) -> dict[str, float]:
+        revoked = self._revoked[population]
+        cutoff = self._clock() - REVOCATION_KEEP_S
+        for device in [d for d, at in revoked.items() if at < cutoff]:
+            del revoked[device]
+        return revoked
+
+    def revoke_device(self, population: str, device_id: str, at: float) -> None:
+        with self._lock:
+            revoked = self._revoked[population]
+            revoked[device_id] = max(float(at), revoked.get(device_id, float("-inf")))
+            self._prune_revoked(population)
+
+    def revoked_devices(self, population: str) -> dict[str, float]:
+        with self._lock:
+            return dict(self._prune_revoked(population)) if population in self._revoked else {}
 
     def close(self) -> None:
         self._events.close()

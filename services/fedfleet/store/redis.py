@@ -28,6 +28,12 @@ of a job lives in one slot and the scripts may touch several of them:
 ``draining``                set     ids of the aggregators being drained
 ==========================  ======  ================================================
 
+A population's device revocations are not a job's: they live in
+``{prefix}:population:{{population}}:revoked``, a hash of device id -> revoked-at (Unix
+seconds). Each write drops the entries older than ``REVOCATION_KEEP_S`` (by the server's
+clock) and refreshes the key's expiry to that span, so the hash holds at most the revocations
+of the last 31 days and vanishes when none is left.
+
 Times: lease and registration expiry use the Redis server's clock (PX, ``TIME`` in scripts),
 so actors with skewed clocks agree; :meth:`RedisStore.lease` reports ``expires_at`` on the
 caller's ``time.time()`` (now plus the remaining PTTL). Values are JSON or raw bytes; nothing
@@ -52,6 +58,7 @@ from redis.retry import Retry
 
 from fedfleet.core.protocol import Quota, RoundState
 from fedfleet.store.base import (
+    REVOCATION_KEEP_S,
     Checkpoint,
     Claim,
     ConflictError,
@@ -223,6 +230,25 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 return 0
 """
 
+# KEYS: revoked hash. ARGV: device id, revoked-at (s), keep_ms. The latest revocation of a device
+# wins; entries older than the keep span (server clock) are dropped and the expiry refreshed.
+_REVOKE = (
+    _NOW_MS
+    + """
+local prior = redis.call('HGET', KEYS[1], ARGV[1])
+if (not prior) or tonumber(prior) < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+local cutoff = (now - tonumber(ARGV[3])) / 1000
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) < cutoff then redis.call('HDEL', KEYS[1], all[i]) end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 0
+"""
+)
+
 
 def _ms(seconds: float) -> int:
     """A TTL in whole milliseconds, at least 1 (Redis refuses PX 0)."""
@@ -279,6 +305,7 @@ class RedisStore:
         self._claim = register(_CLAIM)
         self._abort = register(_ABORT)
         self._clear_round = register(_CLEAR_ROUND)
+        self._revoke = register(_REVOKE)
         self._events: RedisEvents | None = None
 
     def events(self) -> RedisEvents:
@@ -571,6 +598,24 @@ class RedisStore:
             if batch:
                 removed += int(self._r.unlink(*batch))
         return removed
+
+    # -- population -------------------------------------------------------------------------
+    def _population_key(self, population: str, part: str) -> str:
+        if not population or any(c in population for c in "{}"):
+            raise ValueError(f"population name {population!r} must be non-empty, no braces")
+        return f"{self._prefix}:population:{{{population}}}:{part}"
+
+    def revoke_device(self, population: str, device_id: str, at: float) -> None:
+        key = self._population_key(population, "revoked")
+        self._run(self._revoke, [key], [device_id, repr(float(at)), _ms(REVOCATION_KEEP_S)])
+
+    def revoked_devices(self, population: str) -> dict[str, float]:
+        key = self._population_key(population, "revoked")
+        with self._io():
+            raw = cast(dict[bytes, bytes], self._r.hgetall(key))
+        cutoff = time.time() - REVOCATION_KEEP_S
+        found = {k.decode(): float(v) for k, v in raw.items()}
+        return {k: at for k, at in found.items() if at >= cutoff}
 
     @property
     def client(self) -> redis.Redis:
