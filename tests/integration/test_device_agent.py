@@ -25,6 +25,7 @@ import pytest
 from fedfleet.core.spec import FLJob, parse_manifest
 from fedfleet.device.agent import CREDENTIAL_REFUSED
 from fedfleet.device.datasets import prepare
+from fedfleet.device.state import Identity, StateDir
 from fedfleet.device.userdata import take
 from fedfleet.local import LocalDeployment
 
@@ -190,14 +191,22 @@ def test_real_devices_enroll_train_survive_restart_and_complete_the_job(
     assert f"population: {POPULATION}" in status
     assert "expires_at" in status
     assert credential not in status
+    # Make its credential due for renewal: the restarted device renews it (same device id).
+    state = StateDir(victim.state)
+    due = Identity.from_dict({**victim.identity(), "renew_after": 0.0})
+    state.save_identity(due)
     victim.start(conditions)
 
     _wait(lambda: d.store.model_version(name) >= ROUNDS, 300, f"{ROUNDS} committed rounds")
     assert victim.identity()["device_id"] == ids[0]  # the restart kept its identity
     second_run = victim.log(2).read_text()
     assert "enrolled as" not in second_run, second_run
+    _wait(lambda: "credential renewed" in victim.log(2).read_text(), 60, "the renewal")
+    assert victim.identity()["credential"] != credential
+    assert victim.identity()["renew_after"] > time.time()
     assert "loaded" not in second_run  # the same data file is not added twice
     assert all("loaded" in dev.log(1).read_text() for dev in devices)
+    assert all("enrolled as" in dev.log(1).read_text() for dev in devices)
 
     # A revoked device is refused at its next check-in and stops with status 3.
     revoked = devices[1]

@@ -100,11 +100,16 @@ def _store_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="device_command", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(
+        dest="device_command",
+        metavar="ACTION",
+        required=True,
+        help="run (one device until stopped), add-examples, status",
+    )
     run_p = sub.add_parser("run", help="run one device until SIGTERM/SIGINT")
     _store_args(run_p)
     run_p.add_argument("--server", required=True, help="the population's endpoint URL")
-    run_p.add_argument("--population", required=True)
+    run_p.add_argument("--population", required=True, help="the population to join")
     run_p.add_argument(
         "--enroll-token",
         default=os.environ.get("FEDFLEET_ENROLL_TOKEN"),
@@ -142,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_p.set_defaults(device_handler=_run)
     add_p = sub.add_parser("add-examples", help="add an .npz file's examples to the store")
     _store_args(add_p)
-    add_p.add_argument("--data", type=Path, required=True)
+    add_p.add_argument("--data", type=Path, required=True, help=".npz of examples to add")
     add_p.set_defaults(device_handler=_add_examples)
     status_p = sub.add_parser("status", help="print identity, next check-in, example count")
     _store_args(status_p)
@@ -219,6 +224,8 @@ def _add_examples(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if not args.state.is_dir():
+        raise _Usage(f"no state directory at {args.state}")
     state = StateDir(args.state)
     identity = state.load_identity()
     now = time.time()
