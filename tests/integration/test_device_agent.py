@@ -255,3 +255,18 @@ def test_real_devices_complete_a_secure_aggregation_job(tmp_path: Path) -> None:
         for dev in devices:
             assert dev.stop() == 0, dev.text()
             assert "secure aggregation completed" in dev.text(), dev.text()
+
+
+def test_losing_eligibility_or_a_sigterm_while_selected_aborts_the_task(tmp_path: Path) -> None:
+    with _fleet(tmp_path, _job()) as (_, devices, conditions):
+        dev = devices[0]  # alone: its round cannot fill, so it waits for its plan
+        dev.start(conditions)
+        _wait(lambda: "selected for round" in dev.text(), 120, "a selection")
+        conditions.write_text(json.dumps({"charging": False, "idle": True}))  # unplugged
+        _wait(lambda: "aborted (eligibility-lost: not-charging)" in dev.text(), 60, "an abort")
+        assert "abort not delivered" not in dev.text()
+        conditions.write_text(json.dumps({"charging": True, "idle": True}))  # plugged in
+        _wait(lambda: dev.text().count("selected for round") >= 2, 120, "a new selection")
+        assert dev.stop() == 0, dev.text()
+        assert "aborted (stopped)" in dev.text(), dev.text()
+        assert "reported" not in dev.text()

@@ -61,6 +61,7 @@ from fedfleet.device.scheduling import backoff_delay, retry_after_delay
 from fedfleet.device.signals import ConditionsError
 from fedfleet.device.state import Identity, StateDir
 from fedfleet.device.upload import (
+    Ineligible,
     Interruptible,
     Stopped,
     upload_report,
@@ -307,11 +308,17 @@ class DeviceAgent:
         assert identity is not None
         device_id, key = identity.device_id, assignment.round_key
         try:
+            # Eligibility is watched while the device waits for its plan, as during training.
             info = await self._waits.guard(
-                client.wait_task(assignment, device_id, give_up_after=self.task_wait_seconds)
+                client.wait_task(assignment, device_id, give_up_after=self.task_wait_seconds),
+                check=lambda: self._ineligible(busy=False),
             )
         except TransportError as exc:
             self._failed(exc, f"waiting for the plan of {key}")
+            return
+        except Ineligible as exc:
+            await self._abort(client, assignment, f"eligibility-lost: {exc.reason}"[:200])
+            self._later(self.recheck_seconds, f"round {key}: not eligible any more")
             return
         except Stopped:
             await self._abort(client, assignment, "stopped")
@@ -391,19 +398,21 @@ class DeviceAgent:
         log.info("round %s: %s", key, what)
         self._later(self.rest_seconds * self.rng.uniform(0.5, 1.5), f"round {key} done")
 
+    def _ineligible(self, busy: bool) -> str | None:
+        """Why the device may not work now (None: it may)."""
+        conditions = self._read_conditions(busy=busy)
+        if isinstance(conditions, str):
+            return conditions
+        runtime = self._runtime
+        assert runtime is not None
+        return runtime.ineligible_because(conditions, time.time())
+
     def _eligible(self, epoch: int) -> bool:
         """Asked by the training thread before every epoch."""
         if self._stop.is_set():
             self._abort_reason = "stopped"
             return False
-        conditions = self._read_conditions(busy=True)
-        runtime = self._runtime
-        assert runtime is not None
-        reason = (
-            conditions
-            if isinstance(conditions, str)
-            else runtime.ineligible_because(conditions, time.time())
-        )
+        reason = self._ineligible(busy=True)
         if reason is not None:
             self._abort_reason = f"eligibility-lost: {reason}"[:200]
             return False

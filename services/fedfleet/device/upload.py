@@ -18,7 +18,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import TypeVar
 
@@ -29,7 +29,7 @@ from fedfleet.device.runtime import SecureContribution
 from fedfleet.device.scheduling import backoff_delay, retry_after_delay
 from fedfleet.device.secure import SecureSession
 
-__all__ = ["Interruptible", "Stopped", "upload_report", "walk_secure_aggregation"]
+__all__ = ["Ineligible", "Interruptible", "Stopped", "upload_report", "walk_secure_aggregation"]
 
 log = logging.getLogger("fedfleet.device")
 
@@ -43,6 +43,14 @@ class Stopped(Exception):
     """The stop event was set while waiting."""
 
 
+class Ineligible(Exception):
+    """The device lost eligibility while waiting; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Interruptible:
     """Waits that end early (with :class:`Stopped`) once ``stop`` is set; checked every
     ``tick`` seconds, so a stop takes effect within that."""
@@ -51,18 +59,30 @@ class Interruptible:
         self.stop = stop
         self.tick = tick
 
-    async def guard(self, aw: Awaitable[_T]) -> _T:
-        """Await ``aw`` unless the stop event is set first (then cancel it)."""
+    async def guard(
+        self,
+        aw: Awaitable[_T],
+        check: Callable[[], str | None] | None = None,
+        every: float = 2.0,
+    ) -> _T:
+        """Await ``aw`` unless the stop event is set first (then cancel it). ``check`` (asked
+        every ``every`` seconds) names a reason to give up, raised as :class:`Ineligible`."""
         task = asyncio.ensure_future(aw)
+        next_check = time.monotonic() + every
         while True:
             done, _ = await asyncio.wait({task}, timeout=self.tick)
             if done:
                 return task.result()
-            if self.stop.is_set():
+            failure: Exception | None = Stopped() if self.stop.is_set() else None
+            if failure is None and check is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + every
+                reason = check()
+                failure = None if reason is None else Ineligible(reason)
+            if failure is not None:
                 task.cancel()
                 with suppress(BaseException):
                     await task
-                raise Stopped
+                raise failure
 
     async def sleep(self, seconds: float) -> None:
         end = time.monotonic() + max(0.0, seconds)
