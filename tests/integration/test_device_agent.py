@@ -22,12 +22,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedfleet.core.spec import FLJob, parse_manifest
+from fedfleet.conformance import CHECKS, Kit, create_app
+from fedfleet.core.spec import Dataset, FLJob, ModelSpec, parse_manifest
 from fedfleet.device.agent import CREDENTIAL_REFUSED
-from fedfleet.device.datasets import prepare
+from fedfleet.device.datasets import load_dataset, prepare
 from fedfleet.device.state import Identity, StateDir
 from fedfleet.device.userdata import take
 from fedfleet.local import LocalDeployment
+from tests.uvicorn_thread import serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -270,3 +272,28 @@ def test_losing_eligibility_or_a_sigterm_while_selected_aborts_the_task(tmp_path
         assert dev.stop() == 0, dev.text()
         assert "aborted (stopped)" in dev.text(), dev.text()
         assert "reported" not in dev.text()
+
+
+def test_the_device_agent_passes_the_conformance_kit(tmp_path: Path) -> None:
+    """Windows and Retry-After honoured, checkpoint fetched with the credential, one
+    well-formed report, a task it cannot understand aborted (the kit plays the server; the
+    identity is the kit's device and token, as if enrolled)."""
+    device_id, token = "d-" + "c" * 24, "7f" * 32
+    kit = Kit(device_id, token, ModelSpec(inputs=64, classes=10))
+    with serve(create_app(kit)) as url:
+        dev = Device(tmp_path, 0, url, "")
+        now = time.time()
+        StateDir(dev.state).save_identity(
+            Identity(url, POPULATION, device_id, token, now, now + 86400, now + 43200)
+        )
+        x, y = load_dataset(Dataset.digits)
+        np.savez(dev.data, x=x[:40], y=y[:40])
+        conditions = tmp_path / "conditions.json"
+        conditions.write_text(json.dumps({"charging": True, "idle": True}))
+        dev.start(conditions)
+        _wait(lambda: kit.done, 120, "the kit's verdicts")
+        assert dev.stop() == 0, dev.text()
+        results = kit.results()
+        assert {r["check"] for r in results} == set(CHECKS)
+        failed = [r for r in results if r["passed"] is not True]
+        assert not failed, (failed, dev.text())

@@ -44,6 +44,7 @@ from fedfleet.device.enrollment import (
     when,
 )
 from fedfleet.device.http_transport import (
+    ProtocolError,
     Refused,
     SelectorClient,
     ServerBusy,
@@ -241,7 +242,14 @@ class DeviceAgent:
             self._runtime = runtime
             while not self._stop.is_set():
                 identity = self.identity = await enrollment.renew_if_due(identity)
-                await self._step(client, runtime)
+                try:
+                    await self._step(client, runtime)
+                except (CredentialRefused, Stopped):
+                    raise
+                except Exception:  # a bug must not end a device that runs for months
+                    log.exception("unexpected error; carrying on")
+                    self._failures += 1
+                    self._later(backoff_delay(self._failures, self.rng), "after the error")
         except Stopped:
             pass
         finally:
@@ -313,6 +321,10 @@ class DeviceAgent:
                 client.wait_task(assignment, device_id, give_up_after=self.task_wait_seconds),
                 check=lambda: self._ineligible(busy=False),
             )
+        except ProtocolError as exc:  # a task this device cannot understand: give it back
+            await self._abort(client, assignment, "bad-task")
+            self._failed(exc, f"the plan of {key}")
+            return
         except TransportError as exc:
             self._failed(exc, f"waiting for the plan of {key}")
             return
