@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from fedfleet.conformance import CHECKS, Kit, create_app
-from fedfleet.core.spec import Dataset, FLJob, ModelSpec, parse_manifest
+from fedfleet.core.spec import Dataset, FLJob, ModelSpec, parse_manifest, with_base_dir
 from fedfleet.device.agent import CREDENTIAL_REFUSED
 from fedfleet.device.datasets import load_dataset, prepare
 from fedfleet.device.state import Identity, StateDir
@@ -88,7 +89,7 @@ class Device:
     def log(self, run: int | None = None) -> Path:
         return self.root / f"device-{self.state.name}-{self.runs if run is None else run}.log"
 
-    def start(self, conditions: Path) -> None:
+    def start(self, conditions: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.runs += 1
         with self.log().open("wb") as log:
             self.proc = subprocess.Popen(
@@ -97,11 +98,11 @@ class Device:
                     *("--server", self.server, "--population", POPULATION),
                     *("--enroll-token", self.token, "--data", str(self.data)),
                     *("--state", str(self.state), "--conditions", str(conditions)),
-                    *("--recheck-seconds", "1", "--rest-seconds", "0.5"),
+                    *("--recheck-seconds", "1", "--rest-seconds", "0.5", *extra),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
 
     def stop(self, timeout: float = 30.0) -> int:
@@ -297,3 +298,35 @@ def test_the_device_agent_passes_the_conformance_kit(tmp_path: Path) -> None:
         assert {r["check"] for r in results} == set(CHECKS)
         failed = [r for r in results if r["passed"] is not True]
         assert not failed, (failed, dev.text())
+
+
+def test_a_device_runs_only_the_tasks_it_allows(tmp_path: Path) -> None:
+    """A job whose task the device was not configured for is refused without importing it;
+    with ``--allow-task`` (and the task installed on the device) the same job trains."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "custom-numpy"
+    raw = yaml.safe_load((example / "fljob.yaml").read_text())
+    raw["spec"].update(
+        population=POPULATION,
+        rounds={"total": 1, "goalCount": 1, "overSelection": 1.0, "minReportFraction": 1.0},
+        eligibility={"requireCharging": False, "requireUnmetered": False, "requireIdle": False},
+        actors={"selectors": 1},
+        evaluation={"data": "data/test.csv", "federated": False},
+    )
+    job = with_base_dir(parse_manifest(raw), str(example))
+    ref = job.spec.effective_task.ref
+    with _fleet(tmp_path, job) as (d, devices, conditions):
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(40, 8)).astype(np.float32)
+        for dev in devices[:2]:
+            np.savez(dev.data, x=x, y=x.sum(axis=1))
+        refuser, runner = devices[0], devices[1]
+        refuser.start(conditions)
+        _wait(lambda: "aborted (task-not-allowed)" in refuser.text(), 120, "a refusal")
+        assert f"refusing task {ref}" in refuser.text()
+        assert d.store.model_version(d.job.key) == 0
+        runner.start(conditions, "--allow-task", ref, env={"PYTHONPATH": str(example)})
+        _wait(lambda: d.store.model_version(d.job.key) >= 1, 120, "the round")
+        assert "reported" in runner.text(), runner.text()
+        assert "reported" not in refuser.text()
+        for dev in (refuser, runner):
+            assert dev.stop() == 0, dev.text()
