@@ -6,7 +6,8 @@ the Example Store does not load the HTTP client):
 * :class:`DeviceAgent` — enrolls, checks in when eligible, runs allowed tasks, reports once;
 * :class:`ExampleStore` — the SQLite store the app feeds with examples;
 * :class:`SystemSignals` — eligibility from ``/sys/class/power_supply``, load and configuration;
-* :class:`DeviceConditions` — what an app-supplied conditions callable returns;
+* :class:`DeviceConditions` — what an app-supplied conditions callable
+  (:class:`ConditionsSource`) returns;
 * :class:`StateDir` / :class:`Identity` — the persisted state directory and enrollment identity;
 * :class:`CredentialRefused`, :class:`EnrollmentRefused`, :data:`BUILTIN_TASKS`.
 """
@@ -25,11 +26,12 @@ if TYPE_CHECKING:
     )
     from fedfleet.device.example_store import ExampleStore
     from fedfleet.device.runtime import DeviceConditions
-    from fedfleet.device.signals import SystemSignals
+    from fedfleet.device.signals import ConditionsSource, SystemSignals
     from fedfleet.device.state import Identity, StateDir
 
 __all__ = [
     "BUILTIN_TASKS",
+    "ConditionsSource",
     "CredentialRefused",
     "DeviceAgent",
     "DeviceConditions",
@@ -48,6 +50,7 @@ _WHERE = {
     "ExampleStore": "example_store",
     "DeviceConditions": "runtime",
     "SystemSignals": "signals",
+    "ConditionsSource": "signals",
     "Identity": "state",
     "StateDir": "state",
 }

@@ -29,7 +29,6 @@ import random
 import threading
 import time
 from collections.abc import Collection
-from typing import Protocol
 
 import numpy as np
 
@@ -59,12 +58,13 @@ from fedfleet.device.runtime import (
     TaskAborted,
 )
 from fedfleet.device.scheduling import backoff_delay, retry_after_delay
-from fedfleet.device.signals import ConditionsError
+from fedfleet.device.signals import ConditionsError, ConditionsSource
 from fedfleet.device.state import Identity, StateDir
 from fedfleet.device.upload import (
     Ineligible,
     Interruptible,
     Stopped,
+    abort_task,
     upload_report,
     walk_secure_aggregation,
 )
@@ -83,14 +83,6 @@ log = logging.getLogger("fedfleet.device")
 
 BUILTIN_TASKS: frozenset[str] = frozenset({BUILTIN_TASK_REF})
 """The task refs every device runs unless configured otherwise."""
-
-
-class ConditionsSource(Protocol):
-    """Where the agent reads its eligibility conditions from, for example
-    :class:`~fedfleet.device.signals.SystemSignals`. ``busy`` is True while this device is
-    training (its own load must not count against it); an app's callable may ignore it."""
-
-    def __call__(self, busy: bool = False) -> DeviceConditions: ...
 
 
 class DeviceAgent:
@@ -258,6 +250,10 @@ class DeviceAgent:
             await enroller.aclose()
         log.info("stopped")
 
+    async def _give_back(self, client: SelectorClient, a: Assignment, reason: str) -> None:
+        assert self.identity is not None
+        await abort_task(client, a, self.identity.device_id, reason)
+
     def _load_task(self, spec: TaskSpec) -> LoadedTask:
         """Only the allowed tasks, and only as installed (a server-given ``path`` is ignored)."""
         if spec.ref not in self.allowed_tasks:
@@ -322,18 +318,18 @@ class DeviceAgent:
                 check=lambda: self._ineligible(busy=False),
             )
         except ProtocolError as exc:  # a task this device cannot understand: give it back
-            await self._abort(client, assignment, "bad-task")
+            await self._give_back(client, assignment, "bad-task")
             self._failed(exc, f"the plan of {key}")
             return
         except TransportError as exc:
             self._failed(exc, f"waiting for the plan of {key}")
             return
         except Ineligible as exc:
-            await self._abort(client, assignment, f"eligibility-lost: {exc.reason}"[:200])
+            await self._give_back(client, assignment, f"eligibility-lost: {exc.reason}"[:200])
             self._later(self.recheck_seconds, f"round {key}: not eligible any more")
             return
         except Stopped:
-            await self._abort(client, assignment, "stopped")
+            await self._give_back(client, assignment, "stopped")
             raise
         if info is None:
             self._later(backoff_delay(1, self.rng), f"round {key}: released before its plan")
@@ -345,13 +341,13 @@ class DeviceAgent:
         refusal = self._refusal(info)
         if refusal is not None:
             log.warning("round %s: refusing task %s: %s", key, info.task.ref, refusal)
-            await self._abort(client, assignment, refusal)
+            await self._give_back(client, assignment, refusal)
             self._later(self.recheck_seconds, f"round {key}: task refused")
             return
         try:
             await self._train_and_report(client, runtime, assignment, info)
         except Stopped:
-            await self._abort(client, assignment, "stopped")
+            await self._give_back(client, assignment, "stopped")
             raise
 
     def _refusal(self, info: TaskInfo) -> str | None:
@@ -372,7 +368,7 @@ class DeviceAgent:
                 client.task(assignment, info, identity.device_id, identity.credential)
             )
         except TransportError as exc:
-            await self._abort(client, assignment, "checkpoint-unavailable")
+            await self._give_back(client, assignment, "checkpoint-unavailable")
             self._failed(exc, f"checkpoint {info.model_version} of {key}", credential=True)
             return
         self._abort_reason = None
@@ -384,12 +380,12 @@ class DeviceAgent:
             log.info("round %s: task aborted: %s", key, exc)
             # Eligibility lost (the checks said no), or the task itself cannot run here.
             reason = self._abort_reason or f"task-error: {exc}"[:200]
-            await self._abort(client, assignment, reason)
+            await self._give_back(client, assignment, reason)
             self._later(self.recheck_seconds, f"round {key}: aborted")
             return
         except Exception as exc:  # the task's own code failed on this device's data
             log.warning("round %s: task failed: %s: %s", key, type(exc).__name__, exc)
-            await self._abort(client, assignment, "task-error")
+            await self._give_back(client, assignment, "task-error")
             self._later(self.recheck_seconds, f"round {key}: task failed")
             return
         # At most once: the key is in the state before any byte of the report leaves.
@@ -429,17 +425,3 @@ class DeviceAgent:
             self._abort_reason = f"eligibility-lost: {reason}"[:200]
             return False
         return True
-
-    async def _abort(self, client: SelectorClient, assignment: Assignment, reason: str) -> None:
-        """Tell the selector (best effort, bounded: this also runs on the way out)."""
-        assert self.identity is not None
-        try:
-            await asyncio.wait_for(
-                client.abort(
-                    assignment.round_key, self.identity.device_id, assignment.ticket, reason
-                ),
-                timeout=5.0,
-            )
-            log.info("round %s: aborted (%s)", assignment.round_key, reason)
-        except (TransportError, TimeoutError) as exc:
-            log.info("round %s: abort not delivered: %s", assignment.round_key, exc)

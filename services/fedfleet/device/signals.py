@@ -28,12 +28,14 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from fedfleet.device.runtime import DeviceConditions
 
 __all__ = [
     "OVERRIDABLE",
     "ConditionsError",
+    "ConditionsSource",
     "PowerState",
     "SystemSignals",
     "is_idle",
@@ -48,6 +50,14 @@ OVERRIDABLE = ("charging", "idle", "unmetered")
 """The conditions an app (or ``--conditions FILE``) may set."""
 
 _PLUGGED_STATUS = {"charging", "full", "not charging"}
+
+
+class ConditionsSource(Protocol):
+    """Where a device reads its eligibility conditions from (:class:`SystemSignals`, or an
+    app's callable). ``busy`` is True while the device is training (its own load must not count
+    against it); an app's callable may ignore it."""
+
+    def __call__(self, busy: bool = False) -> DeviceConditions: ...
 
 
 class ConditionsError(ValueError):

@@ -5,7 +5,8 @@ a backoff or walks a Secure Aggregation session, so every wait of
 :class:`~fedfleet.device.agent.DeviceAgent` goes through :class:`Interruptible`, which watches
 a ``threading.Event`` (set by a signal handler or by the app) and raises :class:`Stopped`.
 
-The two ways a trained update leaves the device live here too: a plain report (retried on a busy
+The ways a task ends live here too: the abort that gives it back (bounded, best effort), and
+the two ways a trained update leaves the device: a plain report (retried on a busy
 or unreachable selector: the round key is already recorded as reported, so the retries are of
 the same single report), and the Secure Aggregation walk, which reuses the simulated fleet's
 transport-free :class:`~fedfleet.device.secure.SecureSession` over one selector.
@@ -22,14 +23,21 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import TypeVar
 
-from fedfleet.core.protocol import ReportEnvelope
+from fedfleet.core.protocol import Assignment, ReportEnvelope
 from fedfleet.core.secagg import SecAggError
 from fedfleet.device.http_transport import SelectorClient, ServerBusy, TransportError, Unreachable
 from fedfleet.device.runtime import SecureContribution
 from fedfleet.device.scheduling import backoff_delay, retry_after_delay
 from fedfleet.device.secure import SecureSession
 
-__all__ = ["Ineligible", "Interruptible", "Stopped", "upload_report", "walk_secure_aggregation"]
+__all__ = [
+    "Ineligible",
+    "Interruptible",
+    "Stopped",
+    "abort_task",
+    "upload_report",
+    "walk_secure_aggregation",
+]
 
 log = logging.getLogger("fedfleet.device")
 
@@ -90,6 +98,21 @@ class Interruptible:
             await asyncio.sleep(min(self.tick, left))
         if self.stop.is_set():
             raise Stopped
+
+
+async def abort_task(
+    client: SelectorClient, assignment: Assignment, device_id: str, reason: str
+) -> None:
+    """Tell the selector the device gives its task up (best effort, bounded: this also runs on
+    the way out of a stopping process)."""
+    key = assignment.round_key
+    try:
+        await asyncio.wait_for(
+            client.abort(key, device_id, assignment.ticket, reason[:200]), timeout=5.0
+        )
+        log.info("round %s: aborted (%s)", key, reason)
+    except (TransportError, TimeoutError) as exc:
+        log.info("round %s: abort not delivered: %s", key, exc)
 
 
 async def upload_report(
