@@ -489,6 +489,12 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         lambda parser: __import__("fedfleet.conformance", fromlist=["x"]).add_arguments(parser),
         lambda args: int(__import__("fedfleet.conformance", fromlist=["x"]).run(args)),
     ),
+    # fedfleet.population_cmd: enroll tokens and device revocation (imported when it runs).
+    "population": Subcommand(
+        "a population's devices: print its enroll token, revoke devices' credentials",
+        lambda parser: __import__("fedfleet.population_cmd", fromlist=["x"]).add_arguments(parser),
+        lambda args: int(__import__("fedfleet.population_cmd", fromlist=["x"]).run(args)),
+    ),
     # Imported lazily: fedfleet.device.simulate_cmd (the fleet itself loads only when it runs).
     "simulate": Subcommand(
         "drive a deployed job with a simulated fleet of devices over HTTP",

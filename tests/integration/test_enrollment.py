@@ -8,16 +8,19 @@ and each device's check-ins. Every refusal happens at the gate, before a body is
 
 from __future__ import annotations
 
+import secrets
 import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from fedfleet.cli import main
 from fedfleet.core.spec import FLJob
 from fedfleet.local import LocalDeployment
 from fedfleet.selector.app import create_app as selector_app
@@ -269,3 +272,29 @@ def test_a_local_deployment_gives_its_selectors_the_population_secret() -> None:
         assert check_in(live, device, credential).status_code == 200
         assert checkpoint(live, device_headers(device, credential)).status_code == 200
         assert enroll(live, token="00" * 32).status_code == 401
+
+
+def test_the_cli_revokes_devices(
+    redis_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    population = f"cli-{secrets.token_hex(4)}"
+    store = RedisStore.from_url(redis_url)  # the CLI's default key prefix
+    try:
+        with selector(store, population=population) as live:
+            device, credential = enrolled(live)
+            keeper, keeper_credential = enrolled(live)
+            assert check_in(live, device, credential).status_code == 200
+            argv = ["population", "revoke", "--store", redis_url, "--population", population]
+            assert main([*argv, device]) == 0
+            assert f"revoked {device} in {population}" in capsys.readouterr().out
+            assert set(store.revoked_devices(population)) == {device}
+            assert renew(live, device, credential).status_code == 401
+            assert renew(live, keeper, keeper_credential).status_code == 200
+            secret_file = tmp_path / "population-secret"
+            secret_file.write_bytes(SECRET)  # raw bytes work as well as hex
+            assert main(["population", "token", "--secret-file", str(secret_file)]) == 0
+            printed = capsys.readouterr().out.strip()
+            assert printed == live.population.enroll_token
+            assert enroll(live, token=printed).status_code == 201
+    finally:
+        store.close()

@@ -172,10 +172,8 @@ def create_app(
     population_secret: bytes | None = None,
     enrollment: EnrollmentSettings | None = None,
 ) -> FastAPI:
-    """Build the Selector service; the tick thread starts with the app's lifespan.
-
-    With ``population_secret`` the selector enrolls devices of ``job.spec.population`` and
-    accepts their credentials besides the job's device tokens."""
+    """Build the Selector service; the tick thread starts with the app's lifespan. With
+    ``population_secret`` it enrolls devices of the job's population (enroll_routes.py)."""
     registry = CollectorRegistry()
     checkins = Counter(
         "fedfleet_checkins",

@@ -41,6 +41,7 @@ __all__ = [
     "Claims",
     "Credential",
     "PopulationKeys",
+    "enroll_token",
     "new_device_id",
 ]
 
@@ -124,6 +125,13 @@ class Credential:
         }
 
 
+def enroll_token(secret: bytes) -> str:
+    """The population's enroll token (hex): the same for every population name."""
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"the population secret must hold at least {MIN_SECRET_BYTES} bytes")
+    return hmac.new(secret, _ENROLL_LABEL, hashlib.sha256).hexdigest()
+
+
 def new_device_id() -> str:
     """A fresh, random device id (``d-`` and 24 hex characters): the server picks it."""
     return "d-" + secrets.token_hex(12)
@@ -140,13 +148,12 @@ class PopulationKeys:
 
     @classmethod
     def from_secret(cls, secret: bytes, population: str) -> PopulationKeys:
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ValueError(f"the population secret must hold at least {MIN_SECRET_BYTES} bytes")
+        token = enroll_token(secret)
         if not population:
             raise ValueError("the population name must not be empty")
         return cls(
             population=population,
-            enroll_token=hmac.new(secret, _ENROLL_LABEL, hashlib.sha256).hexdigest(),
+            enroll_token=token,
             credential_key=hmac.new(secret, _CREDENTIAL_LABEL, hashlib.sha256).digest(),
         )
 

@@ -1,0 +1,107 @@
+"""``fedfleet population``: what an operator does to a population's devices from outside.
+
+* ``fedfleet population token --secret-file F`` prints the population's enroll token (what an
+  app or a device installer is given; it can only enroll new devices);
+* ``fedfleet population revoke --store URL --population NAME DEVICE_ID...`` revokes devices:
+  every credential issued to them until now is refused — on renewal at once, on check-ins and
+  checkpoint downloads once each selector's next tick has read the revocation. A revoked
+  device must enroll again (under a new device id).
+
+Exit status: 0 done, 1 the store could not be reached, 2 a usage error (a bad secret file, a
+malformed device id, no store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+
+from fedfleet.service.enrollment import enroll_token
+from fedfleet.service.keys import load_secret
+from fedfleet.store.base import StoreUnavailable
+from fedfleet.store_args import add_store_argument, store_from_args
+
+__all__ = ["add_arguments", "run"]
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+"""A device id as the device API takes it (``fedfleet.selector.doors.ID``)."""
+
+Action = Callable[[argparse.Namespace], int]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(
+        dest="action", metavar="ACTION", required=True, help="token or revoke"
+    )
+    token = sub.add_parser(
+        "token",
+        help="print the population's enroll token",
+        description="Print the enroll token derived from the population secret.",
+    )
+    token.add_argument(
+        "--secret-file",
+        default=os.environ.get("FEDFLEET_POPULATION_SECRET_FILE"),
+        help="file holding the population secret, hex or raw, >= 16 bytes "
+        "(default $FEDFLEET_POPULATION_SECRET_FILE)",
+    )
+    token.set_defaults(population_action=_token)
+    revoke = sub.add_parser(
+        "revoke",
+        help="revoke devices: their credentials issued until now are refused",
+        description="Revoke devices of a population: every credential issued to them until "
+        "now is refused (at once on renewal, within a selector tick on check-in).",
+    )
+    add_store_argument(revoke)
+    revoke.add_argument("--population", required=True, help="the population's name")
+    revoke.add_argument("device_ids", nargs="+", metavar="DEVICE_ID", help="the devices to revoke")
+    revoke.set_defaults(population_action=_revoke)
+
+
+def run(args: argparse.Namespace) -> int:
+    action: Action = args.population_action
+    return action(args)
+
+
+def _token(args: argparse.Namespace) -> int:
+    if not args.secret_file:
+        print(
+            "error: --secret-file (or $FEDFLEET_POPULATION_SECRET_FILE) is required",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        print(enroll_token(load_secret(args.secret_file)))
+    except (OSError, ValueError) as exc:
+        print(f"error: population secret: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    bad = [d for d in args.device_ids if not _ID.match(d)]
+    if bad:
+        print(f"error: not a device id: {bad[0][:130]!r}", file=sys.stderr)
+        return 2
+    if not args.population or any(c in args.population for c in "{}"):
+        print("error: --population must be a non-empty name without braces", file=sys.stderr)
+        return 2
+    store = store_from_args(args)
+    if store is None:
+        return 2
+    at = time.time()
+    try:
+        for device in args.device_ids:
+            store.revoke_device(args.population, device, at)
+    except StoreUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    for device in args.device_ids:
+        print(f"revoked {device} in {args.population}: credentials issued until {stamp} refused")
+    return 0
