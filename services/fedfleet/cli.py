@@ -540,6 +540,14 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         ).add_arguments(parser),
         lambda args: int(__import__("fedfleet.device.simulate_cmd", fromlist=["run"]).run(args)),
     ),
+    # fedfleet.device.device_cmd: one real device (imported when the command runs).
+    "device": Subcommand(
+        "run a real device (enroll, check in, train, report), add examples, show its state",
+        lambda parser: __import__(
+            "fedfleet.device.device_cmd", fromlist=["add_arguments"]
+        ).add_arguments(parser),
+        lambda args: int(__import__("fedfleet.device.device_cmd", fromlist=["run"]).run(args)),
+    ),
 }
 """Subcommand name -> definition; the actor commands are added here as they are written."""
 

@@ -245,3 +245,18 @@ def test_bulk_round_trip_of_mnist_sized_rows_at_the_cap() -> None:
         assert store.add({"x": x, "y": y}, now=0.0) == 10_000
         got_x, _ = _xy(store.query(now=0.0))
         np.testing.assert_array_equal(got_x, x)
+
+
+def test_a_store_opened_before_the_first_add_elsewhere_uses_its_schema(tmp_path: Path) -> None:
+    """The device process opens the store empty; the app's process adds the first examples."""
+    path = tmp_path / "examples.sqlite"
+    reader, writer = ExampleStore(path), ExampleStore(path)
+    with ExampleStore(path) as app:
+        x, y = _batch(3)
+        app.add(_fields(x, y), now=10.0)
+    np.testing.assert_array_equal(reader.query(now=11.0)["y"], y)
+    x2, y2 = _batch(2, start=3)
+    assert writer.add(_fields(x2, y2), now=12.0) == 2  # the app's schema, not defined again
+    assert writer.count(now=12.0) == reader.count(now=12.0) == 5
+    reader.close()
+    writer.close()

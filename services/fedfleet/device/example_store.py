@@ -143,6 +143,8 @@ class ExampleStore:
         """
         arrays, n = self._conform(fields)
         with self._lock:
+            if self._record is None:  # another process may have written the first batch
+                self._record = self._stored_schema()
             record = self._record_for(arrays)
             if n == 0:
                 return 0
@@ -206,6 +208,8 @@ class ExampleStore:
                     (self._cutoff(now), -1 if limit is None else limit),
                 )
             ]
+            if self._record is None:  # another process (the app) may have written the first
+                self._record = self._stored_schema()
             record = self._record
         if record is None:
             return {}

@@ -88,12 +88,14 @@ class ServerBusy(TransportError):
 
 
 class Refused(TransportError):
-    """Any other non-success answer: ``status`` and the server's ``detail``."""
+    """Any other non-success answer: ``status`` and the server's ``detail``; a 429 carries the
+    server's ``Retry-After`` in ``retry_after`` (None otherwise)."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status}: {detail}")
         self.status = status
         self.detail = detail
+        self.retry_after = retry_after
 
 
 class ProtocolError(TransportError):
@@ -137,6 +139,8 @@ def _detail(response: httpx.Response) -> str:
 def _fail(response: httpx.Response) -> TransportError:
     if response.status_code == 503:
         return ServerBusy(_retry_after(response), _detail(response))
+    if response.status_code == 429:
+        return Refused(429, _detail(response), _retry_after(response))
     return Refused(response.status_code, _detail(response))
 
 
