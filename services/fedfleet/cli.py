@@ -428,6 +428,12 @@ def _cmd_service(role: str, args: argparse.Namespace) -> int:
 
 def _args_crd(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--kind",
+        choices=("fljob", "flpopulation"),
+        default="fljob",
+        help="which CustomResourceDefinition: FLJob (default) or FLPopulation",
+    )
+    parser.add_argument(
         "--write",
         type=Path,
         action="append",
@@ -438,8 +444,9 @@ def _args_crd(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_crd(args: argparse.Namespace) -> int:
     from fedfleet.crdgen import render_crd_yaml
+    from fedfleet.crdgen_population import render_population_crd_yaml
 
-    text = render_crd_yaml()
+    text = render_population_crd_yaml() if args.kind == "flpopulation" else render_crd_yaml()
     paths: list[Path] = args.write or []
     for path in paths:
         path.write_text(text, encoding="utf-8")

@@ -66,6 +66,8 @@ __all__ = [
     "SchemaGenerationError",
     "apply_schema_defaults",
     "crd_document",
+    "dump_yaml",
+    "model_schema",
     "render_crd_yaml",
     "spec_schema",
 ]
@@ -120,6 +122,7 @@ _KEY_ORDER: Final = (
     "items",
     "required",
     "properties",
+    "additionalProperties",
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
     "x-kubernetes-preserve-unknown-fields",
@@ -248,6 +251,9 @@ def _convert(
                 # A free-form object (a task's own config): the task validates it, so the API
                 # server keeps it as written instead of pruning it.
                 out["x-kubernetes-preserve-unknown-fields"] = True
+            elif isinstance(value, dict) and "properties" not in node:
+                # A map of one value type (FLPopulation's Service annotations).
+                out["additionalProperties"] = _convert(value, defs, f"{path}{{}}", None)
             elif value is not False:
                 raise SchemaGenerationError(f"{path}: maps (additionalProperties) unsupported")
         elif key in ("title", "properties", "items"):
@@ -298,6 +304,14 @@ def _properties(
                 child["default"] = default
         out[name] = _ordered(child)
     return out
+
+
+def model_schema(model: type[BaseModel], description: str, path: str = "spec") -> JsonSchema:
+    """The structural schema of any spec model (used for the FLPopulation CRD too)."""
+    raw = model.model_json_schema(by_alias=True)
+    defs: dict[str, JsonSchema] = raw.pop("$defs", {})
+    raw["description"] = description
+    return _convert(raw, defs, path, model)
 
 
 def spec_schema() -> JsonSchema:
@@ -557,12 +571,16 @@ _NoAliasDumper.add_representer(str, _represent_str)
 
 def render_crd_yaml() -> str:
     """The CRD as YAML with the "generated, do not edit" header; stable across runs."""
-    body = yaml.dump(
-        crd_document(),
+    return HEADER + "---\n" + dump_yaml(crd_document())
+
+
+def dump_yaml(document: Mapping[str, Any]) -> str:
+    """A generated document as YAML: no anchors, YAML 1.1 words quoted, stable."""
+    return yaml.dump(
+        dict(document),
         Dumper=_NoAliasDumper,
         sort_keys=False,
         default_flow_style=False,
         width=100,
         allow_unicode=False,
     )
-    return HEADER + "---\n" + body

@@ -1,0 +1,107 @@
+"""The FLPopulation spec: one device population's endpoint on Kubernetes.
+
+Devices are configured once, with a URL and a population name (Bonawitz et al. 2019, section 3),
+and jobs of that population come and go behind the URL. On Kubernetes an ``FLPopulation``
+(``fedfleet.dev/v1alpha1``) names that endpoint: the operator gives it a Service over the
+selector pods of every FLJob of the population, and the Secret the population's enrollment
+token and device credentials derive from. The CRD's schema is generated from these models
+(:mod:`fedfleet.crdgen_population`), as the FLJob's is from :mod:`fedfleet.core.spec`.
+
+Also here, because the operator may not import the selector's modules: the derivation of the
+enrollment token from the population secret, identical to
+``fedfleet.service.enrollment.enroll_token`` (a unit test holds them equal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from enum import StrEnum
+from typing import Final
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "DEFAULT_DEVICE_PORT",
+    "ENROLL_TOKEN_KEY",
+    "POPULATION_KIND",
+    "POPULATION_NAME_MAX_LENGTH",
+    "POPULATION_NAME_PATTERN",
+    "POPULATION_SECRET_KEY",
+    "SECRET_NAME_PATTERN",
+    "EnrollmentSpec",
+    "FLPopulationSpec",
+    "ServiceType",
+    "ServiceSpec",
+    "population_enroll_token",
+]
+
+POPULATION_KIND: Final = "FLPopulation"
+DEFAULT_DEVICE_PORT: Final = 8080
+POPULATION_NAME_MAX_LENGTH: Final = 55
+"""Longest FLPopulation name: its Service ``<name>-devices`` must fit a 63-character DNS label."""
+POPULATION_NAME_PATTERN: Final = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+"""A DNS-1035 label, as ``<name>-devices`` names a Service; also an FLJob's ``population``."""
+SECRET_NAME_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+"""A DNS-1123 subdomain, as Kubernetes requires of a Secret's name."""
+POPULATION_SECRET_KEY: Final = "population-secret"
+"""Key of the enrollment Secret holding the population secret (hex)."""
+ENROLL_TOKEN_KEY: Final = "enroll-token"
+"""Key of the Secret the operator creates holding the derived enrollment token (hex)."""
+
+_ENROLL_LABEL: Final = b"fedfleet/population/enroll"
+_MIN_SECRET_BYTES: Final = 16
+
+
+def population_enroll_token(secret: bytes) -> str:
+    """``hex(HMAC-SHA256(secret, "fedfleet/population/enroll"))``: the token that enrolls new
+    devices of the population (docs/device-protocol.md, section 1.2)."""
+    if len(secret) < _MIN_SECRET_BYTES:
+        raise ValueError(f"the population secret must hold at least {_MIN_SECRET_BYTES} bytes")
+    return hmac.new(secret, _ENROLL_LABEL, hashlib.sha256).hexdigest()
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,
+    )
+
+
+class ServiceType(StrEnum):
+    """How devices reach the population's Service."""
+
+    cluster_ip = "ClusterIP"
+    node_port = "NodePort"
+    load_balancer = "LoadBalancer"
+
+
+class ServiceSpec(_Spec):
+    type: ServiceType = ServiceType.cluster_ip
+    """Type of the Service `<name>-devices`: ClusterIP (devices in the cluster), NodePort, or
+    LoadBalancer (devices outside the cluster; put TLS in front of it)."""
+    port: int = Field(DEFAULT_DEVICE_PORT, ge=1, le=65535)
+    """Port of the Service; it forwards to the selectors' port 8080."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Annotations of the Service (e.g. a cloud load balancer's settings)."""
+
+
+class EnrollmentSpec(_Spec):
+    secret_name: str | None = Field(
+        None, min_length=1, max_length=253, pattern=SECRET_NAME_PATTERN
+    )
+    """An existing Secret in the namespace holding the population secret (hex) under key
+    `population-secret`. Left out: the operator creates `<name>-enrollment` once, with 32
+    random bytes and the enrollment token (key `enroll-token`), and never rotates it."""
+
+
+class FLPopulationSpec(_Spec):
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    """The Service devices use: one URL for every job of the population."""
+    enrollment: EnrollmentSpec = Field(default_factory=EnrollmentSpec)
+    """Where the population secret comes from."""
