@@ -21,13 +21,16 @@ __all__ = [
     "FieldRef",
     "HTTPGetAction",
     "KeyRef",
+    "KeyToPath",
     "LabelSelector",
     "ObjectMeta",
+    "PodSecurityContext",
     "PodSpec",
     "PodTemplate",
     "Probe",
     "ResourceRequirements",
     "SecretBody",
+    "SecretVolumeSource",
     "SecurityContext",
     "ServiceBody",
     "ServicePort",
@@ -108,11 +111,23 @@ class VolumeMount(TypedDict):
     readOnly: NotRequired[bool]
 
 
+class KeyToPath(TypedDict):
+    key: str
+    path: str
+
+
+class SecretVolumeSource(TypedDict):
+    secretName: str
+    defaultMode: int
+    items: list[KeyToPath]
+
+
 class Volume(TypedDict):
     name: str
     emptyDir: NotRequired[dict[str, str]]
     configMap: NotRequired[dict[str, str]]
     persistentVolumeClaim: NotRequired[dict[str, str | bool]]
+    secret: NotRequired[SecretVolumeSource]
 
 
 class Container(TypedDict):
@@ -130,10 +145,15 @@ class Container(TypedDict):
     volumeMounts: list[VolumeMount]
 
 
+class PodSecurityContext(TypedDict):
+    fsGroup: int
+
+
 class PodSpec(TypedDict):
     automountServiceAccountToken: bool
     containers: list[Container]
     volumes: list[Volume]
+    securityContext: NotRequired[PodSecurityContext]
 
 
 class PodTemplate(TypedDict):
@@ -167,9 +187,10 @@ class ServicePort(TypedDict):
 
 
 class ServiceSpec(TypedDict):
-    type: Literal["ClusterIP"]
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"]
     selector: dict[str, str]
     ports: list[ServicePort]
+    sessionAffinity: NotRequired[Literal["ClientIP", "None"]]
 
 
 class ServiceBody(TypedDict):

@@ -4,7 +4,8 @@ Handlers need a few things: make a child look like its body (create it, or patch
 exists), delete a child, read the job Secret back (its job secret is created once and kept),
 write an FLJob's status from the status timer, delete a finished FLJob whose
 ``ttlSecondsAfterFinished`` passed, and resize the aggregator pool (a Deployment's replicas,
-and the deletion cost of the pod a scale-down removes: :mod:`.pool`).
+and the deletion cost of the pod a scale-down removes: :mod:`.pool`); and for FLPopulations,
+read one (does a job's population exist?), list a namespace's FLJobs and write its status.
 :class:`ChildClient` names exactly those; :class:`KubeClient` implements them with the official
 client, and unit tests pass a recording fake instead of a cluster.
 
@@ -39,6 +40,7 @@ FIELD_MANAGER: Final = "fedfleet-operator"
 
 _CONFLICT, _NOT_FOUND = 409, 404
 _FLJOB: Final = (GROUP, VERSION, PLURAL)
+_FLPOPULATION: Final = (GROUP, VERSION, "flpopulations")
 
 
 class StatusWriteError(RuntimeError):
@@ -88,6 +90,18 @@ class ChildClient(Protocol):
     def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> bool:
         """Merge annotations into a pod's (the pod-deletion cost of an aggregator about to be
         removed); False when the pod is gone."""
+        ...
+
+    def read_population(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """An FLPopulation as a dict; ``None`` when it (or its CRD) does not exist."""
+        ...
+
+    def list_fljobs(self, namespace: str) -> list[dict[str, Any]]:
+        """The FLJobs of a namespace, as dicts (an FLPopulation's ``status.jobs``)."""
+        ...
+
+    def patch_population_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        """Merge ``status`` into an FLPopulation's; :class:`StatusWriteError` if refused."""
         ...
 
 
@@ -244,3 +258,43 @@ class KubeClient:
                 return False
             raise
         return True
+
+    def read_population(self, namespace: str, name: str) -> dict[str, Any] | None:
+        group, version, plural = _FLPOPULATION
+        try:
+            obj = self._custom.get_namespaced_custom_object(
+                group, version, namespace, plural, name, _request_timeout=self._timeout
+            )
+        except ApiException as exc:
+            if exc.status == _NOT_FOUND:  # no such population, or no FLPopulation CRD
+                return None
+            raise
+        return dict(obj) if isinstance(obj, Mapping) else None
+
+    def list_fljobs(self, namespace: str) -> list[dict[str, Any]]:
+        group, version, plural = _FLJOB
+        listing = self._custom.list_namespaced_custom_object(
+            group, version, namespace, plural, _request_timeout=self._timeout
+        )
+        items = listing.get("items") if isinstance(listing, Mapping) else None
+        return [dict(item) for item in items or [] if isinstance(item, Mapping)]
+
+    def patch_population_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        group, version, plural = _FLPOPULATION
+        try:
+            self._custom.patch_namespaced_custom_object_status(
+                group,
+                version,
+                namespace,
+                plural,
+                name,
+                {"status": dict(status)},
+                field_manager=FIELD_MANAGER,
+                _request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            raise StatusWriteError(
+                f"status of FLPopulation {namespace}/{name}: {exc.status} {exc.reason}"
+            ) from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise StatusWriteError(f"status of FLPopulation {namespace}/{name}: {exc}") from exc

@@ -71,7 +71,9 @@ class QuietStatusTimer(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (
             record.levelno == logging.INFO
-            and record.getMessage().startswith("Timer 'status' succeeded")
+            and record.getMessage().startswith(
+                ("Timer 'status' succeeded", "Timer 'population-status' succeeded")
+            )
         )
 
 

@@ -28,11 +28,13 @@ from fedfleet_operator.builders import (
 from fedfleet_operator.context import OperatorContext
 from fedfleet_operator.naming import (
     JOB_SECRET_KEY,
+    ChildRole,
     deployment_name,
     plan_name,
     secret_name,
     service_name,
 )
+from fedfleet_operator.population import population_ref, with_population
 
 __all__ = ["apply_children", "delete_actors", "delete_children", "new_job_secret", "owned"]
 
@@ -66,7 +68,8 @@ def apply_children(
     aggregators: int | None = None,
 ) -> list[str]:
     """Create or patch the plan ConfigMap and the Secret, and (unless ``actors`` is False, for
-    a finished job) the actor Deployments and the selectors' Service. ``active_since`` is
+    a finished job) the actor Deployments and the selectors' Service (the selectors also
+    serve the job's FLPopulation, when it exists). ``active_since`` is
     where the coordinator counts ``spec.activeDeadlineSeconds`` from; ``aggregators`` is the
     pool's size as the operator last set it (None: the initial size). Returns what it
     applied, as ``Kind/name``, for the log and the Event."""
@@ -86,12 +89,17 @@ def apply_children(
     apply(build_job_secret(job.name, namespace, job_secret, ctx.settings.job_redis_password))
     if actors:
         policy = spec_hash(job.spec)
+        # An FLPopulation of the job's population, when one exists now: its selectors serve
+        # the population's Service and enroll its devices (fedfleet_operator.population).
+        found = ctx.kube.read_population(namespace, job.spec.population)
+        population = population_ref(found) if found is not None else None
         for role in ACTOR_ROLES:
-            apply(
-                build_actor_deployment(
-                    job, namespace, ctx.settings, policy, role, active_since, aggregators
-                )
+            deployment = build_actor_deployment(
+                job, namespace, ctx.settings, policy, role, active_since, aggregators
             )
+            if role is ChildRole.selector and population is not None:
+                deployment = with_population(deployment, population)
+            apply(deployment)
         apply(build_selector_service(job, namespace))
     return applied
 

@@ -52,6 +52,9 @@ class RecordingKube:
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         return None
 
+    def read_population(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return None  # no FLPopulation: the selectors are built as without one
+
     def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None
     ) -> None:

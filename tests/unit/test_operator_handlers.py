@@ -60,6 +60,7 @@ class FakeKube:
     status_api_down: bool = False
     fljob_deleted: bool = False
     pod_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
+    populations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None
@@ -86,6 +87,10 @@ class FakeKube:
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         return self.objects.pop((kind, name), None) is not None
+
+    def read_population(self, namespace: str, name: str) -> dict[str, Any] | None:
+        assert namespace == NS
+        return copy.deepcopy(self.populations.get(name))
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         secret = self.objects.get(("Secret", name))

@@ -11,6 +11,7 @@ interval) reach the decorators without reading the environment at import.
 ``update``      spec changes and operator restarts: converge the children; Invalid
 ``status``      timer: progress from the store into ``.status``; completion
 ``delete``      finalizer: remove the job's keys from the store
+``population``  FLPopulation: its enrollment Secret and devices' Service; timer: its jobs
 ==============  ========================================================================
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import kopf
 
-from fedfleet_operator.handlers import create, delete, startup, status, update
+from fedfleet_operator.handlers import create, delete, population, startup, status, update
 from fedfleet_operator.settings import OperatorSettings
 
 __all__ = ["register_all"]
@@ -26,5 +27,5 @@ __all__ = ["register_all"]
 
 def register_all(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
     """Register every handler of the operator in ``registry``."""
-    for module in (startup, create, update, status, delete):
+    for module in (startup, create, update, status, delete, population):
         module.register(registry, settings)

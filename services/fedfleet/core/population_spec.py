@@ -32,8 +32,8 @@ __all__ = [
     "SECRET_NAME_PATTERN",
     "EnrollmentSpec",
     "FLPopulationSpec",
-    "ServiceType",
     "ServiceSpec",
+    "ServiceType",
     "population_enroll_token",
 ]
 
@@ -92,9 +92,7 @@ class ServiceSpec(_Spec):
 
 
 class EnrollmentSpec(_Spec):
-    secret_name: str | None = Field(
-        None, min_length=1, max_length=253, pattern=SECRET_NAME_PATTERN
-    )
+    secret_name: str | None = Field(None, min_length=1, max_length=253, pattern=SECRET_NAME_PATTERN)
     """An existing Secret in the namespace holding the population secret (hex) under key
     `population-secret`. Left out: the operator creates `<name>-enrollment` once, with 32
     random bytes and the enrollment token (key `enroll-token`), and never rotates it."""
