@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -133,7 +134,8 @@ def population_from_body(name: str, spec: Mapping[str, Any]) -> FLPopulationSpec
             f"{POPULATION_NAME_MAX_LENGTH} characters, as '<name>-devices' names a Service"
         )
     try:
-        return FLPopulationSpec.model_validate(dict(spec))
+        # Strict JSON mode, as FLJobs are read: "8080" is not a port number.
+        return FLPopulationSpec.model_validate_json(json.dumps(dict(spec)), strict=True)
     except ValidationError as exc:
         problems = "; ".join(
             "spec." + ".".join(str(p) for p in err["loc"]) + ": " + err["msg"]

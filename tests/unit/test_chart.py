@@ -40,6 +40,8 @@ Obj = dict[str, Any]
 CONTRACT_RBAC: frozenset[tuple[str, str, str]] = frozenset(
     {("fedfleet.dev", "fljobs", v) for v in ("get", "list", "watch", "patch", "delete")}
     | {("fedfleet.dev", "fljobs/status", v) for v in ("get", "patch")}
+    | {("fedfleet.dev", "flpopulations", v) for v in ("get", "list", "watch", "patch")}
+    | {("fedfleet.dev", "flpopulations/status", v) for v in ("get", "patch")}
     | {
         ("", r, v)
         for r in ("configmaps", "secrets", "services")
@@ -181,7 +183,7 @@ def test_chart_metadata(helm: Helm) -> None:
 def test_chart_crds_are_identical_copies() -> None:
     top = {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml")}
     chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
-    assert set(top) == {"fljob.yaml", "kopf-peering.yaml"}
+    assert set(top) == {"fljob.yaml", "flpopulation.yaml", "kopf-peering.yaml"}
     assert set(chart) == set(top), "charts/fedfleet/crds/ must hold exactly crds/*.yaml"
     for name in top:
         assert chart[name] == top[name], (
