@@ -1,0 +1,300 @@
+"""One endpoint per population on a real control plane: an FLPopulation and real devices.
+
+The chart is installed as in ``test_fedfleet_on_kubernetes.py`` (its ``fedfleet`` fixture). An
+``FLPopulation`` is applied; the operator makes its enrollment Secret and its Service
+``<name>-devices``. Four ``fedfleet device run`` processes on this host enroll with the token
+read from the Secret and talk to that Service only (the node agent's loopback proxy for it:
+``tests/cluster/nodeagent.py``, "service proxies"). Two FLJobs of the population run one after
+the other; the same device processes, with no new token or URL, train both. Deleting the first
+job leaves the endpoint; deleting the FLPopulation removes it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedfleet.device.datasets import load_dataset
+from fedfleet.local import actor_environment
+from fedfleet.service.enrollment import enroll_token
+from fedfleet.store.factory import open_store
+from tests.cluster import test_fedfleet_on_kubernetes as base
+from tests.cluster.conftest import Cluster
+
+pytestmark = pytest.mark.cluster
+
+fedfleet = base.fedfleet  # the chart, installed once for this module
+POP = "edge-k8s"
+DEVICES = 4
+
+
+def _fljob(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "fedfleet.dev/v1alpha1",
+        "kind": "FLJob",
+        "metadata": {"name": name},
+        "spec": {
+            "population": POP,
+            "model": {"kind": "softmax", "inputs": 64, "classes": 10},
+            "plan": {"localEpochs": 2, "batchSize": 10, "learningRate": 0.1},
+            "rounds": {
+                "total": 3,
+                "goalCount": 2,
+                "overSelection": 1.0,
+                "minReportFraction": 1.0,
+                "selectionTimeoutSeconds": 60,
+                "reportingTimeoutSeconds": 60,
+            },
+            "eligibility": {
+                "requireCharging": False,
+                "requireUnmetered": False,
+                "requireIdle": False,
+            },
+            # The server evaluates on the digits test split; the fleet section only names it.
+            "fleet": {"devices": DEVICES, "dataset": "digits", "shardsPerDevice": 0, "seed": 1},
+            "actors": {"selectors": 1, "devicesPerAggregator": 10},
+        },
+    }
+
+
+class Device:
+    """One ``fedfleet device run`` process with its output in a file."""
+
+    def __init__(self, args: list[str], log: Path, state: Path) -> None:
+        self.log, self.state = log, state
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "fedfleet.cli", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=actor_environment(),
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def identity(self) -> dict[str, Any]:
+        path = self.state / "identity.json"
+        doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        return doc
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"device ignored SIGTERM:\n{self.text()[-3000:]}") from None
+
+
+def _wait(
+    cluster: Cluster,
+    namespace: str,
+    what: str,
+    probe: Callable[[], Any],
+    devices: list[Device],
+    timeout: float,
+) -> Any:
+    """Poll ``probe`` until truthy; fail at once if a device process died, with diagnostics
+    and the devices' logs when time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        for d in devices:
+            if d.proc.poll() is not None:
+                pytest.fail(
+                    f"device {d.state.name} exited {d.proc.returncode} while waiting for "
+                    f"{what}:\n{d.text()[-4000:]}\n{cluster.diagnostics(namespace)}"
+                )
+        time.sleep(1.0)
+    tails = "\n".join(f"--- {d.log.name}\n{d.text()[-2000:]}" for d in devices)
+    pytest.fail(f"timed out waiting for {what}\n{tails}\n{cluster.diagnostics(namespace)}")
+
+
+def _service_address(cluster: Cluster, namespace: str, name: str) -> str | None:
+    """The loopback address the node agent proxies the Service on (its latest, from its log:
+    the agent gives every Service a 127.0.1.x/127.0.2.x address and a TCP proxy there)."""
+    log = cluster.agent.log_file
+    if not log.exists():
+        return None
+    pattern = re.compile(
+        rf"service {re.escape(namespace)}/{re.escape(name)}: proxy (127\.0\.[12]\.\d+):(\d+)"
+    )
+    found = pattern.findall(log.read_text(errors="replace"))
+    return f"{found[-1][0]}:{found[-1][1]}" if found else None
+
+
+def _phase(cluster: Cluster, namespace: str, name: str) -> str | None:
+    job = cluster.get("fljob", name, namespace) or {}
+    phase = job.get("status", {}).get("phase")
+    return str(phase) if phase else None
+
+
+@pytest.mark.timeout(1800)
+def test_devices_on_one_population_endpoint_train_two_jobs_in_turn(
+    cluster: Cluster, fedfleet: base.Installed, namespace: str, tmp_path: Path
+) -> None:
+    cluster.apply(
+        {
+            "apiVersion": "fedfleet.dev/v1alpha1",
+            "kind": "FLPopulation",
+            "metadata": {"name": POP},
+            "spec": {},
+        },
+        namespace,
+    )
+    secret = cluster.wait_for(
+        lambda: cluster.get("secret", f"{POP}-enrollment", namespace),
+        timeout=120,
+        what="the population's enrollment Secret",
+        namespace=namespace,
+    )
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    token = data["enroll-token"]
+    assert token == enroll_token(bytes.fromhex(data["population-secret"]))
+    service = cluster.wait_for(
+        lambda: cluster.get("service", f"{POP}-devices", namespace),
+        timeout=60,
+        what="the population's Service",
+        namespace=namespace,
+    )
+    assert service["spec"]["sessionAffinity"] == "ClientIP"
+    assert service["spec"]["selector"] == {
+        "fedfleet.dev/population": POP,
+        "fedfleet.dev/role": "selector",
+    }
+    for child in (secret, service):
+        [owner] = child["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"]) == ("FLPopulation", POP)
+    population = cluster.wait_for(
+        lambda: (
+            (p := cluster.get("flpopulation", POP, namespace) or {})
+            .get("status", {})
+            .get("endpoint")
+            and p
+        ),
+        timeout=60,
+        what="the FLPopulation's status",
+        namespace=namespace,
+    )
+    assert population["status"]["endpoint"] == f"http://{POP}-devices.{namespace}.svc:8080"
+    assert population["status"]["enrollmentSecret"] == f"{POP}-enrollment"
+    address = cluster.wait_for(
+        lambda: _service_address(cluster, namespace, f"{POP}-devices"),
+        timeout=60,
+        what="the node agent's proxy for the population's Service",
+        namespace=namespace,
+    )
+    url = f"http://{address}"
+
+    # Four devices, each with its own slice of digits, started before any job exists: they
+    # keep trying to enroll until a selector of the population answers behind the Service.
+    x, y = load_dataset("digits")  # type: ignore[arg-type]
+    slices = np.array_split(np.random.default_rng(0).permutation(len(y)), DEVICES)
+    conditions = tmp_path / "conditions.json"
+    conditions.write_text(json.dumps({"charging": True, "idle": True, "unmetered": True}))
+    devices: list[Device] = []
+    store = open_store(fedfleet.redis_url)
+    try:
+        for i in range(DEVICES):
+            npz = tmp_path / f"device-{i}.npz"
+            np.savez(npz, x=x[slices[i]], y=y[slices[i]])
+            state = tmp_path / f"state-{i}"
+            devices.append(
+                Device(
+                    [
+                        "device", "run", "--server", url, "--population", POP,
+                        "--enroll-token", token, "--data", str(npz), "--state", str(state),
+                        "--conditions", str(conditions),
+                    ],
+                    tmp_path / f"device-{i}.log",
+                    state,
+                )
+            )  # fmt: skip
+
+        # Job A: its selector serves the population, and the devices train it.
+        cluster.apply(_fljob("pop-a"), namespace)
+        selector = cluster.wait_for(
+            lambda: base._ready_pods(
+                cluster, namespace, f"fedfleet.dev/population={POP},fedfleet.dev/role=selector"
+            ),
+            timeout=240,
+            what="a selector pod of job A serving the population",
+            namespace=namespace,
+        )
+        assert selector[0]["metadata"]["labels"]["fedfleet.dev/job"] == "pop-a"
+
+        def enrolled() -> list[str] | None:
+            found = [d.identity().get("device_id") for d in devices]
+            return [str(i) for i in found] if all(found) else None
+
+        ids: list[str] = _wait(cluster, namespace, "every device enrolled", enrolled, devices, 240)
+        assert len(set(ids)) == DEVICES, ids
+        listed: list[list[str]] = []
+
+        def a_succeeded() -> bool:
+            pop = cluster.get("flpopulation", POP, namespace) or {}
+            listed.append(list(pop.get("status", {}).get("jobs") or []))
+            return _phase(cluster, namespace, "pop-a") == "Succeeded"
+
+        _wait(cluster, namespace, "job A Succeeded", a_succeeded, devices, 900)
+        assert store.model_version(f"{namespace}/pop-a") == 3
+        assert ["pop-a"] in listed, listed  # the population showed its running job
+        # Deleting the finished job leaves the population's endpoint as it was.
+        cluster.kubectl("delete", "fljob", "pop-a", "-n", namespace, "--timeout=60s", check=True)
+        assert (cluster.get("secret", f"{POP}-enrollment", namespace) or {}).get("data") == secret[
+            "data"
+        ]
+        kept = cluster.get("service", f"{POP}-devices", namespace)
+        assert kept is not None and kept["metadata"]["uid"] == service["metadata"]["uid"]
+        reported_before = [d.text().count(": reported") for d in devices]
+
+        # Job B of the same population: the same processes, no new token or URL.
+        cluster.apply(_fljob("pop-b"), namespace)
+        _wait(
+            cluster,
+            namespace,
+            "job B Succeeded",
+            lambda: _phase(cluster, namespace, "pop-b") == "Succeeded",
+            devices,
+            900,
+        )
+        assert store.model_version(f"{namespace}/pop-b") == 3
+        for d, device_id in zip(devices, ids, strict=True):
+            assert d.identity()["device_id"] == device_id
+            assert d.text().count("enrolled as") == 1, d.text()[-2000:]  # never again
+        # These four are the only devices there are: they trained job B.
+        reported_after = [d.text().count(": reported") for d in devices]
+        assert sum(reported_after) - sum(reported_before) >= 3, (reported_before, reported_after)
+        assert _service_address(cluster, namespace, f"{POP}-devices") == address
+    finally:
+        store.close()
+        stopped = [d.stop() if d.proc.poll() is None else d.proc.returncode for d in devices]
+    assert stopped == [0] * DEVICES, [d.text()[-1500:] for d in devices]
+
+    # Deleting the FLPopulation removes its Secret and Service (garbage collection).
+    cluster.kubectl("delete", "flpopulation", POP, "-n", namespace, "--timeout=60s", check=True)
+    cluster.wait_for(
+        lambda: (
+            cluster.get("secret", f"{POP}-enrollment", namespace) is None
+            and cluster.get("service", f"{POP}-devices", namespace) is None
+        ),
+        timeout=120,
+        what="the population's Secret and Service garbage-collected",
+        namespace=namespace,
+    )
