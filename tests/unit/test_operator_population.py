@@ -22,7 +22,9 @@ from fedfleet.service.enrollment import enroll_token
 from fedfleet.store.memory import MemoryStore
 from fedfleet_operator.builders import build_selector_deployment, spec_hash
 from fedfleet_operator.context import MEMO_KEY, OperatorContext
+from fedfleet_operator.handlers import register_all
 from fedfleet_operator.handlers.population import on_population, sync_population_status
+from fedfleet_operator.main import QuietStatusTimer
 from fedfleet_operator.population import (
     LABEL_POPULATION,
     InvalidPopulation,
@@ -387,3 +389,22 @@ def test_the_timer_writes_the_jobs_only_when_they_change() -> None:
     kube.fljobs = [{"metadata": {"name": "a"}, "spec": {"population": POP}, "status": {}}]
     sync_population_status(body=_body(raw), memo=memo, logger=log)
     assert kube.population_status == [{"jobs": ["a"]}]
+
+
+def test_the_operator_registers_the_population_handlers_on_flpopulations() -> None:
+    registry = kopf.OperatorRegistry()
+    register_all(registry, SETTINGS)
+    ids = {  # kopf appends the field to an update handler's id: "population-update/spec"
+        h.id.split("/")[0]: h
+        for h in [*registry._changing.get_all_handlers(), *registry._spawning.get_all_handlers()]
+    }
+    for handler_id in ("population-create", "population-update", "population-resume"):
+        assert ids[handler_id].selector is not None
+        assert ids[handler_id].selector.any_name == "flpopulations"
+    timer = ids["population-status"]
+    assert timer.selector is not None and timer.selector.any_name == "flpopulations"
+    assert ids["create"].selector is not None and ids["create"].selector.any_name == "fljobs"
+    # Its timer's success lines are kept out of the log, like the FLJob status timer's.
+    record = logging.LogRecord("kopf.objects", logging.INFO, "", 0, "%s", ("x",), None)
+    record.msg, record.args = "Timer 'population-status' succeeded.", ()
+    assert not QuietStatusTimer().filter(record)
