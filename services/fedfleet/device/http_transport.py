@@ -370,6 +370,10 @@ class SelectorClient:
 
     @staticmethod
     def _task_info(body: dict[str, Any]) -> TaskInfo:
+        url = body.get("checkpoint_url")
+        if not isinstance(url, str) or not url.startswith("/") or url.startswith("//"):
+            # The download carries the device's credential: only ever to the selector itself.
+            raise ProtocolError(f"bad task description: checkpoint_url {url!r} is not a path")
         try:
             return TaskInfo(
                 round_key=str(body["round_key"]),
