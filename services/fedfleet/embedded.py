@@ -23,7 +23,7 @@ from fedfleet.core.checkpoint import unpack_checkpoint
 from fedfleet.core.models import Weights
 from fedfleet.core.protocol import ReportEnvelope
 from fedfleet.core.roles import JobPhase
-from fedfleet.core.spec import FLJob
+from fedfleet.core.spec import EligibilitySpec, EvaluationSpec, FleetSpec, FLJob
 from fedfleet.device.datasets import DatasetSplit, prepare
 from fedfleet.device.fleet import SelectorPort, SimulatedFleet
 from fedfleet.device.simloop import SimLoop
@@ -42,7 +42,7 @@ from fedfleet.tasks import task_of
 from fedfleet.tasks.evaluation import task_evaluator
 from fedfleet.tasks.validation import check_job_data
 
-__all__ = ["Adversary", "EmbeddedOptions", "Fault", "run_job"]
+__all__ = ["Adversary", "EmbeddedOptions", "EmbeddedPopulation", "Fault", "run_job"]
 
 Adversary = Callable[[ReportEnvelope, Weights], ReportEnvelope]
 """A hostile device in one process: gets each report (authenticated, ticketed) and the model
@@ -58,6 +58,67 @@ class Fault:
     """Actor id, e.g. ``coordinator-0``, ``selector-1``, ``aggregator-0``."""
 
 
+class EmbeddedPopulation:
+    """A population's simulated devices, kept across the jobs run on it one after another.
+
+    Devices join a population once and take part in whatever jobs it runs (Bonawitz et al.
+    2019, section 3). Passed as :attr:`EmbeddedOptions.population`, it gives every
+    :func:`run_job` the same simulated clock, store and fleet: the devices (their examples,
+    eligibility and reconnect windows) keep running from one job into the next, check in with
+    the selectors of whichever job is running, and back off while none is. Every job run on it
+    must name this population and this fleet (the devices' data).
+    """
+
+    def __init__(
+        self,
+        population: str,
+        fleet: FleetSpec,
+        *,
+        evaluation: EvaluationSpec | None = None,
+        eligibility: EligibilitySpec | None = None,
+    ) -> None:
+        self.population = population
+        self.fleet_spec = fleet
+        self.evaluation = evaluation
+        self.loop = SimLoop()
+        self.store = MemoryStore(clock=self.loop.clock)
+        self.data = prepare(fleet, evaluation)
+        self._serving: Callable[[], Sequence[SelectorPort]] = tuple
+        self.fleet = SimulatedFleet(
+            fleet, population, self.data, self.loop, lambda: self._serving(), policy=eligibility
+        )
+        self.fleet.start()
+        self.jobs: list[str] = []
+        """The jobs run on the population so far, in order."""
+
+    @classmethod
+    def of(cls, job: FLJob) -> EmbeddedPopulation:
+        """The population ``job`` names, with its fleet, evaluation and eligibility."""
+        spec = job.spec
+        return cls(
+            spec.population, spec.fleet, evaluation=spec.evaluation, eligibility=spec.eligibility
+        )
+
+    def admit(self, job: FLJob) -> None:
+        """Check ``job`` can run on these devices; the error names what differs."""
+        if job.spec.population != self.population:
+            raise ValueError(
+                f"job {job.name} trains population {job.spec.population!r}, these devices "
+                f"belong to {self.population!r}"
+            )
+        if job.spec.fleet != self.fleet_spec or job.spec.evaluation != self.evaluation:
+            raise ValueError(
+                f"job {job.name}: spec.fleet and spec.evaluation must be the population's "
+                "(its devices hold that data)"
+            )
+        if job.key in self.jobs:
+            raise ValueError(f"job {job.name} already ran on this population")
+
+    def serve(self, selectors: Callable[[], Sequence[SelectorPort]]) -> None:
+        """Devices check in with ``selectors`` from now on (``tuple``: no job is running)."""
+        self._serving = selectors
+
+
 @dataclass(frozen=True, slots=True)
 class EmbeddedOptions:
     tick_seconds: float = 1.0
@@ -68,6 +129,9 @@ class EmbeddedOptions:
     settings: CoordinatorSettings = field(default_factory=CoordinatorSettings)
     adversary: Adversary | None = None
     """Rewrites reports before they reach the aggregator (the hostile tests' attacker)."""
+    population: EmbeddedPopulation | None = None
+    """Run on these long-lived devices (and their clock and store) instead of a fleet of the
+    job's own; later jobs of the population reuse them."""
 
 
 def _evaluator(job: FLJob, data: DatasetSplit) -> Callable[[Weights], dict[str, float]] | None:
@@ -82,10 +146,16 @@ def run_job(
     opts = options or EmbeddedOptions()
     spec = job.spec
     wall0 = time.perf_counter()
-    loop = SimLoop()
-    store = MemoryStore(clock=loop.clock)
+    pop = opts.population
+    if pop is not None:
+        pop.admit(job)
+        loop, store, data = pop.loop, pop.store, pop.data
+    else:
+        loop = SimLoop()
+        store = MemoryStore(clock=loop.clock)
+        data = prepare(spec.fleet, spec.evaluation)
+    started_at = loop.now
     secret = secrets.token_bytes(32)
-    data = prepare(spec.fleet, spec.evaluation)
     check_job_data(job, data.train, data.test)
     evaluator = _evaluator(job, data)
 
@@ -176,12 +246,14 @@ def run_job(
     def live_selectors() -> Sequence[SelectorPort]:
         return [s for s in selectors if not s.stopped]
 
-    fleet = SimulatedFleet(
-        spec.fleet, spec.population, data, loop, live_selectors, policy=spec.eligibility
-    )
+    retire_at = [math.inf]
+    """After the job ends its actors keep ticking a while (released devices go back to the
+    population), then stop."""
 
     def tick() -> None:
         now = loop.now
+        if now > retire_at[0]:
+            return
         for agg in aggregators.values():
             agg.tick(now)
         for c in coordinators:
@@ -210,15 +282,26 @@ def run_job(
     per_round = policy.selection_timeout_seconds + policy.reporting_timeout_seconds + 60
     limit = policy.total * per_round * 10 + 86_400
 
-    loop.at(0.0, tick)
-    fleet.start()
-    loop.run_until(finished, limit=limit)
+    loop.at(started_at, tick)
+    if pop is None:
+        SimulatedFleet(
+            spec.fleet, spec.population, data, loop, live_selectors, policy=spec.eligibility
+        ).start()
+    else:
+        pop.jobs.append(job.key)
+        pop.serve(live_selectors)
+    loop.run_until(finished, limit=started_at + limit)
+    if pop is not None:
+        pop.serve(tuple)
+        retire_at[0] = (
+            loop.now + policy.selection_timeout_seconds + policy.reporting_timeout_seconds
+        )
 
     state = store.job_state(job.key)
     history = store.metrics(job.key)
     checkpoint = store.checkpoint(job.key)
     result.wall_seconds = time.perf_counter() - wall0
-    result.sim_seconds = loop.now
+    result.sim_seconds = loop.now - started_at
     result.model_version = store.model_version(job.key)
     result.succeeded = state.get("phase") == JobPhase.succeeded.value
     result.reason = str(state.get("reason", "time-limit" if not result.succeeded else ""))
