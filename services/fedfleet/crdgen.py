@@ -66,6 +66,7 @@ __all__ = [
     "SchemaGenerationError",
     "apply_schema_defaults",
     "crd_document",
+    "custom_resource_definition",
     "dump_yaml",
     "model_schema",
     "render_crd_yaml",
@@ -513,18 +514,35 @@ def crd_document() -> dict[str, Any]:
         ),
         ("Age", "date", ".metadata.creationTimestamp", "Time since the job was created."),
     ]
+    return custom_resource_definition(KIND, PLURAL, SINGULAR, SHORT_NAMES, columns, root)
+
+
+Column = tuple[str, str, str, str]
+"""A printer column: name, type, JSONPath, description."""
+
+
+def custom_resource_definition(
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: tuple[str, ...],
+    columns: list[Column],
+    root: JsonSchema,
+) -> dict[str, Any]:
+    """A namespaced, single-version fedfleet.dev CRD with a status subresource around the
+    ``root`` schema (the FLJob's and the FLPopulation's share this shape)."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": list(SHORT_NAMES),
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
                 "categories": list(CATEGORIES),
             },
             "scope": "Namespaced",
@@ -535,8 +553,8 @@ def crd_document() -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
-                        {"name": n, "type": t, "jsonPath": p, "description": d}
-                        for n, t, p, d in columns
+                        {"name": n, "type": t, "jsonPath": jp, "description": d}
+                        for n, t, jp, d in columns
                     ],
                     "schema": {"openAPIV3Schema": root},
                 }

@@ -18,7 +18,7 @@ from fedfleet.core.population_spec import (
     FLPopulationSpec,
 )
 from fedfleet.core.spec import API_VERSION
-from fedfleet.crdgen import CATEGORIES, GROUP, VERSION, dump_yaml, model_schema
+from fedfleet.crdgen import GROUP, custom_resource_definition, dump_yaml, model_schema
 
 __all__ = [
     "CRD_NAME",
@@ -112,36 +112,7 @@ def population_crd_document() -> dict[str, Any]:
         ("Jobs", "string", ".status.jobs", "FLJobs of the population not finished."),
         ("Age", "date", ".metadata.creationTimestamp", "Time since it was created."),
     ]
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME},
-        "spec": {
-            "group": GROUP,
-            "names": {
-                "kind": POPULATION_KIND,
-                "listKind": f"{POPULATION_KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": list(SHORT_NAMES),
-                "categories": list(CATEGORIES),
-            },
-            "scope": "Namespaced",
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": n, "type": t, "jsonPath": p, "description": d}
-                        for n, t, p, d in columns
-                    ],
-                    "schema": {"openAPIV3Schema": root},
-                }
-            ],
-        },
-    }
+    return custom_resource_definition(POPULATION_KIND, PLURAL, SINGULAR, SHORT_NAMES, columns, root)
 
 
 def render_population_crd_yaml() -> str:

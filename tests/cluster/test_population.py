@@ -14,9 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +23,11 @@ import numpy as np
 import pytest
 
 from fedfleet.device.datasets import load_dataset
-from fedfleet.local import actor_environment
 from fedfleet.service.enrollment import enroll_token
 from fedfleet.store.factory import open_store
 from tests.cluster import test_fedfleet_on_kubernetes as base
 from tests.cluster.conftest import Cluster
+from tests.device_processes import FedfleetProcess, population_job
 
 pytestmark = pytest.mark.cluster
 
@@ -40,64 +37,7 @@ DEVICES = 4
 
 
 def _fljob(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "fedfleet.dev/v1alpha1",
-        "kind": "FLJob",
-        "metadata": {"name": name},
-        "spec": {
-            "population": POP,
-            "model": {"kind": "softmax", "inputs": 64, "classes": 10},
-            "plan": {"localEpochs": 2, "batchSize": 10, "learningRate": 0.1},
-            "rounds": {
-                "total": 3,
-                "goalCount": 2,
-                "overSelection": 1.0,
-                "minReportFraction": 1.0,
-                "selectionTimeoutSeconds": 60,
-                "reportingTimeoutSeconds": 60,
-            },
-            "eligibility": {
-                "requireCharging": False,
-                "requireUnmetered": False,
-                "requireIdle": False,
-            },
-            # The server evaluates on the digits test split; the fleet section only names it.
-            "fleet": {"devices": DEVICES, "dataset": "digits", "shardsPerDevice": 0, "seed": 1},
-            "actors": {"selectors": 1, "devicesPerAggregator": 10},
-        },
-    }
-
-
-class Device:
-    """One ``fedfleet device run`` process with its output in a file."""
-
-    def __init__(self, args: list[str], log: Path, state: Path) -> None:
-        self.log, self.state = log, state
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "fedfleet.cli", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=actor_environment(),
-            )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def identity(self) -> dict[str, Any]:
-        path = self.state / "identity.json"
-        doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-        return doc
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"device ignored SIGTERM:\n{self.text()[-3000:]}") from None
+    return population_job(name, POP, total=3, goal=2, devices=DEVICES, timeout=60)
 
 
 def _wait(
@@ -105,7 +45,7 @@ def _wait(
     namespace: str,
     what: str,
     probe: Callable[[], Any],
-    devices: list[Device],
+    devices: list[FedfleetProcess],
     timeout: float,
 ) -> Any:
     """Poll ``probe`` until truthy; fail at once if a device process died, with diagnostics
@@ -118,7 +58,7 @@ def _wait(
         for d in devices:
             if d.proc.poll() is not None:
                 pytest.fail(
-                    f"device {d.state.name} exited {d.proc.returncode} while waiting for "
+                    f"device {d.log.stem} exited {d.proc.returncode} while waiting for "
                     f"{what}:\n{d.text()[-4000:]}\n{cluster.diagnostics(namespace)}"
                 )
         time.sleep(1.0)
@@ -208,7 +148,7 @@ def test_devices_on_one_population_endpoint_train_two_jobs_in_turn(
     slices = np.array_split(np.random.default_rng(0).permutation(len(y)), DEVICES)
     conditions = tmp_path / "conditions.json"
     conditions.write_text(json.dumps({"charging": True, "idle": True, "unmetered": True}))
-    devices: list[Device] = []
+    devices: list[FedfleetProcess] = []
     store = open_store(fedfleet.redis_url)
     try:
         for i in range(DEVICES):
@@ -216,7 +156,7 @@ def test_devices_on_one_population_endpoint_train_two_jobs_in_turn(
             np.savez(npz, x=x[slices[i]], y=y[slices[i]])
             state = tmp_path / f"state-{i}"
             devices.append(
-                Device(
+                FedfleetProcess(
                     [
                         "device", "run", "--server", url, "--population", POP,
                         "--enroll-token", token, "--data", str(npz), "--state", str(state),

@@ -6,8 +6,6 @@ restarted, and keeps its identity; ``fedfleet device status`` never prints the c
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import signal
@@ -30,6 +28,7 @@ from fedfleet.device.datasets import load_dataset, prepare
 from fedfleet.device.state import Identity, StateDir
 from fedfleet.device.userdata import take
 from fedfleet.local import LocalDeployment
+from fedfleet.service.enrollment import enroll_token
 from tests.uvicorn_thread import serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -67,11 +66,6 @@ def _job(**extra: Any) -> FLJob:
             },
         }
     )
-
-
-def enroll_token(secret: bytes) -> str:
-    """The population's enrollment token, as the enrollment design derives it."""
-    return hmac.new(secret, b"fedfleet/population/enroll", hashlib.sha256).hexdigest()
 
 
 class Device:

@@ -20,9 +20,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,75 +31,20 @@ import pytest
 import yaml
 
 from fedfleet.device.datasets import load_dataset
-from fedfleet.local import actor_environment
 from fedfleet.store.factory import open_store
+from tests.device_processes import FedfleetProcess, identity_of, population_job
 from tests.redis_server import RedisServer
 
 POPULATION = "edge-it"
 
 
 def _manifest(path: Path, name: str) -> Path:
-    doc: dict[str, Any] = {
-        "apiVersion": "fedfleet.dev/v1alpha1",
-        "kind": "FLJob",
-        "metadata": {"name": name},
-        "spec": {
-            "population": POPULATION,
-            "model": {"kind": "softmax", "inputs": 64, "classes": 10},
-            "plan": {"localEpochs": 2, "batchSize": 10, "learningRate": 0.1},
-            "rounds": {
-                "total": 5,
-                "goalCount": 3,
-                "overSelection": 1.0,
-                "minReportFraction": 1.0,
-                "selectionTimeoutSeconds": 20,
-                "reportingTimeoutSeconds": 20,
-            },
-            "eligibility": {
-                "requireCharging": False,
-                "requireUnmetered": False,
-                "requireIdle": False,
-            },
-            # The server evaluates on the digits test split; the fleet section only names it.
-            "fleet": {"devices": 6, "dataset": "digits", "shardsPerDevice": 0, "seed": 1},
-            "actors": {"selectors": 1, "devicesPerAggregator": 10},
-        },
-    }
+    doc = population_job(name, POPULATION, total=5, goal=3, devices=6, timeout=20)
     path.write_text(yaml.safe_dump(doc))
     return path
 
 
-class Proc:
-    """A ``fedfleet`` subprocess with its output in a file (read when an assertion fails)."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self.args = args
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "fedfleet.cli", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=actor_environment(),
-            )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(
-                f"{self.args[:2]} ignored SIGTERM:\n{self.text()[-3000:]}"
-            ) from None
-
-
-def _wait(what: str, check: Any, timeout: float, procs: list[Proc]) -> Any:
+def _wait(what: str, check: Any, timeout: float, procs: list[FedfleetProcess]) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -119,11 +61,6 @@ def _wait(what: str, check: Any, timeout: float, procs: list[Proc]) -> Any:
     raise AssertionError(f"timed out waiting for {what}\n{tails}")
 
 
-def _identity(state: Path) -> dict[str, Any]:
-    path = state / "identity.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(password="edge-it-password", workdir=tmp_path / "redis")
@@ -138,17 +75,20 @@ def test_real_devices_train_two_jobs_of_a_population_and_bad_credentials_are_ref
     order = np.random.default_rng(0).permutation(len(y))
     slices = np.array_split(order, 6)
     state_dir = tmp_path / "endpoint"
-    procs: list[Proc] = []
-    devices: list[Proc] = []
+    procs: list[FedfleetProcess] = []
+    devices: list[FedfleetProcess] = []
 
-    def device(i: int, log: str = "") -> Proc:
+    def state(i: int) -> Path:
+        return tmp_path / f"state-{i}"
+
+    def device(i: int, log: str = "") -> FedfleetProcess:
         data = tmp_path / f"device-{i}.npz"
         if not data.exists():
             np.savez(data, x=x[slices[i]], y=y[slices[i]])
         conditions = tmp_path / "conditions.json"
         conditions.write_text(json.dumps({"charging": True, "idle": True, "unmetered": True}))
         endpoint = json.loads((state_dir / "endpoint.json").read_text())
-        p = Proc(
+        p = FedfleetProcess(
             [
                 "device",
                 "run",
@@ -161,7 +101,7 @@ def test_real_devices_train_two_jobs_of_a_population_and_bad_credentials_are_ref
                 "--data",
                 str(data),
                 "--state",
-                str(tmp_path / f"state-{i}"),
+                str(state(i)),
                 "--conditions",
                 str(conditions),
             ],
@@ -170,9 +110,9 @@ def test_real_devices_train_two_jobs_of_a_population_and_bad_credentials_are_ref
         procs.append(p)
         return p
 
-    def up(name: str) -> Proc:
+    def up(name: str) -> FedfleetProcess:
         manifest = _manifest(tmp_path / f"{name}.yaml", name)
-        p = Proc(
+        p = FedfleetProcess(
             [
                 "up",
                 str(manifest),
@@ -205,7 +145,7 @@ def test_real_devices_train_two_jobs_of_a_population_and_bad_credentials_are_ref
         assert set(endpoint) == {"url", "population", "enrollToken"}
         devices = [device(i) for i in range(6)]
         ids = [
-            _wait(f"device {i} enrolled", lambda i=i: _identity(tmp_path / f"state-{i}"), 60, procs)
+            _wait(f"device {i} enrolled", lambda i=i: identity_of(state(i)), 60, procs)
             for i in range(6)
         ]
         device_ids = [ident["device_id"] for ident in ids]
@@ -266,7 +206,7 @@ def test_real_devices_train_two_jobs_of_a_population_and_bad_credentials_are_ref
             assert first.proc.wait(600) == 0, first.text()[-4000:]
             assert shop.job_state("edge-first")["phase"] == "Succeeded"
             assert shop.model_version("edge-first") == 5
-            again = _identity(tmp_path / "state-5")
+            again = identity_of(state(5))
             assert again["device_id"] == device_ids[5]
             assert again["credential"] == ids[5]["credential"]  # not enrolled again
             assert devices[5].text().count("enrolled as") == 0
@@ -286,7 +226,7 @@ def test_real_devices_train_two_jobs_of_a_population_and_bad_credentials_are_ref
             # No device but these five exists, so they trained it, on the credentials they
             # got at enrollment for the first job.
             for i in (0, 1, 2, 3, 5):
-                now = _identity(tmp_path / f"state-{i}")
+                now = identity_of(state(i))
                 assert now["device_id"] == device_ids[i]
                 assert now["population"] == POPULATION
         finally:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
@@ -43,6 +45,7 @@ from fedfleet_operator.reconcile import apply_children
 from fedfleet_operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
 
 NS, POP, UID = "team-a", "phones", "pop-uid-1"
 SETTINGS = OperatorSettings(store_url="redis://:pw@10.0.0.12:6379/0", pod_name="op-0")
@@ -132,9 +135,12 @@ def _run(ctx: OperatorContext, raw: dict[str, Any]) -> kopf.Patch:
 # -- builders -------------------------------------------------------------------------------------
 
 
-def test_the_enroll_token_is_the_selectors_derivation() -> None:
-    for secret in (bytes(range(16)), b"\xff" * 32, bytes.fromhex("ab" * 40)):
-        assert population_enroll_token(secret) == enroll_token(secret)
+def test_the_enroll_token_is_the_published_derivation() -> None:
+    # The selectors call the same function (fedfleet.service.enrollment.enroll_token); the
+    # token the operator writes into the Secret must match the protocol's test vector.
+    vectors = json.loads((ROOT / "docs" / "vectors" / "credentials.json").read_text())
+    assert population_enroll_token(bytes.fromhex(vectors["secret_hex"])) == vectors["enroll_token"]
+    assert enroll_token(bytes.fromhex(vectors["secret_hex"])) == vectors["enroll_token"]
     with pytest.raises(ValueError, match="16 bytes"):
         population_enroll_token(b"short")
 

@@ -32,6 +32,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from fedfleet.core.population_spec import population_enroll_token
+
 __all__ = [
     "CLOCK_SKEW_S",
     "CREDENTIAL_VERSION",
@@ -55,7 +57,6 @@ CLOCK_SKEW_S = 60
 another's) is still accepted."""
 MIN_SECRET_BYTES = 16
 
-_ENROLL_LABEL = b"fedfleet/population/enroll"
 _CREDENTIAL_LABEL = b"fedfleet/population/credential"
 _B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
 _JTI = re.compile(r"^[0-9a-f]{16}$")
@@ -126,10 +127,10 @@ class Credential:
 
 
 def enroll_token(secret: bytes) -> str:
-    """The population's enroll token (hex): the same for every population name."""
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"the population secret must hold at least {MIN_SECRET_BYTES} bytes")
-    return hmac.new(secret, _ENROLL_LABEL, hashlib.sha256).hexdigest()
+    """The population's enroll token (hex): the same for every population name. One
+    derivation for the selectors and the operator (which makes it into the enrollment
+    Secret): :func:`fedfleet.core.population_spec.population_enroll_token`."""
+    return population_enroll_token(secret)
 
 
 def new_device_id() -> str:
