@@ -54,6 +54,7 @@ __all__ = [
     "RobustAggregator",
     "RobustnessSpec",
     "RoundsSpec",
+    "SchedulingSpec",
     "SecureAggregationSpec",
     "TaskSpec",
     "load_manifest",
@@ -547,6 +548,19 @@ class ActorsSpec(_Spec):
         return self
 
 
+class SchedulingSpec(_Spec):
+    """How the job shares its population's devices with the population's other running jobs.
+
+    Devices check in at the population's one endpoint (the gateway, fedfleet.gateway); it
+    offers each check-in to the highest-priority job that has room in its round, and among
+    running jobs of equal priority in proportion to their weights."""
+
+    priority: int = Field(0, ge=-1000, le=1000)
+    """Jobs of higher priority are offered devices first (default 0)."""
+    weight: int = Field(1, ge=1, le=1000)
+    """Share of the check-ins among running jobs of the same priority (default 1)."""
+
+
 class FLJobSpec(_Spec):
     population: str = Field(
         min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
@@ -583,6 +597,8 @@ class FLJobSpec(_Spec):
     """Seconds after the job finished (Succeeded or Failed) at which the operator removes its
     children and then the FLJob itself (none: kept until deleted). The job's keys in the
     store, and so its model, stay: fetch it with `fedfleet fetch-model --job <ns>/<name>`."""
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    """Priority and weight of the job among its population's running jobs."""
     checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
     """Which committed models are kept (the newest `keep` and the best by `metric`), where
     (`storage`: Redis, a filesystem/PVC or S3) and whether deleting the FLJob deletes them;
