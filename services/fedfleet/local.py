@@ -4,7 +4,9 @@
 Redis server (:mod:`fedfleet.redis_server`, unless a store URL is given), two coordinators
 (active and standby), selectors and aggregators, each a real uvicorn process on its own
 loopback address (127.0.0.2, 127.0.0.3, …) and a free port. Processes can be killed one by
-one, which is how the chaos tests crash actors mid-round.
+one, which is how the chaos tests crash actors mid-round. With a population secret and a
+``gateway_address`` it also runs the population's gateway (``fedfleet population gateway``) on
+that address: the one endpoint devices know, in front of the job's selectors.
 
 Actors run ``python -P -m fedfleet.cli`` in the deployment's own folder: ``-P`` keeps the
 working directory off ``sys.path``, so a folder named ``fedfleet`` where the user happens to
@@ -148,12 +150,15 @@ class LocalDeployment:
         lease_ttl: float = 3.0,
         python: str = sys.executable,
         population_secret: bytes | None = None,
-        selector_address: tuple[str, int] | None = None,
+        gateway_address: tuple[str, int] | None = None,
     ) -> None:
-        """``selector_address`` pins the first selector's host and port (a population endpoint
-        that devices keep across jobs); the other actors take loopback addresses of their own."""
+        """``gateway_address`` (with ``population_secret``) runs the population's gateway
+        there: the endpoint devices keep across jobs; the actors take loopback addresses of
+        their own."""
+        if gateway_address is not None and population_secret is None:
+            raise ValueError("a gateway needs the population secret")
         self.job = job
-        self.selector_address = selector_address
+        self.gateway_address = gateway_address
         self._own_workdir = workdir is None
         self.workdir = (workdir or Path(tempfile.mkdtemp(prefix=f"fedfleet-{job.name}-"))).resolve()
         self.redis: RedisServer | None = None
@@ -198,6 +203,8 @@ class LocalDeployment:
         for role in ("coordinator", "aggregator", "selector"):
             for i in range(self.counts[role]):
                 self.spawn(role, f"{role}-{i}")
+        if self.gateway_address is not None:
+            self.spawn("gateway", "gateway")
         for actor in self.actors.values():
             path = "/healthz" if actor.role == "coordinator" else "/readyz"
             _wait_http(actor.url + path, timeout, actor.proc, actor.log_path)
@@ -207,8 +214,8 @@ class LocalDeployment:
         old = self.actors.get(actor_id)
         if old is not None:
             host, port = old.host, old.port
-        elif actor_id == "selector-0" and self.selector_address is not None:
-            host, port = self.selector_address
+        elif role == "gateway" and self.gateway_address is not None:
+            host, port = self.gateway_address
         else:
             host = f"127.0.0.{self._next_host}"
             self._next_host += 1
@@ -216,42 +223,70 @@ class LocalDeployment:
         actor = ActorProcess(role, actor_id, host, port, self.workdir / f"{actor_id}.log")
         actor.log = actor.log_path.open("ab")
         env = actor_environment()
+        command = (
+            self._gateway_command(host, port)
+            if role == "gateway"
+            else self._actor_command(role, actor_id, host, port)
+        )
         actor.proc = subprocess.Popen(
-            [
-                self.python,
-                "-P",
-                "-m",
-                "fedfleet.cli",
-                role,
-                "--manifest",
-                str(self.manifest_path),
-                "--store",
-                self.store_url,
-                "--secret-file",
-                str(self.secret_path),
-                "--id",
-                actor_id,
-                "--host",
-                host,
-                "--port",
-                str(port),
-                "--tick",
-                str(self.tick_seconds),
-                "--lease-ttl",
-                str(self.lease_ttl),
-                *(
-                    ["--population-secret-file", str(self.workdir / "population-secret")]
-                    if role == "selector" and self.population_secret is not None
-                    else []
-                ),
-            ],
-            stdout=actor.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.workdir,
+            command, stdout=actor.log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
         )
         self.actors[actor_id] = actor
         return actor
+
+    def _gateway_command(self, host: str, port: int) -> list[str]:
+        return [
+            self.python,
+            "-P",
+            "-m",
+            "fedfleet.cli",
+            "population",
+            "gateway",
+            "--population",
+            self.job.spec.population,
+            "--population-secret-file",
+            str(self.workdir / "population-secret"),
+            "--store",
+            self.store_url,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--tick",
+            str(self.tick_seconds),
+            "--id",
+            "gateway",
+        ]
+
+    def _actor_command(self, role: str, actor_id: str, host: str, port: int) -> list[str]:
+        return [
+            self.python,
+            "-P",
+            "-m",
+            "fedfleet.cli",
+            role,
+            "--manifest",
+            str(self.manifest_path),
+            "--store",
+            self.store_url,
+            "--secret-file",
+            str(self.secret_path),
+            "--id",
+            actor_id,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--tick",
+            str(self.tick_seconds),
+            "--lease-ttl",
+            str(self.lease_ttl),
+            *(
+                ["--population-secret-file", str(self.workdir / "population-secret")]
+                if role == "selector" and self.population_secret is not None
+                else []
+            ),
+        ]
 
     def kill(self, actor_id: str, sig: int = signal.SIGKILL) -> None:
         actor = self.actors[actor_id]

@@ -5,7 +5,12 @@
 * ``fedfleet population revoke --store URL --population NAME DEVICE_ID...`` revokes devices:
   every credential issued to them until now is refused — on renewal at once, on check-ins and
   checkpoint downloads once each selector's next tick has read the revocation. A revoked
-  device must enroll again (under a new device id).
+  device must enroll again (under a new device id);
+* ``fedfleet population gateway --population NAME --population-secret-file F --store URL``
+  serves the population's one device endpoint (:mod:`fedfleet.gateway`) until SIGTERM: it
+  enrolls devices and routes their check-ins to the population's running jobs. On
+  Kubernetes the operator runs it for each FLPopulation; every flag has a ``FEDFLEET_*``
+  environment fallback.
 
 Exit status: 0 done, 1 the store could not be reached, 2 a usage error (a bad secret file, a
 malformed device id, no store).
@@ -35,7 +40,7 @@ Action = Callable[[argparse.Namespace], int]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(
-        dest="action", metavar="ACTION", required=True, help="token or revoke"
+        dest="action", metavar="ACTION", required=True, help="token, revoke or gateway"
     )
     token = sub.add_parser(
         "token",
@@ -59,6 +64,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     revoke.add_argument("--population", required=True, help="the population's name")
     revoke.add_argument("device_ids", nargs="+", metavar="DEVICE_ID", help="the devices to revoke")
     revoke.set_defaults(population_action=_revoke)
+    gateway = sub.add_parser(
+        "gateway",
+        help="serve the population's device endpoint in front of its jobs' selectors",
+        description="Serve the population's one device endpoint: enrollment, and check-ins "
+        "routed to its running jobs by spec.scheduling (priority, weight).",
+    )
+    _gateway_arguments(gateway)
+    gateway.set_defaults(population_action=_gateway)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"FEDFLEET_{name}", default)
+
+
+def _gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--population", default=_env("POPULATION"), help="its name (FEDFLEET_POPULATION)"
+    )
+    parser.add_argument(
+        "--population-secret-file",
+        default=_env("POPULATION_SECRET_FILE"),
+        help="file holding the population secret, hex or raw, >= 16 bytes "
+        "(FEDFLEET_POPULATION_SECRET_FILE)",
+    )
+    parser.add_argument(
+        "--store",
+        default=_env("STORE_URL", "redis://127.0.0.1:6379/0"),
+        help="the jobs' store URL; the password may come from $FEDFLEET_REDIS_PASSWORD "
+        "(FEDFLEET_STORE_URL)",
+    )
+    parser.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address")
+    parser.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
+    parser.add_argument(
+        "--tick",
+        type=float,
+        default=float(_env("TICK_SECONDS", "0.5") or 0.5),
+        help="seconds between reads of the jobs' routes (FEDFLEET_TICK_SECONDS; 0.5)",
+    )
+    parser.add_argument(
+        "--id", default=_env("ACTOR_ID") or _env("POD_NAME"), help="its id, for logs"
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=int(_env("MAX_CONNECTIONS", "4096") or 4096)
+    )
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,4 +154,36 @@ def _revoke(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
     for device in args.device_ids:
         print(f"revoked {device} in {args.population}: credentials issued until {stamp} refused")
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fedfleet.gateway.app import create_app
+    from fedfleet.service.enrollment import PopulationKeys
+    from fedfleet.service.ops import configure_logging
+    from fedfleet.service.server import ServerLimits, server_config
+    from fedfleet.store.factory import open_store
+
+    actor_id = args.id or f"gateway-{os.getpid()}"
+    configure_logging(args.log_level, actor=actor_id)
+    if not args.population or not args.population_secret_file:
+        print("error: --population and --population-secret-file are required", file=sys.stderr)
+        return 2
+    try:
+        secret = load_secret(args.population_secret_file)
+        PopulationKeys.from_secret(secret, args.population)
+        store = open_store(args.store)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(args.population, secret, store, actor_id=actor_id, tick_seconds=args.tick)
+    config = server_config(
+        app,
+        host=args.host,
+        port=args.port,
+        limits=ServerLimits(max_connections=args.max_connections),
+    )
+    uvicorn.Server(config).run()
     return 0

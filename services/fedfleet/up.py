@@ -189,8 +189,8 @@ def _deployment(
     job: FLJob, opts: UpOptions, stack: contextlib.ExitStack
 ) -> tuple[LocalDeployment, Callable[[], None]]:
     """The deployment ``opts`` asks for, and what to do once it serves: with a state
-    directory, its store and population endpoint, and ``endpoint.json`` written once the
-    selector listens (a device or a script waiting for the file finds the server up)."""
+    directory, its store and population endpoint (the gateway), and ``endpoint.json`` written
+    once the gateway listens (a device or a script waiting for the file finds the server up)."""
     if opts.state_dir is None:
         return LocalDeployment(
             job,
@@ -225,11 +225,11 @@ def _deployment(
     deployment = LocalDeployment(
         job,
         store_url=store_url,
-        selectors=1,  # devices know one URL: a second selector would hold quota nobody reaches
+        selectors=opts.selectors,  # behind the gateway: devices know only its URL
         aggregators=opts.aggregators,
         tick_seconds=opts.tick_seconds,
         lease_ttl=opts.lease_ttl,
-        selector_address=(endpoint.host, endpoint.port),
+        gateway_address=(endpoint.host, endpoint.port),
         population_secret=endpoint.secret,
     )
     token = enroll_token(endpoint.secret)

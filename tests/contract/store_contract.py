@@ -294,6 +294,24 @@ class StoreContract:
         self.store.revoke_device("phones", "d-1", now - 100)  # an older one changes nothing
         assert self.store.revoked_devices("phones")["d-1"] == now + 2
 
+    # -- population routes (the gateway's view of its jobs' selectors) ----------------------------
+    def test_routes_are_per_population_expire_and_can_be_withdrawn(self) -> None:
+        assert self.store.population_routes("phones") == {}
+        self.store.announce_route("phones", "r1", '{"job": "a"}', ttl=1.0)
+        self.store.announce_route("phones", "r2", '{"job": "b"}', ttl=30.0)
+        self.store.announce_route("tablets", "r1", '{"job": "c"}', ttl=30.0)
+        assert self.store.population_routes("phones") == {
+            "r1": '{"job": "a"}',
+            "r2": '{"job": "b"}',
+        }
+        self.store.announce_route("phones", "r2", '{"job": "b2"}', ttl=30.0)  # a refresh
+        assert self.store.population_routes("phones")["r2"] == '{"job": "b2"}'
+        self.advance(1.5)
+        assert self.store.population_routes("phones") == {"r2": '{"job": "b2"}'}
+        self.store.withdraw_route("phones", "r2")
+        assert self.store.population_routes("phones") == {}
+        assert self.store.population_routes("tablets") == {"r1": '{"job": "c"}'}
+
     def test_revocations_outlive_jobs_and_are_not_jobs(self) -> None:
         now = self.now()
         self.store.revoke_device(JOB, "d-1", now)

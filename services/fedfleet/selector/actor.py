@@ -137,18 +137,32 @@ class Selector:
                     reason="ineligible",
                     round_seconds=pace,
                 )
-            if quota is not None and quota.aggregators:
-                key = attempt_key(quota.attempt)
-                state = self._rounds.get(key)
-                if (
-                    state is not None
-                    and state.phase is Phase.selecting
-                    and self._selected[key] - quota.counted < quota.count
-                ):
-                    return self._select(msg.device_id, state, quota, link)
+            state = self._room(quota)
+            if state is not None and quota is not None:
+                return self._select(msg.device_id, state, quota, link)
             return self.pacing.window(
                 now, round_share=share, next_open=next_open, round_seconds=pace
             )
+
+    def _room(self, quota: Quota | None) -> RoundState | None:
+        """The round this selector may add a device to now, if any (under the lock)."""
+        if quota is None or not quota.aggregators:
+            return None
+        key = attempt_key(quota.attempt)
+        state = self._rounds.get(key)
+        if (
+            state is not None
+            and state.phase is Phase.selecting
+            and self._selected[key] - quota.counted < quota.count
+        ):
+            return state
+        return None
+
+    def has_room(self) -> bool:
+        """Would a check-in now be selected (the round is selecting and the quota not used
+        up)? What the population's gateway is told (fedfleet.gateway.routes)."""
+        with self._lock:
+            return self._room(self._quota) is not None
 
     def _select(
         self, device_id: str, state: RoundState, quota: Quota, link: DeviceLink

@@ -45,6 +45,7 @@ from fedfleet.core.protocol import (
 )
 from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob, PlanSpec
+from fedfleet.gateway.routes import Route, announce, withdraw
 from fedfleet.selector import contract
 from fedfleet.selector.actor import Selector
 from fedfleet.selector.doors import ID, ROUND, device_doors
@@ -270,6 +271,20 @@ def create_app(
     ).set_function(lambda: float(len(pending)))
 
     unsettled: list[tuple[str, str]] = []
+    route = (
+        None
+        if population_secret is None
+        else Route(
+            job=job.key,
+            actor=actor_id,
+            address=address,
+            priority=job.spec.scheduling.priority,
+            weight=job.spec.scheduling.weight,
+            open=False,
+            report_limit=job.spec.aggregation.max_update_bytes,
+            secagg_limit=secagg_message_limit(job.spec.aggregation),
+        )
+    )
 
     def tick(now: float) -> None:
         nonlocal aggregators
@@ -278,6 +293,8 @@ def create_app(
         # empty one; if the store fails, the last known map stays.
         aggregators = dict(store.members(job.key, Role.aggregator))
         auth.refresh(store)  # revocations take effect within a tick
+        if route is not None:  # tell the population's gateway whether this round has room
+            announce(store, job.spec.population, replace(route, open=selector.has_room()))
         cutoff = time.monotonic() - liveness_seconds
         with pending_lock:
             lost = [k for k, p in pending.items() if p.last_seen < cutoff]
@@ -296,6 +313,8 @@ def create_app(
 
     def leave() -> None:
         try:
+            if route is not None:
+                withdraw(store, job.spec.population, job.key, actor_id)
             store.deregister(job.key, Role.selector, actor_id)
         finally:
             client.close()

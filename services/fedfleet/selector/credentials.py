@@ -4,7 +4,8 @@ A selector given its population's secret accepts, on the check-in and the checkp
 either a valid **population credential** (:mod:`fedfleet.service.enrollment`: signed, expiring,
 bound to the device and the population, not revoked) or the **legacy job token**
 (``HMAC(job device key, device id)``, which the simulated fleets keep using). Without a
-population secret only job tokens are accepted, as before.
+population secret only job tokens are accepted, as before; the population's gateway
+(:mod:`fedfleet.gateway`) has no job keys and accepts credentials only.
 
 Revocations live in the store (:meth:`Store.revoke_device`); the selector's tick swaps in a
 fresh view of them (:meth:`DeviceAuth.refresh`), so a revocation takes effect within one tick
@@ -42,7 +43,7 @@ class DeviceAuth:
 
     def __init__(
         self,
-        keys: JobKeys,
+        keys: JobKeys | None,
         population: PopulationKeys | None,
         *,
         checkin_limiter: RateLimiter | None = None,
@@ -73,7 +74,9 @@ class DeviceAuth:
         )
 
     def job_token_ok(self, device_id: str, token: str | None) -> bool:
-        if not token or len(token) > _MAX_LEGACY_TOKEN or not token.isascii():
+        if self.keys is None or not token or len(token) > _MAX_LEGACY_TOKEN:
+            return False
+        if not token.isascii():
             return False
         return self.keys.device_ok(device_id, token)
 

@@ -91,7 +91,7 @@ class Enrollment(BaseModel):
 
 
 def device_auth(
-    keys: JobKeys, population: str, secret: bytes | None, settings: EnrollmentSettings | None
+    keys: JobKeys | None, population: str, secret: bytes | None, settings: EnrollmentSettings | None
 ) -> DeviceAuth:
     """The selector's credential checks: job tokens, and with ``secret`` the population's
     credentials (check-ins of those limited per device by ``settings.checkin_rate``)."""

@@ -240,4 +240,18 @@ class Store(Protocol):
         """The population's kept revocations: device id -> ``at``."""
         ...
 
+    def announce_route(self, population: str, route: str, entry: str, ttl: float) -> None:
+        """Announce (or refresh) one of the population's routes for ``ttl`` seconds: a job's
+        selector the population's gateway may send devices to (``entry`` is its JSON
+        description, :mod:`fedfleet.gateway.routes`). Population-scoped, like revocations."""
+        ...
+
+    def withdraw_route(self, population: str, route: str) -> None:
+        """Remove a route at once (a selector shutting down)."""
+        ...
+
+    def population_routes(self, population: str) -> dict[str, str]:
+        """The population's live routes: route id -> entry; expired ones are dropped."""
+        ...
+
     def close(self) -> None: ...

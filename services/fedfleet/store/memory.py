@@ -63,6 +63,8 @@ class MemoryStore:
         self._jobs: dict[str, _Job] = defaultdict(_Job)
         self._revoked: dict[str, dict[str, float]] = defaultdict(dict)
         """Per population: device id -> revoked at (not a job's: delete_job keeps it)."""
+        self._routes: dict[str, dict[str, tuple[str, float]]] = defaultdict(dict)
+        """Per population: route id -> (entry, expires at)."""
         self._events = LocalEvents()
 
     def events(self) -> LocalEvents:
@@ -290,6 +292,23 @@ class MemoryStore:
     def revoked_devices(self, population: str) -> dict[str, float]:
         with self._lock:
             return dict(self._prune_revoked(population)) if population in self._revoked else {}
+
+    def announce_route(self, population: str, route: str, entry: str, ttl: float) -> None:
+        with self._lock:
+            self._routes[population][route] = (entry, self._clock() + ttl)
+
+    def withdraw_route(self, population: str, route: str) -> None:
+        with self._lock:
+            self._routes[population].pop(route, None)
+
+    def population_routes(self, population: str) -> dict[str, str]:
+        with self._lock:
+            if population not in self._routes:
+                return {}
+            now, live = self._clock(), self._routes[population]
+            for dead in [r for r, (_, exp) in live.items() if exp <= now]:
+                del live[dead]
+            return {r: entry for r, (entry, _) in sorted(live.items())}
 
     def close(self) -> None:
         self._events.close()

@@ -32,7 +32,9 @@ A population's device revocations are not a job's: they live in
 ``{prefix}:population:{{population}}:revoked``, a hash of device id -> revoked-at (Unix
 seconds). Each write drops the entries older than ``REVOCATION_KEEP_S`` (by the server's
 clock) and refreshes the key's expiry to that span, so the hash holds at most the revocations
-of the last 31 days and vanishes when none is left.
+of the last 31 days and vanishes when none is left. The population's gateway routes (its
+jobs' selectors) live beside them in ``...:routes`` (a zset of route id -> expiry, server
+clock) and ``...:route-entries`` (route id -> JSON), kept like a job's registrations.
 
 Times: lease and registration expiry use the Redis server's clock (PX, ``TIME`` in scripts),
 so actors with skewed clocks agree; :meth:`RedisStore.lease` reports ``expires_at`` on the
@@ -616,6 +618,29 @@ class RedisStore:
         cutoff = time.time() - REVOCATION_KEEP_S
         found = {k.decode(): float(v) for k, v in raw.items()}
         return {k: at for k, at in found.items() if at >= cutoff}
+
+    def announce_route(self, population: str, route: str, entry: str, ttl: float) -> None:
+        keys = [
+            self._population_key(population, "routes"),
+            self._population_key(population, "route-entries"),
+        ]
+        self._run(self._register, keys, [route, entry, _ms(ttl)])
+
+    def withdraw_route(self, population: str, route: str) -> None:
+        with self._io():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.zrem(self._population_key(population, "routes"), route)
+            pipe.hdel(self._population_key(population, "route-entries"), route)
+            pipe.execute()
+
+    def population_routes(self, population: str) -> dict[str, str]:
+        keys = [
+            self._population_key(population, "routes"),
+            self._population_key(population, "route-entries"),
+        ]
+        flat: list[bytes] = self._run(self._members, keys, [])
+        pairs = zip(flat[::2], flat[1::2], strict=True)
+        return dict(sorted((k.decode(), v.decode()) for k, v in pairs))
 
     @property
     def client(self) -> redis.Redis:
