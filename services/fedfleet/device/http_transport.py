@@ -214,6 +214,17 @@ class WeightsCache:
             del self._entries[version]
 
 
+MAX_ANSWER_BYTES = 1024 * 1024
+"""Most bytes of a JSON answer (a check-in, a task description with its config, an error) a
+device reads: a hostile or broken server cannot make it hold more."""
+MAX_SECAGG_ANSWER_BYTES = 64 * 1024 * 1024
+"""Most bytes of a published Secure Aggregation message (a roster, an inbox of shares)."""
+MAX_CHECKPOINT_BYTES = 512 * 1024 * 1024
+"""Most bytes of a checkpoint download (default; ``SelectorClient(max_checkpoint_bytes=)``)."""
+_FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+"""Headers that describe the bytes on the wire, not the decoded body a copy holds."""
+
+
 class SelectorClient:
     """One Selector's device API over HTTP/1.1 keep-alive (``httpx.AsyncClient``).
 
@@ -237,8 +248,10 @@ class SelectorClient:
         poll_wait: float = 10.0,
         weights: WeightsCache | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_checkpoint_bytes: int = MAX_CHECKPOINT_BYTES,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.max_checkpoint_bytes = max_checkpoint_bytes
         self.poll_wait = poll_wait
         self.weights = weights if weights is not None else WeightsCache()
         size = max(1, pool_size)
@@ -289,14 +302,43 @@ class SelectorClient:
         return f"SelectorClient({self.base_url!r})"
 
     async def _send(
-        self, method: str, url: str, *, key: str = "", polls: bool = False, **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        *,
+        key: str = "",
+        polls: bool = False,
+        limit: int = MAX_ANSWER_BYTES,
+        **kwargs: Any,
     ) -> httpx.Response:
+        """Send, and read the answer up to ``limit`` bytes (decoded): a server that declares
+        or streams more gets :class:`ProtocolError`, and the device never holds more."""
         group = self._polls if polls else self._http
         client = group[zlib.crc32(key.encode()) % len(group)] if key else random.choice(group)
+        request = client.build_request(method, url, **kwargs)
         try:
-            return await client.request(method, url, **kwargs)
+            r = await client.send(request, stream=True)
         except httpx.TransportError as exc:  # connect, read, write, pool timeouts and resets
             raise Unreachable(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
+        try:
+            declared = r.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise ProtocolError(
+                    f"{method} {url}: an answer of {declared} bytes (limit {limit})"
+                )
+            body = bytearray()
+            async for chunk in r.aiter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise ProtocolError(f"{method} {url}: an answer over {limit} bytes")
+        except httpx.TransportError as exc:
+            raise Unreachable(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
+        except httpx.DecodingError as exc:
+            raise ProtocolError(f"{method} {url}: undecodable answer: {exc}") from None
+        finally:
+            await r.aclose()
+        headers = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in _FRAMING]
+        return httpx.Response(r.status_code, headers=headers, content=bytes(body), request=request)
 
     # -- the device API ------------------------------------------------------------------------
     async def checkin(self, msg: CheckIn, token: str) -> Assignment | Reconnect:
@@ -400,6 +442,7 @@ class SelectorClient:
             r = await self._send(
                 "GET",
                 url or f"/v1/checkpoints/{version}",
+                limit=self.max_checkpoint_bytes,
                 headers={"authorization": f"Bearer {token}", "x-fedfleet-device": device_id},
             )
             if r.status_code != 200:
@@ -462,6 +505,7 @@ class SelectorClient:
         r = await self._send(
             "POST",
             f"/v1/secagg/{round_key}/{step}",
+            limit=MAX_SECAGG_ANSWER_BYTES,
             key=device_id,
             content=body,
             headers={
