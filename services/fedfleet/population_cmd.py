@@ -109,6 +109,17 @@ def _gateway_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-connections", type=int, default=int(_env("MAX_CONNECTIONS", "4096") or 4096)
     )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--tls-cert-file",
+        default=_env("TLS_CERT_FILE"),
+        help="serve https with this PEM certificate chain (FEDFLEET_TLS_CERT_FILE; with "
+        "--tls-key-file; default plain http, for TLS terminated in front of the gateway)",
+    )
+    parser.add_argument(
+        "--tls-key-file",
+        default=_env("TLS_KEY_FILE"),
+        help="its private key (FEDFLEET_TLS_KEY_FILE)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,6 +182,16 @@ def _gateway(args: argparse.Namespace) -> int:
     if not args.population or not args.population_secret_file:
         print("error: --population and --population-secret-file are required", file=sys.stderr)
         return 2
+    if bool(args.tls_cert_file) != bool(args.tls_key_file):
+        print("error: --tls-cert-file and --tls-key-file go together", file=sys.stderr)
+        return 2
+    tls: dict[str, str] = {}
+    if args.tls_cert_file:
+        for path in (args.tls_cert_file, args.tls_key_file):
+            if not os.access(path, os.R_OK):
+                print(f"error: cannot read {path}", file=sys.stderr)
+                return 2
+        tls = {"ssl_certfile": args.tls_cert_file, "ssl_keyfile": args.tls_key_file}
     try:
         secret = load_secret(args.population_secret_file)
         PopulationKeys.from_secret(secret, args.population)
@@ -184,6 +205,7 @@ def _gateway(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         limits=ServerLimits(max_connections=args.max_connections),
+        **tls,
     )
     uvicorn.Server(config).run()
     return 0

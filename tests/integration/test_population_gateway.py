@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,8 +213,8 @@ def test_two_jobs_of_a_population_share_its_devices_through_the_gateway(
         answer = r.json()
         assert answer["outcome"] == "reconnect" and answer["reason"] == "no-job", answer
         assert 0 < answer["reconnect_after_s"] < answer["reconnect_within_s"] <= 120
-        for i, d in enumerate(devices):
-            assert d.stop() == 0, d.text()[-2000:]
+        for i, dev in enumerate(devices):
+            assert dev.stop() == 0, dev.text()[-2000:]
             assert identity_of(tmp_path / f"state-{i}")["device_id"]
     finally:
         for p in procs:
@@ -236,3 +237,119 @@ def _sample(metrics: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def _certificate(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A private CA, and a server certificate it signed for 127.0.0.1: (ca, cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-gw test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = tmp_path / "ca.pem", tmp_path / "gateway.pem", tmp_path / "gateway-key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    paths[2].chmod(0o600)
+    return paths
+
+
+def test_the_gateway_serves_https_to_devices_that_trust_its_ca(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    import asyncio
+
+    from fedfleet.core.protocol import CheckIn, Reconnect
+    from fedfleet.device.enroll_client import EnrollmentClient
+    from fedfleet.device.http_transport import SelectorClient, Unreachable
+
+    ca, cert, key = _certificate(tmp_path)
+    secret = secrets.token_bytes(32)
+    secret_file = tmp_path / "population-secret"
+    secret_file.write_text(secret.hex())
+    port = free_port("127.0.0.1")
+    url = f"https://127.0.0.1:{port}"
+    gateway = FedfleetProcess(
+        [
+            "population",
+            "gateway",
+            *("--population", POPULATION, "--population-secret-file", str(secret_file)),
+            *("--store", redis.url, "--port", str(port)),
+            *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+        ],
+        tmp_path / "gateway.log",
+    )
+
+    async def device() -> tuple[str, Reconnect | object]:
+        enroller = EnrollmentClient(url, ca_file=str(ca))
+        try:
+            identity = await enroller.enroll(POPULATION, enroll_token(secret))
+        finally:
+            await enroller.aclose()
+        async with SelectorClient(url, ca_file=str(ca)) as client:
+            answer = await client.checkin(
+                CheckIn(identity.device_id, POPULATION, True, True, True, 10), identity.credential
+            )
+        return identity.device_id, answer
+
+    async def untrusting() -> None:
+        async with SelectorClient(url) as client:  # the system's CAs only
+            await client.checkin(CheckIn("d-x", POPULATION, True, True, True, 1), "token")
+
+    try:
+        _wait("the https gateway", lambda: _ready_tls(url, ca), 60, [gateway])
+        device_id, answer = asyncio.run(device())
+        assert device_id.startswith("d-")
+        assert isinstance(answer, Reconnect) and answer.reason == "no-job", answer
+        with pytest.raises(Unreachable, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
+            asyncio.run(untrusting())
+    finally:
+        gateway.stop()
+
+
+def _ready_tls(url: str, ca: Path) -> bool:
+    try:
+        tls = ssl.create_default_context(cafile=str(ca))
+        return httpx.get(f"{url}/readyz", timeout=2, verify=tls).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -195,9 +195,10 @@ def test_typescript_devices_train_a_real_job(
     accuracy = [round(float(m["accuracy"]), 3) for m in history]
     print(f"\nTypeScript devices: accuracy by round {accuracy}, {len(reported)} reports")
     assert accuracy[-1] > 0.5, accuracy
-    # Devices said why they waited, and nobody crashed or was refused.
+    # Nobody crashed or was refused. (Whether a device was ever told to wait depends on the
+    # timing of its check-ins against the round's quota, so it is not asserted: a run where
+    # every check-in landed in an open round is as correct as one with reconnect windows.)
     events = {e["event"] for events in logs.values() for e in events}
-    assert "reconnect" in events
     assert not events & {"crash", "refused", "report-refused", "raw"}, events
     # SIGTERM ends each device cleanly.
     assert statuses == [0, 0, 0, 0], statuses

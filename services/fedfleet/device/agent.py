@@ -114,8 +114,11 @@ class DeviceAgent:
         poll_wait: float = 10.0,
         secagg_poll_seconds: float = 0.5,
         seed: int | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.server = server.rstrip("/")
+        self.ca_file = ca_file
+        """A private CA to trust for an https:// server, besides the system's."""
         self.population = population
         self.state = state
         self.examples = examples
@@ -215,9 +218,13 @@ class DeviceAgent:
 
     # -- the loop --------------------------------------------------------------------------------
     async def _main(self) -> None:
-        enroller = EnrollmentClient(self.server)
+        enroller = EnrollmentClient(self.server, ca_file=self.ca_file)
         client = SelectorClient(
-            self.server, max_connections=4, max_long_polls=2, poll_wait=self.poll_wait
+            self.server,
+            max_connections=4,
+            max_long_polls=2,
+            poll_wait=self.poll_wait,
+            ca_file=self.ca_file,
         )
         try:
             enrollment = self._enrollment(enroller)

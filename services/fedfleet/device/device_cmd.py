@@ -117,6 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run_p.add_argument("--data", type=Path, help=".npz of examples, loaded once per content")
     run_p.add_argument(
+        "--ca-file",
+        default=os.environ.get("FEDFLEET_CA_FILE"),
+        help="PEM of a private CA to trust for an https:// server, besides the system's "
+        "(env FEDFLEET_CA_FILE)",
+    )
+    run_p.add_argument(
         "--allow-task",
         action="append",
         default=[],
@@ -199,6 +205,7 @@ def _run(args: argparse.Namespace) -> int:
             re_enroll=args.re_enroll,
             recheck_seconds=args.recheck_seconds,
             rest_seconds=args.rest_seconds,
+            ca_file=args.ca_file,
         )
         try:
             agent.run(stop)

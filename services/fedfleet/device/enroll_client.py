@@ -12,6 +12,8 @@ something pretending to be one) cannot make the device write junk into its ident
 
 from __future__ import annotations
 
+import ssl
+
 import httpx
 
 from fedfleet.device.http_transport import Refused, Unreachable, _fail, _json
@@ -29,9 +31,14 @@ class EnrollmentClient:
         *,
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        tls = ssl.create_default_context()
+        if ca_file:
+            tls.load_verify_locations(cafile=ca_file)
         self._http = httpx.AsyncClient(
+            verify=tls,
             base_url=self.base_url,
             headers={"user-agent": "fedfleet-device/1"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),

@@ -249,6 +249,7 @@ class SelectorClient:
         weights: WeightsCache | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         max_checkpoint_bytes: int = MAX_CHECKPOINT_BYTES,
+        ca_file: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_checkpoint_bytes = max_checkpoint_bytes
@@ -257,6 +258,8 @@ class SelectorClient:
         size = max(1, pool_size)
         # One TLS context for all the pools (building one costs ~25 ms of CPU each).
         tls = ssl.create_default_context()
+        if ca_file:  # a private CA (the population's own gateway certificate), besides the system's
+            tls.load_verify_locations(cafile=ca_file)
 
         def pools(
             total: int, read_timeout: float, pool_timeout: float | None
