@@ -67,8 +67,10 @@ __all__ = [
     "build_plan_configmap",
     "build_selector_deployment",
     "build_selector_service",
+    "http_probe",
     "is_job_secret",
     "manifest_yaml",
+    "security_context",
     "spec_hash",
 ]
 
@@ -88,7 +90,7 @@ grows with the model (``aggregation.maxUpdateBytes`` is up to 1 GiB), so a fixed
 OOM-kill large jobs. Clusters that want limits set them with a LimitRange."""
 
 
-def _security_context() -> SecurityContext:
+def security_context() -> SecurityContext:
     """Non-root (nobody), read-only root filesystem, no privilege escalation, no
     capabilities: actors need none of them. A fresh dict per body, so bodies never share
     mutable parts."""
@@ -238,7 +240,7 @@ STARTUP_PROBE_FAILURES = 90
 """Start-up probe failures tolerated, 2 s apart: an actor has 3 minutes to come up."""
 
 
-def _probe(path: str, period: int, failures: int) -> Probe:
+def http_probe(path: str, period: int, failures: int) -> Probe:
     return {
         "httpGet": {"path": path, "port": ACTOR_PORT},
         "periodSeconds": period,
@@ -347,10 +349,10 @@ def _container(
         "ports": [{"name": "http", "containerPort": ACTOR_PORT, "protocol": "TCP"}],
         # Start-up (imports, the first store round trip) can take far longer than liveness
         # allows on a busy node; until /healthz first answers, liveness does not count.
-        "startupProbe": _probe("/healthz", period=2, failures=STARTUP_PROBE_FAILURES),
-        "readinessProbe": _probe("/readyz", period=2, failures=3),
-        "livenessProbe": _probe("/healthz", period=10, failures=3),
-        "securityContext": _security_context(),
+        "startupProbe": http_probe("/healthz", period=2, failures=STARTUP_PROBE_FAILURES),
+        "readinessProbe": http_probe("/readyz", period=2, failures=3),
+        "livenessProbe": http_probe("/healthz", period=10, failures=3),
+        "securityContext": security_context(),
         "resources": copy.deepcopy(DEFAULT_RESOURCES[role]),
         "volumeMounts": [*_volume_mounts(job), *_storage_mount(job, role)],
     }

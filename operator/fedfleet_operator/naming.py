@@ -72,12 +72,14 @@ REDIS_PASSWORD_KEY: Final = "redis-password"
 
 class ChildRole(StrEnum):
     """The ``fedfleet.dev/role`` of a child: an actor role, or ``plan`` for its configuration
-    (the ConfigMap and the Secret)."""
+    (the ConfigMap and the Secret); ``gateway`` is the role of an FLPopulation's gateway pods
+    (no FLJob has one)."""
 
     coordinator = "coordinator"
     selector = "selector"
     aggregator = "aggregator"
     plan = "plan"
+    gateway = "gateway"
 
 
 _LONGEST_SUFFIX: Final = max(len(f"-{role.value}") for role in ChildRole)

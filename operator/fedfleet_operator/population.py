@@ -7,15 +7,20 @@ An FLPopulation ``<name>`` is one URL and one enrollment secret for every FLJob 
 * the Secret ``<name>-enrollment`` (unless ``spec.enrollment.secretName`` names the user's
   own): the population secret, 32 random bytes as hex, created once and never rotated, and the
   enrollment token derived from it;
-* the Service ``<name>-devices`` over the selector pods labelled
-  ``fedfleet.dev/population=<name>``, with ``sessionAffinity: ClientIP``: a selected device's
-  plan poll, checkpoint download and report must reach the selector that selected it (the
-  round's assignment and the device's long poll live in that selector), so a device sticks to
-  one selector pod while that pod lives;
-* and, in each selector Deployment of such a job, :func:`with_population`: the label the
-  Service selects and the population secret mounted read-only, with
-  ``FEDFLEET_POPULATION_SECRET_FILE`` pointing at it, so those selectors enroll devices and
-  accept the population's credentials.
+* the Deployment ``<name>-gateway`` (``spec.gateway.replicas`` pods of ``fedfleet population
+  gateway``): the population's device API. It hands each check-in to one of the population's
+  running jobs (the job selectors announce themselves in the store) and routes later calls by
+  the ticket it handed out, so it keeps no state of its own: any replica serves any request.
+  It reads the population secret (mounted as the selectors get it) and the store, whose
+  password it takes from the Secret ``<name>-gateway``: a copy the population owns, as a job's
+  Secret holds one for its actors, kept apart from the enrollment Secret (whose token is handed
+  to whoever provisions devices) so that reading the token never reveals the store's password;
+* the Service ``<name>-devices`` over the gateway pods, with no session affinity (routing is by
+  ticket, not by connection);
+* and, in each selector Deployment of such a job, :func:`with_population`: the population label
+  and the population secret mounted read-only, with ``FEDFLEET_POPULATION_SECRET_FILE``
+  pointing at it, so those selectors announce themselves to the gateway, enroll devices and
+  verify the population's credentials the gateway forwards.
 
 Nothing here talks to the API (like :mod:`.builders`): the handlers send the bodies.
 """
@@ -40,8 +45,23 @@ from fedfleet.core.population_spec import (
     FLPopulationSpec,
     population_enroll_token,
 )
-from fedfleet_operator.bodies import DeploymentBody, ObjectMeta, SecretBody, ServiceBody
-from fedfleet_operator.builders import ACTOR_PORT
+from fedfleet.core.spec import DEFAULT_ACTOR_IMAGE
+from fedfleet_operator.bodies import (
+    Container,
+    DeploymentBody,
+    EnvVar,
+    ObjectMeta,
+    ResourceRequirements,
+    SecretBody,
+    ServiceBody,
+    Volume,
+)
+from fedfleet_operator.builders import (
+    ACTOR_PORT,
+    STARTUP_PROBE_FAILURES,
+    http_probe,
+    security_context,
+)
 from fedfleet_operator.naming import (
     LABEL_COMPONENT,
     LABEL_INSTANCE,
@@ -50,10 +70,14 @@ from fedfleet_operator.naming import (
     LABEL_ROLE,
     MANAGED_BY,
     PREFIX,
+    REDIS_PASSWORD_KEY,
     ChildRole,
 )
+from fedfleet_operator.settings import OperatorSettings
 
 __all__ = [
+    "GATEWAY_COMMAND",
+    "GATEWAY_RESOURCES",
     "LABEL_POPULATION",
     "POPULATION_MOUNT",
     "POPULATION_PLURAL",
@@ -65,9 +89,13 @@ __all__ = [
     "active_jobs",
     "build_devices_service",
     "build_enrollment_secret",
+    "build_gateway_deployment",
+    "build_gateway_secret",
     "devices_service_name",
     "endpoint_url",
     "enrollment_secret_name",
+    "gateway_name",
+    "gateway_selector",
     "population_from_body",
     "population_labels",
     "population_ref",
@@ -78,7 +106,8 @@ __all__ = [
 
 POPULATION_PLURAL: Final = "flpopulations"
 LABEL_POPULATION: Final = f"{PREFIX}/population"
-"""Label of the selector pods that serve a population; the devices' Service selects it."""
+"""Label of a population's children and pods: its gateway pods (which the devices' Service
+selects, with role ``gateway``) and its jobs' selector pods."""
 POPULATION_VOLUME: Final = "population-secret"
 POPULATION_MOUNT: Final = "/var/run/fedfleet/population"
 POPULATION_SECRET_ENV: Final = "FEDFLEET_POPULATION_SECRET_FILE"
@@ -88,6 +117,10 @@ SECRET_FILE_MODE: Final = 0o440
 leave them unreadable to a non-root container (the kubelet turns it into 0440 under an
 ``fsGroup`` anyway)."""
 SELECTOR_FS_GROUP: Final = 65534
+GATEWAY_COMMAND: Final = ("fedfleet", "population", "gateway")
+GATEWAY_RESOURCES: Final[ResourceRequirements] = {"requests": {"cpu": "100m", "memory": "128Mi"}}
+"""Of a gateway container without ``spec.gateway.resources``: the selectors' requests (it
+relays the same calls), no limits (see :data:`fedfleet_operator.builders.DEFAULT_RESOURCES`)."""
 _COMPONENT: Final = "population"
 _DNS_1035: Final = re.compile(POPULATION_NAME_PATTERN)
 _FINISHED: Final = frozenset({"Succeeded", "Failed"})
@@ -104,6 +137,17 @@ def devices_service_name(population: str) -> str:
 def enrollment_secret_name(population: str) -> str:
     """The Secret the operator creates when ``spec.enrollment.secretName`` is left out."""
     return f"{population}-enrollment"
+
+
+def gateway_name(population: str) -> str:
+    """The gateway's Deployment, and the Secret holding its copy of the store's password."""
+    return f"{population}-gateway"
+
+
+def gateway_selector(population: str) -> dict[str, str]:
+    """The labels the gateway Deployment and the devices' Service select the gateway pods by
+    (a job's selector pods carry the population label too, with role ``selector``)."""
+    return {LABEL_POPULATION: population, LABEL_ROLE: ChildRole.gateway.value}
 
 
 def endpoint_url(population: str, namespace: str, port: int) -> str:
@@ -172,7 +216,10 @@ def build_enrollment_secret(population: str, namespace: str, secret: bytes) -> S
 
 
 def build_devices_service(population: str, namespace: str, spec: FLPopulationSpec) -> ServiceBody:
-    """``<name>-devices``: the one URL of the population, over its jobs' selector pods."""
+    """``<name>-devices``: the one URL of the population, over its gateway pods.
+
+    ``sessionAffinity: None`` is written out, not left out: a Service made by an operator of
+    the selector era has ``ClientIP``, and a strategic-merge patch keeps what the body omits."""
     meta = _meta(devices_service_name(population), namespace, population)
     if spec.service.annotations:
         meta["annotations"] = dict(spec.service.annotations)
@@ -182,7 +229,7 @@ def build_devices_service(population: str, namespace: str, spec: FLPopulationSpe
         "metadata": meta,
         "spec": {
             "type": spec.service.type.value,
-            "selector": {LABEL_POPULATION: population, LABEL_ROLE: ChildRole.selector.value},
+            "selector": gateway_selector(population),
             "ports": [
                 {
                     "name": "http",
@@ -191,7 +238,116 @@ def build_devices_service(population: str, namespace: str, spec: FLPopulationSpe
                     "protocol": "TCP",
                 }
             ],
-            "sessionAffinity": "ClientIP",
+            "sessionAffinity": "None",
+        },
+    }
+
+
+def build_gateway_secret(population: str, namespace: str, redis_password: str) -> SecretBody:
+    """``<name>-gateway``: the store's password (key ``redis-password``), for the gateway's
+    ``FEDFLEET_REDIS_PASSWORD`` (the operator's ``job_redis_password``, as jobs get it)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(gateway_name(population), namespace, population),
+        "type": "Opaque",
+        "data": {REDIS_PASSWORD_KEY: _b64(redis_password)},
+    }
+
+
+def _gateway_resources(spec: FLPopulationSpec) -> ResourceRequirements:
+    own = spec.gateway.resources
+    if own is None:
+        return copy.deepcopy(GATEWAY_RESOURCES)
+    out: ResourceRequirements = {}
+    requests, limits = (q.model_dump(exclude_none=True) for q in (own.requests, own.limits))
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _gateway_env(population: str, settings: OperatorSettings) -> list[EnvVar]:
+    # POD_IP before FEDFLEET_HOST, which expands it (as in the actors' env).
+    return [
+        {"name": "FEDFLEET_POPULATION", "value": population},
+        {"name": POPULATION_SECRET_ENV, "value": f"{POPULATION_MOUNT}/{POPULATION_SECRET_KEY}"},
+        {"name": "FEDFLEET_STORE_URL", "value": settings.actor_store_url},
+        {
+            "name": "FEDFLEET_REDIS_PASSWORD",
+            "valueFrom": {
+                "secretKeyRef": {"name": gateway_name(population), "key": REDIS_PASSWORD_KEY}
+            },
+        },
+        {"name": "FEDFLEET_ACTOR_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "FEDFLEET_HOST", "value": "$(POD_IP)"},
+        {"name": "FEDFLEET_PORT", "value": str(ACTOR_PORT)},
+        {"name": "FEDFLEET_TICK_SECONDS", "value": f"{settings.actor_tick_seconds:g}"},
+    ]
+
+
+def _population_secret_volume(secret_name: str) -> Volume:
+    return {
+        "name": POPULATION_VOLUME,
+        "secret": {
+            "secretName": secret_name,
+            "defaultMode": SECRET_FILE_MODE,
+            "items": [{"key": POPULATION_SECRET_KEY, "path": POPULATION_SECRET_KEY}],
+        },
+    }
+
+
+def build_gateway_deployment(
+    population: str, namespace: str, spec: FLPopulationSpec, settings: OperatorSettings
+) -> DeploymentBody:
+    """``<name>-gateway``: ``spec.gateway.replicas`` pods of ``fedfleet population gateway``
+    on the services image, hardened as the actors are (nobody, read-only root, no privilege
+    escalation, no capabilities, no service-account token), with the population secret mounted
+    as the selectors get it and the store's password from ``<name>-gateway``."""
+    pod_labels = {**population_labels(population), LABEL_ROLE: ChildRole.gateway.value}
+    container: Container = {
+        "name": ChildRole.gateway.value,
+        "image": settings.actor_image or DEFAULT_ACTOR_IMAGE,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": list(GATEWAY_COMMAND),
+        "env": _gateway_env(population, settings),
+        "ports": [{"name": "http", "containerPort": ACTOR_PORT, "protocol": "TCP"}],
+        "startupProbe": http_probe("/healthz", period=2, failures=STARTUP_PROBE_FAILURES),
+        "readinessProbe": http_probe("/readyz", period=2, failures=3),
+        "livenessProbe": http_probe("/healthz", period=10, failures=3),
+        "securityContext": security_context(),
+        "resources": _gateway_resources(spec),
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": POPULATION_VOLUME, "mountPath": POPULATION_MOUNT, "readOnly": True},
+        ],
+    }
+    meta = _meta(gateway_name(population), namespace, population)
+    meta["labels"] = dict(pod_labels)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": spec.gateway.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": gateway_selector(population)},
+            "template": {
+                "metadata": {"labels": pod_labels, "annotations": {}},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"fsGroup": SELECTOR_FS_GROUP},
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "tmp", "emptyDir": {}},
+                        _population_secret_volume(
+                            spec.enrollment.secret_name or enrollment_secret_name(population)
+                        ),
+                    ],
+                },
+            },
         },
     }
 
@@ -249,24 +405,16 @@ def population_ref(obj: Mapping[str, Any]) -> PopulationRef | None:
 
 def with_population(deployment: DeploymentBody, ref: PopulationRef) -> DeploymentBody:
     """A selector Deployment that serves the population ``ref``: its pods labelled
-    ``fedfleet.dev/population`` (the devices' Service selects them), the population secret
-    mounted read-only, and ``FEDFLEET_POPULATION_SECRET_FILE`` naming the file. The
+    ``fedfleet.dev/population``, the population secret mounted read-only, and
+    ``FEDFLEET_POPULATION_SECRET_FILE`` naming the file (the selector then announces itself to
+    the population's gateway and verifies the device credentials the gateway forwards). The
     Deployment's own selector is untouched (it is immutable)."""
     out = copy.deepcopy(deployment)
     template = out["spec"]["template"]
     template["metadata"]["labels"][LABEL_POPULATION] = ref.name
     pod = template["spec"]
     pod["securityContext"] = {"fsGroup": SELECTOR_FS_GROUP}
-    pod["volumes"].append(
-        {
-            "name": POPULATION_VOLUME,
-            "secret": {
-                "secretName": ref.secret_name,
-                "defaultMode": SECRET_FILE_MODE,
-                "items": [{"key": POPULATION_SECRET_KEY, "path": POPULATION_SECRET_KEY}],
-            },
-        }
-    )
+    pod["volumes"].append(_population_secret_volume(ref.secret_name))
     for container in pod["containers"]:
         container["volumeMounts"].append(
             {"name": POPULATION_VOLUME, "mountPath": POPULATION_MOUNT, "readOnly": True}

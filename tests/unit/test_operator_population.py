@@ -1,8 +1,9 @@
-"""FLPopulation on the operator's side, without a cluster: the builders of its Secret and
-Service, what it adds to a job's selector Deployment (and that jobs without one are built
-exactly as before), its status, validation of its spec, and its kopf handlers against a fake
-Kubernetes API (the Secret made once and never rotated, the user's own Secret left alone,
-ownership by the FLPopulation, the timer's job list)."""
+"""FLPopulation on the operator's side, without a cluster: the builders of its Secrets, its
+gateway Deployment and its Service, what it adds to a job's selector Deployment (and that jobs
+without one are built exactly as before), its status, validation of its spec, and its kopf
+handlers against a fake Kubernetes API (the Secret made once and never rotated, the user's own
+Secret left alone, ownership by the FLPopulation, the gateway following the spec, the timer's
+job list)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,22 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
 import kopf
 import pytest
 
-from fedfleet.core.population_spec import FLPopulationSpec, population_enroll_token
+from fedfleet.core.population_spec import (
+    FLPopulationSpec,
+    parse_quantity,
+    population_enroll_token,
+)
 from fedfleet.core.spec import FLJob, parse_manifest
 from fedfleet.service.enrollment import enroll_token
 from fedfleet.store.memory import MemoryStore
-from fedfleet_operator.builders import build_selector_deployment, spec_hash
+from fedfleet_operator.builders import build_job_secret, build_selector_deployment, spec_hash
 from fedfleet_operator.context import MEMO_KEY, OperatorContext
 from fedfleet_operator.handlers import register_all
 from fedfleet_operator.handlers.population import on_population, sync_population_status
@@ -34,6 +40,8 @@ from fedfleet_operator.population import (
     active_jobs,
     build_devices_service,
     build_enrollment_secret,
+    build_gateway_deployment,
+    build_gateway_secret,
     endpoint_url,
     population_from_body,
     population_ref,
@@ -159,17 +167,32 @@ def test_enrollment_secret_holds_the_secret_as_hex_and_its_token() -> None:
     assert population_secret_from(None) is None
 
 
-def test_devices_service_selects_the_populations_selector_pods_with_client_ip_affinity() -> None:
+def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_devices_service_selects_the_gateway_pods_with_no_session_affinity() -> None:
     spec = FLPopulationSpec()
     svc = build_devices_service(POP, NS, spec)
     assert svc["metadata"]["name"] == "phones-devices"
     assert "annotations" not in svc["metadata"]
     assert svc["spec"] == {
         "type": "ClusterIP",
-        "selector": {"fedfleet.dev/population": POP, "fedfleet.dev/role": "selector"},
+        "selector": {"fedfleet.dev/population": POP, "fedfleet.dev/role": "gateway"},
         "ports": [{"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP"}],
-        "sessionAffinity": "ClientIP",
+        # Written out: a patch that left it out would keep an older Service's ClientIP.
+        "sessionAffinity": "None",
     }
+    # It reaches the gateway's pods and never a job's selector pods, though both carry the
+    # population label.
+    gateway = build_gateway_deployment(POP, NS, spec, SETTINGS)["spec"]["template"]
+    job = _job()
+    selector = with_population(
+        build_selector_deployment(job, NS, SETTINGS, spec_hash(job.spec)),
+        PopulationRef(POP, "phones-enrollment"),
+    )["spec"]["template"]
+    assert _selects(svc["spec"]["selector"], gateway["metadata"]["labels"])
+    assert not _selects(svc["spec"]["selector"], selector["metadata"]["labels"])
     lb = population_from_body(
         POP,
         {
@@ -184,6 +207,127 @@ def test_devices_service_selects_the_populations_selector_pods_with_client_ip_af
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["spec"]["ports"][0]["port"] == 443 and svc["spec"]["ports"][0]["targetPort"] == 8080
     assert svc["metadata"]["annotations"] == {"cloud.example/lb": "external"}
+
+
+def test_gateway_secret_holds_only_the_stores_password() -> None:
+    body = build_gateway_secret(POP, NS, "s3cret")
+    assert body["metadata"]["name"] == "phones-gateway"
+    assert body["metadata"]["labels"][LABEL_POPULATION] == POP
+    assert "fedfleet.dev/job" not in body["metadata"]["labels"]
+    assert {k: base64.b64decode(v).decode() for k, v in body["data"].items()} == {
+        "redis-password": "s3cret"
+    }
+    # The key the job Secret uses for the same password, so both are read the same way.
+    assert set(build_job_secret("mnist", NS, "ab" * 32, "s3cret")["data"]) >= set(body["data"])
+
+
+def _env(container: Mapping[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_gateway_deployment_runs_the_gateway_hardened_with_the_population_secret() -> None:
+    settings = OperatorSettings(
+        store_url="redis://:pw-in-url@10.0.0.12:6379/0",
+        pod_name="op-0",
+        actor_image="registry.example/fedfleet/services:9.9",
+        image_pull_policy="Always",
+        actor_tick_seconds=0.25,
+    )
+    body = build_gateway_deployment(POP, NS, FLPopulationSpec(), settings)
+    assert body["metadata"]["name"] == "phones-gateway"
+    assert body["metadata"]["labels"][LABEL_POPULATION] == POP
+    assert body["metadata"]["labels"]["fedfleet.dev/role"] == "gateway"
+    assert "fedfleet.dev/job" not in body["metadata"]["labels"]
+    spec = body["spec"]
+    assert spec["replicas"] == 1
+    assert spec["selector"] == {
+        "matchLabels": {"fedfleet.dev/population": POP, "fedfleet.dev/role": "gateway"}
+    }
+    template = spec["template"]
+    assert _selects(spec["selector"]["matchLabels"], template["metadata"]["labels"])
+    pod = template["spec"]
+    assert pod["automountServiceAccountToken"] is False  # it never calls the Kubernetes API
+    assert pod["securityContext"] == {"fsGroup": 65534}
+    [container] = pod["containers"]
+    assert container["command"] == ["fedfleet", "population", "gateway"]
+    assert container["image"] == "registry.example/fedfleet/services:9.9"
+    assert container["imagePullPolicy"] == "Always"
+    assert container["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65534,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8080}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
+    # The selectors' start-up allowance, so a slow node does not kill it while it imports.
+    selector = build_selector_deployment(_job(), NS, settings, "h")["spec"]["template"]["spec"]
+    assert container["startupProbe"] == selector["containers"][0]["startupProbe"]
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}}
+    env = _env(container)
+    assert env["FEDFLEET_POPULATION"] == POP
+    assert env["FEDFLEET_STORE_URL"] == "redis://10.0.0.12:6379/0"  # no password in the body
+    assert env["FEDFLEET_REDIS_PASSWORD"] == {
+        "secretKeyRef": {"name": "phones-gateway", "key": "redis-password"}
+    }
+    assert "pw-in-url" not in json.dumps(body)
+    assert env["FEDFLEET_HOST"] == "$(POD_IP)" and env["FEDFLEET_PORT"] == "8080"
+    names = [e["name"] for e in container["env"]]
+    assert names.index("POD_IP") < names.index("FEDFLEET_HOST")  # expanded in order
+    assert env["FEDFLEET_TICK_SECONDS"] == "0.25"
+    assert env["FEDFLEET_ACTOR_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert "FEDFLEET_JOB_SECRET" not in env and "FEDFLEET_MANIFEST_YAML" not in env
+    # The secret file it is told about is the mounted item, mounted as the selectors get it.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secret_file = Path(env["FEDFLEET_POPULATION_SECRET_FILE"])
+    mount = mounts[str(secret_file.parent)]
+    assert mount.get("readOnly") is True
+    secret_volume = volumes[mount["name"]]["secret"]
+    assert secret_volume["secretName"] == "phones-enrollment"
+    assert secret_volume["items"] == [{"key": "population-secret", "path": secret_file.name}]
+    served = with_population(
+        build_selector_deployment(_job(), NS, settings, "h"),
+        PopulationRef(POP, "phones-enrollment"),
+    )
+    assert served["spec"]["template"]["spec"]["volumes"][-1] == volumes[mount["name"]]
+    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}} and "/tmp" in mounts
+    # Without an actor image setting: this release's services image.
+    plain = build_gateway_deployment(POP, NS, FLPopulationSpec(), SETTINGS)
+    assert plain["spec"]["template"]["spec"]["containers"][0]["image"] == "fedfleet/services:0.1.0"
+
+
+def test_gateway_replicas_resources_and_the_users_secret_come_from_the_spec() -> None:
+    spec = population_from_body(
+        POP,
+        {
+            "enrollment": {"secretName": "own-secret"},
+            "gateway": {
+                "replicas": 3,
+                "resources": {"requests": {"cpu": "250m"}, "limits": {"memory": "1Gi"}},
+            },
+        },
+    )
+    body = build_gateway_deployment(POP, NS, spec, SETTINGS)
+    assert body["spec"]["replicas"] == 3
+    pod = body["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "250m"},
+        "limits": {"memory": "1Gi"},
+    }
+    [secret] = [v["secret"] for v in pod["volumes"] if "secret" in v]
+    assert secret["secretName"] == "own-secret"
+    # resources: {} means no requests and no limits at all, not the defaults.
+    bare = population_from_body(POP, {"gateway": {"resources": {}}})
+    assert (
+        build_gateway_deployment(POP, NS, bare, SETTINGS)["spec"]["template"]["spec"]["containers"][
+            0
+        ]["resources"]
+        == {}
+    )
 
 
 def test_selector_deployment_serving_a_population_adds_only_label_secret_and_env() -> None:
@@ -308,6 +452,23 @@ def test_status_names_the_endpoint_the_secret_and_the_unfinished_jobs_of_the_pop
         (POP, {"enrollment": {"secretName": "-leading"}}, "spec.enrollment.secretName"),
         (POP, {"enrollment": {"secretName": ""}}, "spec.enrollment.secretName"),
         (POP, {"enrollment": {"secretname": "x"}}, "spec.enrollment.secretname"),
+        (POP, {"gateway": {"replicas": 0}}, "spec.gateway.replicas"),
+        (POP, {"gateway": {"replicas": 51}}, "spec.gateway.replicas"),
+        (POP, {"gateway": {"replicas": "2"}}, "spec.gateway.replicas"),
+        (POP, {"gateway": {"replicas": 1.5}}, "spec.gateway.replicas"),
+        (POP, {"gateway": {"resources": {"requests": {"cpu": "lots"}}}}, "spec.gateway"),
+        (POP, {"gateway": {"resources": {"requests": {"memory": "-1Gi"}}}}, "spec.gateway"),
+        (POP, {"gateway": {"resources": {"requests": {"gpu": "1"}}}}, "spec.gateway"),
+        (
+            POP,
+            {"gateway": {"resources": {"requests": {"memory": "1Gi"}, "limits": {"memory": "1G"}}}},
+            "limits.memory 1G is less than requests.memory 1Gi",
+        ),
+        (
+            POP,
+            {"gateway": {"resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "999m"}}}},
+            "limits.cpu 999m is less than requests.cpu 1",
+        ),
         ("a" * 56, {}, "metadata.name"),
         ("with.dot", {}, "metadata.name"),
     ],
@@ -327,29 +488,67 @@ def test_a_valid_population_gets_its_defaults() -> None:
         {},
     )
     assert spec.enrollment.secret_name == "my.secret-1"
+    assert (spec.gateway.replicas, spec.gateway.resources) == (1, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("100m", "0.1"),
+        ("2", "2"),
+        ("1.5", "1.5"),
+        ("128Mi", str(128 * 2**20)),
+        ("1G", "1e9"),
+        ("1e3", "1000"),
+        ("1E", "1e18"),
+        (".5Ki", "512"),
+    ],
+)
+def test_quantities_are_read_as_kubernetes_reads_them(text: str, value: str) -> None:
+    assert parse_quantity(text) == Decimal(value)
+
+
+@pytest.mark.parametrize("text", ["", "m", "1.2.3", "-1", "1 Gi", "1gi", "1Mb", "0x10"])
+def test_a_malformed_quantity_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not a resource quantity"):
+        parse_quantity(text)
 
 
 # -- handlers -------------------------------------------------------------------------------------
 
 
-def test_create_makes_the_secret_once_and_the_service_owned_by_the_population() -> None:
+def test_create_makes_the_secret_once_and_the_gateway_and_service_owned_by_the_population() -> None:
     kube = FakeKube()
     ctx = _ctx(kube)
     patch = _run(ctx, _population())
     secret = kube.objects[("Secret", "phones-enrollment")]
     service = kube.objects[("Service", "phones-devices")]
-    for child in (secret, service):
+    gateway = kube.objects[("Deployment", "phones-gateway")]
+    gateway_secret = kube.objects[("Secret", "phones-gateway")]
+    assert set(kube.objects) == {
+        ("Secret", "phones-enrollment"),
+        ("Secret", "phones-gateway"),
+        ("Deployment", "phones-gateway"),
+        ("Service", "phones-devices"),
+    }
+    for child in (secret, service, gateway, gateway_secret):
         [ref] = child["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["name"], ref["uid"]) == ("FLPopulation", POP, UID)
+        assert ref["controller"] is True  # garbage collection removes it with the population
+    # The store's password as the operator's settings give it (SETTINGS: in the URL).
+    assert kube.read_secret(NS, "phones-gateway") == {"redis-password": "pw"}
+    assert gateway["spec"]["replicas"] == 1
     data = kube.read_secret(NS, "phones-enrollment")
     assert data is not None and len(bytes.fromhex(data["population-secret"])) == 32
     assert data["enroll-token"] == enroll_token(bytes.fromhex(data["population-secret"]))
     assert patch["status"]["endpoint"] == "http://phones-devices.team-a.svc:8080"
     assert patch["status"]["enrollmentSecret"] == "phones-enrollment"
-    # Converging again (a spec change, an operator restart) never rotates the secret.
-    _run(ctx, _population({"service": {"type": "NodePort"}}))
+    # Converging again (a spec change, an operator restart) never rotates the secret, and
+    # the gateway and the Service follow the spec.
+    _run(ctx, _population({"service": {"type": "NodePort"}, "gateway": {"replicas": 4}}))
     assert kube.read_secret(NS, "phones-enrollment") == data
     assert kube.objects[("Service", "phones-devices")]["spec"]["type"] == "NodePort"
+    assert kube.objects[("Deployment", "phones-gateway")]["spec"]["replicas"] == 4
 
 
 def test_the_users_own_secret_is_used_and_an_unusable_one_is_never_overwritten() -> None:
@@ -358,6 +557,8 @@ def test_the_users_own_secret_is_used_and_an_unusable_one_is_never_overwritten()
     assert ("Secret", "phones-enrollment") not in kube.objects
     assert ("Secret", "mine") not in kube.objects  # the user's: not the operator's to write
     assert patch["status"]["enrollmentSecret"] == "mine"
+    pod = kube.objects[("Deployment", "phones-gateway")]["spec"]["template"]["spec"]
+    assert [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v] == ["mine"]
     # A Secret of the operator's name that holds garbage is reported, not replaced.
     broken = FakeKube()
     broken.objects[("Secret", "phones-enrollment")] = {

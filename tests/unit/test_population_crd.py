@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel
 
 from fedfleet.cli import main
-from fedfleet.core.population_spec import FLPopulationSpec, ServiceType
+from fedfleet.core.population_spec import FLPopulationSpec, GatewayResources, ServiceType
 from fedfleet.crdgen_population import render_population_crd_yaml
 from tests.unit.test_crd import _to_json_schema
 
@@ -105,6 +105,14 @@ def test_the_spec_schema_has_exactly_the_models_fields(crd: Schema) -> None:
     assert service["annotations"]["additionalProperties"] == {"type": "string"}
     secret_name = spec["properties"]["enrollment"]["properties"]["secretName"]
     assert secret_name["nullable"] is True and secret_name["maxLength"] == 253
+    gateway = spec["properties"]["gateway"]["properties"]
+    replicas = gateway["replicas"]
+    assert (replicas["default"], replicas["minimum"], replicas["maximum"]) == (1, 1, 50)
+    resources = gateway["resources"]
+    assert resources["nullable"] is True and "default" not in resources
+    _compare(resources, GatewayResources, "spec.gateway.resources")
+    for part in ("requests", "limits"):
+        assert set(resources["properties"][part]["properties"]) == {"cpu", "memory"}
 
 
 def _doc(spec: Schema, name: str = "phones") -> Schema:
@@ -127,6 +135,13 @@ def test_the_schema_accepts_a_good_population(crd: Schema) -> None:
         {
             "service": {"type": "LoadBalancer", "port": 443, "annotations": {"a/b": "c"}},
             "enrollment": {"secretName": "phones-own.secret"},
+            "gateway": {
+                "replicas": 50,
+                "resources": {
+                    "requests": {"cpu": "100m", "memory": "128Mi"},
+                    "limits": {"cpu": "2", "memory": "1.5Gi"},
+                },
+            },
         }
     )
     assert list(_validator(crd).iter_errors(good)) == []
@@ -142,6 +157,12 @@ def test_the_schema_accepts_a_good_population(crd: Schema) -> None:
         (_doc({"service": {"annotations": {"a": 1}}}), "annotations"),
         (_doc({"enrollment": {"secretName": "Not_A_Name"}}), "secretName"),
         (_doc({"enrollment": {"rotate": True}}), "enrollment"),
+        (_doc({"gateway": {"replicas": 0}}), "replicas"),
+        (_doc({"gateway": {"replicas": 51}}), "replicas"),
+        (_doc({"gateway": {"replicas": "2"}}), "replicas"),
+        (_doc({"gateway": {"resources": {"requests": {"cpu": "lots"}}}}), "cpu"),
+        (_doc({"gateway": {"resources": {"limits": {"memory": "-1Gi"}}}}), "memory"),
+        (_doc({"gateway": {"resources": {"requests": {"gpu": "1"}}}}), "requests"),
         (_doc({}, name="with.dots"), "name"),
         (_doc({}, name="p" * 56), "name"),
     ],

@@ -1,12 +1,15 @@
-"""kopf handlers of FLPopulation: its enrollment Secret, its devices' Service, its status.
+"""kopf handlers of FLPopulation: its enrollment Secret, its gateway, its devices' Service,
+its status.
 
 ``on.create``, ``on.update`` (spec) and ``on.resume`` converge the children the same way (see
 :mod:`fedfleet_operator.population` for what they are): the Secret ``<name>-enrollment`` is
 created once, when the spec names no Secret of the user's and none exists yet, with 32 random
 bytes, and never rotated (devices' credentials derive from it); a Secret of that name that
 holds no usable population secret is left alone with a Warning Event, never overwritten. The
-Service is created or patched to its body. Both are owned by the FLPopulation (never by an
-FLJob): deleting a job leaves the endpoint up; deleting the population removes both by garbage
+gateway's Secret (the store's password, rewritten each time from the operator's settings), the
+gateway Deployment and the Service are created or patched to their bodies. All are owned by the
+FLPopulation (never by an FLJob): deleting a job leaves the endpoint and its gateway up, and
+they exist whether or not a job runs; deleting the population removes them by garbage
 collection.
 
 A timer refreshes ``status.jobs`` (the population's FLJobs not finished) every
@@ -38,6 +41,8 @@ from fedfleet_operator.population import (
     active_jobs,
     build_devices_service,
     build_enrollment_secret,
+    build_gateway_deployment,
+    build_gateway_secret,
     enrollment_secret_name,
     population_from_body,
     population_secret_from,
@@ -70,7 +75,8 @@ def _jobs(ctx: OperatorContext, namespace: str, name: str) -> list[str]:
 
 
 def converge_population(ctx: OperatorContext, body: kopf.Body) -> dict[str, Any]:
-    """Create or patch the Secret (once) and the Service; return the status to write."""
+    """Create (once) the enrollment Secret; create or patch the gateway's Secret and
+    Deployment and the Service; return the status to write."""
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
     spec = _spec(ctx, body)
     if spec.enrollment.secret_name is None:
@@ -90,6 +96,10 @@ def converge_population(ctx: OperatorContext, body: kopf.Body) -> dict[str, Any]
                 message=f"Secret {secret_name} holds no usable population-secret (hex, at "
                 "least 16 bytes); left as it is: fix or delete it",
             )
+    # The gateway's Secret before its Deployment, whose env refers to it.
+    password = ctx.settings.job_redis_password
+    ctx.kube.apply(_owned(build_gateway_secret(name, namespace, password), body))
+    ctx.kube.apply(_owned(build_gateway_deployment(name, namespace, spec, ctx.settings), body))
     ctx.kube.apply(_owned(build_devices_service(name, namespace, spec), body))
     return population_status(
         name, namespace, spec, _jobs(ctx, namespace, name), generation_of(body)
