@@ -47,7 +47,8 @@ __all__ = [
 POPULATION_KIND: Final = "FLPopulation"
 DEFAULT_DEVICE_PORT: Final = 8080
 POPULATION_NAME_MAX_LENGTH: Final = 55
-"""Longest FLPopulation name: its Service ``<name>-devices`` must fit a 63-character DNS label."""
+"""Longest FLPopulation name: its Service ``<name>-devices`` (and the labels naming it) must fit
+a 63-character DNS label; ``<name>-gateway`` is as long."""
 POPULATION_NAME_PATTERN: Final = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 """A DNS-1035 label, as ``<name>-devices`` names a Service; also an FLJob's ``population``."""
 SECRET_NAME_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
