@@ -1,12 +1,14 @@
 """One endpoint per population on a real control plane: an FLPopulation and real devices.
 
 The chart is installed as in ``test_fedfleet_on_kubernetes.py`` (its ``fedfleet`` fixture). An
-``FLPopulation`` is applied; the operator makes its enrollment Secret and its Service
-``<name>-devices``. Four ``fedfleet device run`` processes on this host enroll with the token
-read from the Secret and talk to that Service only (the node agent's loopback proxy for it:
-``tests/cluster/nodeagent.py``, "service proxies"). Two FLJobs of the population run one after
-the other; the same device processes, with no new token or URL, train both. Deleting the first
-job leaves the endpoint; deleting the FLPopulation removes it.
+``FLPopulation`` is applied; the operator makes its enrollment Secret, its gateway (Deployment
+and Secret) and its Service ``<name>-devices`` over the gateway pod, which is Ready before any
+job exists. Four ``fedfleet device run`` processes on this host enroll with the token read from
+the Secret and talk to that Service only (the node agent's loopback proxy for it:
+``tests/cluster/nodeagent.py``, "service proxies"); with no job running the gateway answers
+their check-ins with a reconnect window. Two FLJobs of the population run one after the other;
+the same device processes, with no new token or URL, train both. Deleting the jobs leaves the
+endpoint and the same gateway pod Ready; deleting the FLPopulation removes them all.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -79,6 +82,25 @@ def _service_address(cluster: Cluster, namespace: str, name: str) -> str | None:
     return f"{found[-1][0]}:{found[-1][1]}" if found else None
 
 
+def _gateway(cluster: Cluster, namespace: str) -> tuple[str, str] | None:
+    """(Deployment uid, pod uid) of the population's gateway when its one replica is Ready."""
+    deployment = cluster.get("deployment", f"{POP}-gateway", namespace) or {}
+    if (deployment.get("status") or {}).get("readyReplicas") != 1:
+        return None
+    pods = base._ready_pods(
+        cluster, namespace, f"fedfleet.dev/population={POP},fedfleet.dev/role=gateway"
+    )
+    if len(pods) != 1:
+        return None
+    return str(deployment["metadata"]["uid"]), str(pods[0]["metadata"]["uid"])
+
+
+def _no_job_windows(devices: list[FedfleetProcess]) -> list[int]:
+    """How many reconnect windows each device got because no job of the population ran: only
+    the gateway answers so."""
+    return [d.text().count("check-in: reconnect (no-job)") for d in devices]
+
+
 def _phase(cluster: Cluster, namespace: str, name: str) -> str | None:
     job = cluster.get("fljob", name, namespace) or {}
     phase = job.get("status", {}).get("phase")
@@ -113,12 +135,27 @@ def test_devices_on_one_population_endpoint_train_two_jobs_in_turn(
         what="the population's Service",
         namespace=namespace,
     )
-    assert service["spec"]["sessionAffinity"] == "ClientIP"
+    # Routing is by ticket, not by connection: the Service selects the gateway pods only.
+    assert service["spec"]["sessionAffinity"] == "None"
     assert service["spec"]["selector"] == {
         "fedfleet.dev/population": POP,
-        "fedfleet.dev/role": "selector",
+        "fedfleet.dev/role": "gateway",
     }
-    for child in (secret, service):
+    # The gateway runs, Ready, before any job exists.
+    gateway = cluster.wait_for(
+        lambda: _gateway(cluster, namespace),
+        timeout=240,
+        what="the population's gateway Ready",
+        namespace=namespace,
+    )
+    deployment = cluster.get("deployment", f"{POP}-gateway", namespace)
+    gateway_secret = cluster.get("secret", f"{POP}-gateway", namespace)
+    assert deployment is not None and gateway_secret is not None
+    # Its own copy of the store's password: the one the chart gave the operator.
+    assert base._secret(cluster, namespace, f"{POP}-gateway", "redis-password") == (
+        base._secret(cluster, fedfleet.namespace, "fedfleet-redis", "redis-password")
+    )
+    for child in (secret, service, deployment, gateway_secret):
         [owner] = child["metadata"]["ownerReferences"]
         assert (owner["kind"], owner["name"]) == ("FLPopulation", POP)
     population = cluster.wait_for(
@@ -141,9 +178,11 @@ def test_devices_on_one_population_endpoint_train_two_jobs_in_turn(
         namespace=namespace,
     )
     url = f"http://{address}"
+    # Behind the Service with no job at all: only the gateway can answer.
+    assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
 
-    # Four devices, each with its own slice of digits, started before any job exists: they
-    # keep trying to enroll until a selector of the population answers behind the Service.
+    # Four devices, each with its own slice of digits, started before any job exists: the
+    # gateway enrolls them and, as no job runs, answers their check-ins with a reconnect window.
     x, y = load_dataset("digits")  # type: ignore[arg-type]
     slices = np.array_split(np.random.default_rng(0).permutation(len(y)), DEVICES)
     conditions = tmp_path / "conditions.json"
@@ -167,6 +206,21 @@ def test_devices_on_one_population_endpoint_train_two_jobs_in_turn(
                 )
             )  # fmt: skip
 
+        def enrolled() -> list[str] | None:
+            found = [d.identity().get("device_id") for d in devices]
+            return [str(i) for i in found] if all(found) else None
+
+        ids: list[str] = _wait(cluster, namespace, "every device enrolled", enrolled, devices, 240)
+        assert len(set(ids)) == DEVICES, ids
+        _wait(
+            cluster,
+            namespace,
+            "a reconnect window from the gateway with no job running",
+            lambda: any(_no_job_windows(devices)),
+            devices,
+            240,
+        )
+
         # Job A: its selector serves the population, and the devices train it.
         cluster.apply(_fljob("pop-a"), namespace)
         selector = cluster.wait_for(
@@ -178,13 +232,6 @@ def test_devices_on_one_population_endpoint_train_two_jobs_in_turn(
             namespace=namespace,
         )
         assert selector[0]["metadata"]["labels"]["fedfleet.dev/job"] == "pop-a"
-
-        def enrolled() -> list[str] | None:
-            found = [d.identity().get("device_id") for d in devices]
-            return [str(i) for i in found] if all(found) else None
-
-        ids: list[str] = _wait(cluster, namespace, "every device enrolled", enrolled, devices, 240)
-        assert len(set(ids)) == DEVICES, ids
         listed: list[list[str]] = []
 
         def a_succeeded() -> bool:
@@ -202,6 +249,7 @@ def test_devices_on_one_population_endpoint_train_two_jobs_in_turn(
         ]
         kept = cluster.get("service", f"{POP}-devices", namespace)
         assert kept is not None and kept["metadata"]["uid"] == service["metadata"]["uid"]
+        assert _gateway(cluster, namespace) == gateway  # the same pod, still Ready
         reported_before = [d.text().count(": reported") for d in devices]
 
         # Job B of the same population: the same processes, no new token or URL.
@@ -222,19 +270,38 @@ def test_devices_on_one_population_endpoint_train_two_jobs_in_turn(
         reported_after = [d.text().count(": reported") for d in devices]
         assert sum(reported_after) - sum(reported_before) >= 3, (reported_before, reported_after)
         assert _service_address(cluster, namespace, f"{POP}-devices") == address
+        # With both jobs deleted, the same gateway pod still serves the endpoint.
+        cluster.kubectl("delete", "fljob", "pop-b", "-n", namespace, "--timeout=60s", check=True)
+        cluster.wait_for(
+            lambda: (
+                not cluster.list(
+                    "pods", namespace, f"fedfleet.dev/population={POP},fedfleet.dev/role=selector"
+                )
+            ),
+            timeout=120,
+            what="job B's selector pods gone",
+            namespace=namespace,
+        )
+        assert _gateway(cluster, namespace) == gateway
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
     finally:
         store.close()
         stopped = [d.stop() if d.proc.poll() is None else d.proc.returncode for d in devices]
     assert stopped == [0] * DEVICES, [d.text()[-1500:] for d in devices]
 
-    # Deleting the FLPopulation removes its Secret and Service (garbage collection).
+    # Deleting the FLPopulation removes its Secrets, gateway and Service (garbage collection).
     cluster.kubectl("delete", "flpopulation", POP, "-n", namespace, "--timeout=60s", check=True)
     cluster.wait_for(
-        lambda: (
-            cluster.get("secret", f"{POP}-enrollment", namespace) is None
-            and cluster.get("service", f"{POP}-devices", namespace) is None
+        lambda: all(
+            cluster.get(kind, name, namespace) is None
+            for kind, name in (
+                ("secret", f"{POP}-enrollment"),
+                ("secret", f"{POP}-gateway"),
+                ("deployment", f"{POP}-gateway"),
+                ("service", f"{POP}-devices"),
+            )
         ),
         timeout=120,
-        what="the population's Secret and Service garbage-collected",
+        what="the population's Secrets, gateway and Service garbage-collected",
         namespace=namespace,
     )
