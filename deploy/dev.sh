@@ -93,20 +93,10 @@ setup_python() {
   say "setting up $venv (uv, wheel cache in $UV_CACHE_DIR)"
   rm -rf "$venv"
   "$uv" venv --quiet --seed --python "$(command -v "$python")" "$venv" || die "uv venv failed"
-  # --compile-bytecode: uv links sources without .pyc, and with PYTHONDONTWRITEBYTECODE set
-  # every process would compile what it imports again (torch's first optimizer alone pulls in
-  # 7 s of torch._dynamo; an actor process 1.8 s of FastAPI and pydantic). ~40 s once here.
-  "$uv" pip install --quiet --compile-bytecode --python "$venv/bin/python" -e ".[dev]" \
+  "$uv" pip install --quiet --python "$venv/bin/python" -e ".[dev]" \
     || die "installing the Python packages failed (uv pip install -e .[dev])"
   echo "$want" >"$stamp"
   took[python]=$(($(now) - t0))
-}
-
-# The repo's own modules, compiled in place (seconds; stale ones are rebuilt by mtime): the
-# tests start hundreds of actor and device processes, each importing fedfleet.
-compile_own() {
-  "$venv/bin/python" -m compileall -q -j 2 services operator tests >/dev/null \
-    || die "compileall failed on the repo's sources"
 }
 
 # The browser tests drive Debian's chromium with Playwright from a small Node script. Only
@@ -203,7 +193,6 @@ setup_all() {
   start_s3_server
   setup_apt
   setup_python
-  compile_own
   setup_node
   wait_binaries
   wait_s3_server
@@ -225,7 +214,7 @@ run_tests() {
 cmd=${1:-}
 shift || true
 case "$cmd" in
-  demo)  setup_python; compile_own; exec "$venv/bin/fedfleet" demo "$@" ;;
+  demo)  setup_python; exec "$venv/bin/fedfleet" demo "$@" ;;
   test)  setup_all; run_tests "$@" ;;
   setup) setup_all ;;
   # Not in `test` yet: nothing consumes the images until the real-node cluster harness exists.
