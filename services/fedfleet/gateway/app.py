@@ -125,9 +125,11 @@ def create_app(
     Gauge(
         "fedfleet_gateway_routes", "Live job selectors behind the gateway", registry=registry
     ).set_function(lambda: float(len(routes)))
+    # No bound on relayed connections here: every selected device holds one plan poll through
+    # the gateway, and the server's own connection limit already bounds how many come in.
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(45.0, connect=2.0),
-        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
     )
 
     def tick(now: float) -> None:
