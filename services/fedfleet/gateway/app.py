@@ -39,14 +39,21 @@ from fedfleet.core.protocol import SECAGG_STEP_PATTERN
 from fedfleet.gateway.routes import Route, RouteKeys, WrappedTicket, offer_order, parse_routes
 from fedfleet.selector import contract
 from fedfleet.selector.app import CheckInRequest, CheckInResponse, TaskResponse
-from fedfleet.selector.doors import CHECKIN_LIMIT, ID, ROUND, SMALL_JSON_LIMIT
+from fedfleet.selector.doors import (
+    CHECKIN_LIMIT,
+    ID,
+    ROUND,
+    SMALL_JSON_LIMIT,
+    ticket_check,
+    token_check,
+)
 from fedfleet.selector.enroll_routes import (
     EnrollmentSettings,
     add_enroll_routes,
     device_auth,
     enroll_doors,
 )
-from fedfleet.service.gate import Door, Refusal, Seen, bearer, install
+from fedfleet.service.gate import Door, bearer, install
 from fedfleet.service.ops import Ticker, add_ops_routes, ticking_lifespan
 from fedfleet.store.base import Store
 
@@ -62,8 +69,6 @@ within 30 s after that (devices spread out instead of all returning at once)."""
 DEFAULT_MAX_BODY: Final = 64 * 1024 * 1024
 """The gate's bound on a relayed report or Secure Aggregation message; each route's own
 (smaller, per job) limit is applied before the body is read."""
-_ROUND_KEY: Final = re.compile(ROUND)
-_ID_RE: Final = re.compile(ID)
 _RELAYED_HEADERS: Final = ("retry-after", "etag", "cache-control", "www-authenticate")
 _GONE: Final = {"detail": "the selector holding this round is gone; check in again"}
 
@@ -160,48 +165,30 @@ def create_app(
     )
     contract.document(app)
 
-    def ticket_check(*, device_in_query: bool = False) -> Any:
-        def check(seen: Seen) -> Refusal | None:
-            device = (seen.query if device_in_query else seen.headers).get(
-                "device_id" if device_in_query else "x-fedfleet-device", ""
-            )
-            ticket = seen.headers.get("x-fedfleet-ticket", "")
-            if not _ROUND_KEY.match(seen.path["round"]):
-                return Refusal(422, "malformed round key")
-            if not device or not ticket:
-                return Refusal(401, "missing x-fedfleet-device or x-fedfleet-ticket header")
-            if len(ticket) > 256 or not _ID_RE.match(device):
-                return Refusal(403, "invalid ticket for this device and round")
-            if keys.unwrap(ticket, seen.path["round"], device) is None:
-                return Refusal(403, "invalid ticket for this device and round")
-            return None
+    def issued(round_key: str, device_id: str, ticket: str) -> bool:
+        """A route ticket this population's gateway issued for this round and device."""
+        return keys.unwrap(ticket, round_key, device_id) is not None
 
-        return check
-
-    def credential_check(*, limited: bool) -> Any:
-        def check(seen: Seen) -> Refusal | None:
-            return auth.check(
-                seen.headers.get("x-fedfleet-device", ""), bearer(seen.headers), limited=limited
-            )
-
-        return check
+    ticketed = ticket_check(issued)
 
     rnd = r"(?P<round>[^/]+)"
     install(
         app,
         [
-            Door("POST", re.compile(r"/v1/checkin"), CHECKIN_LIMIT, credential_check(limited=True)),
-            Door("GET", re.compile(r"/v1/checkpoints/[^/]+"), 0, credential_check(limited=False)),
+            Door(
+                "POST", re.compile(r"/v1/checkin"), CHECKIN_LIMIT, token_check(auth, limited=True)
+            ),
+            Door("GET", re.compile(r"/v1/checkpoints/[^/]+"), 0, token_check(auth)),
+            Door("GET", re.compile(r"/v1/routes/[^/]+/checkpoints/[^/]+"), 0, token_check(auth)),
+            Door("POST", re.compile(rf"/v1/reports/{rnd}"), max_body, ticketed),
+            Door("POST", re.compile(rf"/v1/secagg/{rnd}/[^/]+"), max_body, ticketed),
+            Door("POST", re.compile(rf"/v1/aborts/{rnd}"), SMALL_JSON_LIMIT, ticketed),
             Door(
                 "GET",
-                re.compile(r"/v1/routes/[^/]+/checkpoints/[^/]+"),
+                re.compile(rf"/v1/tasks/{rnd}"),
                 0,
-                credential_check(limited=False),
+                ticket_check(issued, device_in_query=True),
             ),
-            Door("POST", re.compile(rf"/v1/reports/{rnd}"), max_body, ticket_check()),
-            Door("POST", re.compile(rf"/v1/secagg/{rnd}/[^/]+"), max_body, ticket_check()),
-            Door("POST", re.compile(rf"/v1/aborts/{rnd}"), SMALL_JSON_LIMIT, ticket_check()),
-            Door("GET", re.compile(rf"/v1/tasks/{rnd}"), 0, ticket_check(device_in_query=True)),
             *enroll_doors(auth, enrollment),
         ],
     )

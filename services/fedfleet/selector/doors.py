@@ -24,7 +24,15 @@ from fedfleet.service.gate import Door, Refusal, Seen, bearer
 if TYPE_CHECKING:
     from fedfleet.selector.credentials import DeviceAuth
 
-__all__ = ["CHECKIN_LIMIT", "ID", "ROUND", "SMALL_JSON_LIMIT", "device_doors"]
+__all__ = [
+    "CHECKIN_LIMIT",
+    "ID",
+    "ROUND",
+    "SMALL_JSON_LIMIT",
+    "device_doors",
+    "ticket_check",
+    "token_check",
+]
 
 ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 ROUND = r"^a[0-9]{1,18}$"
@@ -44,7 +52,7 @@ TicketOk = Callable[[str, str, str], bool]
 """``(round_key, device_id, ticket) -> bool``: the selector's ticket check."""
 
 
-def _token_check(auth: DeviceAuth, *, limited: bool = False) -> Callable[[Seen], Refusal | None]:
+def token_check(auth: DeviceAuth, *, limited: bool = False) -> Callable[[Seen], Refusal | None]:
     def check(seen: Seen) -> Refusal | None:
         return auth.check(
             seen.headers.get("x-fedfleet-device", ""), bearer(seen.headers), limited=limited
@@ -53,7 +61,7 @@ def _token_check(auth: DeviceAuth, *, limited: bool = False) -> Callable[[Seen],
     return check
 
 
-def _ticket_check(
+def ticket_check(
     ticket_ok: TicketOk, *, device_in_query: bool = False
 ) -> Callable[[Seen], Refusal | None]:
     def check(seen: Seen) -> Refusal | None:
@@ -77,11 +85,11 @@ def _ticket_check(
 def device_doors(job: FLJob, auth: DeviceAuth, ticket_ok: TicketOk) -> list[Door]:
     """The doors of the selector's ``/v1`` routes for ``job`` (enrollment's are
     :func:`fedfleet.selector.enroll_routes.enroll_doors`)."""
-    ticketed = _ticket_check(ticket_ok)
+    ticketed = ticket_check(ticket_ok)
     agg = job.spec.aggregation
     return [
-        Door("POST", re.compile(r"/v1/checkin"), CHECKIN_LIMIT, _token_check(auth, limited=True)),
-        Door("GET", re.compile(r"/v1/checkpoints/[^/]+"), 0, _token_check(auth)),
+        Door("POST", re.compile(r"/v1/checkin"), CHECKIN_LIMIT, token_check(auth, limited=True)),
+        Door("GET", re.compile(r"/v1/checkpoints/[^/]+"), 0, token_check(auth)),
         Door("POST", re.compile(rf"/v1/reports/{_ROUND}"), agg.max_update_bytes, ticketed),
         Door(
             "POST",
@@ -94,6 +102,6 @@ def device_doors(job: FLJob, auth: DeviceAuth, ticket_ok: TicketOk) -> list[Door
             "GET",
             re.compile(rf"/v1/tasks/{_ROUND}"),
             0,
-            _ticket_check(ticket_ok, device_in_query=True),
+            ticket_check(ticket_ok, device_in_query=True),
         ),
     ]
