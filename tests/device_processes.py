@@ -11,12 +11,14 @@ import json
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedfleet.local import actor_environment
 
-__all__ = ["FedfleetProcess", "identity_of", "population_job"]
+__all__ = ["FedfleetProcess", "identity_of", "population_job", "wait_for"]
 
 
 class FedfleetProcess:
@@ -91,3 +93,24 @@ def population_job(
             "actors": {"selectors": 1, "devicesPerAggregator": 10},
         },
     }
+
+
+def wait_for(
+    what: str, check: Callable[..., Any], timeout: float, procs: list[FedfleetProcess]
+) -> Any:
+    """``check()``'s first truthy value within ``timeout`` s; fails with the processes' log
+    tails when one of ``procs`` exits meanwhile or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        for p in procs:
+            if p.proc.poll() is not None:
+                raise AssertionError(
+                    f"{p.args[:2]} exited {p.proc.returncode} while waiting for {what}:\n"
+                    f"{p.text()[-4000:]}"
+                )
+        time.sleep(0.2)
+    tails = "\n".join(f"--- {p.log.name}\n{p.text()[-2000:]}" for p in procs)
+    raise AssertionError(f"timed out waiting for {what}\n{tails}")

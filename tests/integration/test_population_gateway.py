@@ -19,10 +19,8 @@ from __future__ import annotations
 import json
 import secrets
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -34,7 +32,7 @@ from fedfleet.local import LocalDeployment
 from fedfleet.redis_server import free_port
 from fedfleet.service.enrollment import enroll_token
 from fedfleet.store.factory import open_store
-from tests.device_processes import FedfleetProcess, identity_of, population_job
+from tests.device_processes import FedfleetProcess, identity_of, population_job, wait_for
 from tests.redis_server import RedisServer
 
 POPULATION = "edge-gw"
@@ -44,22 +42,6 @@ def _job(name: str, priority: int) -> FLJob:
     doc = population_job(name, POPULATION, total=3, goal=2, devices=4, timeout=30)
     doc["spec"]["scheduling"] = {"priority": priority, "weight": 1}
     return FLJob.model_validate(doc)
-
-
-def _wait(what: str, check: Any, timeout: float, procs: list[FedfleetProcess]) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        for p in procs:
-            if p.proc.poll() is not None:
-                raise AssertionError(
-                    f"{p.args[:2]} exited {p.proc.returncode}:\n{p.text()[-3000:]}"
-                )
-        time.sleep(0.2)
-    tails = "\n".join(f"--- {p.log.name}\n{p.text()[-2000:]}" for p in procs)
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
 
 
 @pytest.fixture
@@ -115,7 +97,7 @@ def test_two_jobs_of_a_population_share_its_devices_through_the_gateway(
     ]
     store = open_store(redis.url)
     try:
-        _wait("the gateway", lambda: _ready(url), 60, procs)
+        wait_for("the gateway", lambda: _ready(url), 60, procs)
         for d in deployments:
             d.start()
         devices = []
@@ -145,7 +127,7 @@ def test_two_jobs_of_a_population_share_its_devices_through_the_gateway(
                 )
             )
         procs.extend(devices)
-        ident = _wait("a device enrolled", devices[0].identity, 60, procs)
+        ident = wait_for("a device enrolled", devices[0].identity, 60, procs)
         me = {
             "authorization": f"Bearer {ident['credential']}",
             "x-fedfleet-device": ident["device_id"],
@@ -175,7 +157,7 @@ def test_two_jobs_of_a_population_share_its_devices_through_the_gateway(
 
         # Both jobs train at once, to their last round, on the same four devices.
         for job in jobs:
-            _wait(
+            wait_for(
                 f"{job.name} succeeded",
                 lambda job=job: store.job_state(job.key).get("phase") == "Succeeded",
                 300,
@@ -195,7 +177,7 @@ def test_two_jobs_of_a_population_share_its_devices_through_the_gateway(
 
     try:
         # The jobs' selectors withdrew: the gateway answers with a window, not "not needed".
-        _wait("no routes", lambda: _routes(url) == 0, 30, procs)
+        wait_for("no routes", lambda: _routes(url) == 0, 30, procs)
         r = httpx.post(
             f"{url}/v1/checkin",
             headers=me,
@@ -337,7 +319,7 @@ def test_the_gateway_serves_https_to_devices_that_trust_its_ca(
             await client.checkin(CheckIn("d-x", POPULATION, True, True, True, 1), "token")
 
     try:
-        _wait("the https gateway", lambda: _ready_tls(url, ca), 60, [gateway])
+        wait_for("the https gateway", lambda: _ready_tls(url, ca), 60, [gateway])
         device_id, answer = asyncio.run(device())
         assert device_id.startswith("d-")
         assert isinstance(answer, Reconnect) and answer.reason == "no-job", answer

@@ -23,7 +23,6 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -32,7 +31,7 @@ import yaml
 
 from fedfleet.device.datasets import load_dataset
 from fedfleet.store.factory import open_store
-from tests.device_processes import FedfleetProcess, identity_of, population_job
+from tests.device_processes import FedfleetProcess, identity_of, population_job, wait_for
 from tests.redis_server import RedisServer
 
 POPULATION = "edge-it"
@@ -42,23 +41,6 @@ def _manifest(path: Path, name: str) -> Path:
     doc = population_job(name, POPULATION, total=5, goal=3, devices=6, timeout=20)
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-def _wait(what: str, check: Any, timeout: float, procs: list[FedfleetProcess]) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        for p in procs:
-            if p.proc.poll() is not None:
-                raise AssertionError(
-                    f"{p.args[:2]} exited {p.proc.returncode} while waiting for {what}:\n"
-                    f"{p.text()[-4000:]}"
-                )
-        time.sleep(0.2)
-    tails = "\n".join(f"--- {p.log.name}\n{p.text()[-2000:]}" for p in procs)
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
 
 
 @pytest.fixture
@@ -132,7 +114,7 @@ def test_real_devices_train_two_jobs_of_a_population_and_bad_credentials_are_ref
 
     try:
         first = up("edge-first")
-        endpoint = _wait(
+        endpoint = wait_for(
             "endpoint.json",
             lambda: (
                 (state_dir / "endpoint.json").exists()
@@ -145,7 +127,7 @@ def test_real_devices_train_two_jobs_of_a_population_and_bad_credentials_are_ref
         assert set(endpoint) == {"url", "population", "enrollToken"}
         devices = [device(i) for i in range(6)]
         ids = [
-            _wait(f"device {i} enrolled", lambda i=i: identity_of(state(i)), 60, procs)
+            wait_for(f"device {i} enrolled", lambda i=i: identity_of(state(i)), 60, procs)
             for i in range(6)
         ]
         device_ids = [ident["device_id"] for ident in ids]
@@ -192,7 +174,7 @@ def test_real_devices_train_two_jobs_of_a_population_and_bad_credentials_are_ref
 
         shop = open_store(store.url)
         try:
-            _wait("round 1 committed", lambda: shop.model_version("edge-first") >= 1, 180, procs)
+            wait_for("round 1 committed", lambda: shop.model_version("edge-first") >= 1, 180, procs)
             # The sixth device restarts mid-job on its state directory: same identity.
             assert devices[5].stop() == 0, devices[5].text()[-2000:]
             assert devices[5].text().count("enrolled as") == 1
@@ -214,7 +196,7 @@ def test_real_devices_train_two_jobs_of_a_population_and_bad_credentials_are_ref
 
             # A second job of the population, same state directory: same URL, same devices.
             second = up("edge-second")
-            _wait(
+            wait_for(
                 "second job committed",
                 lambda: shop.job_state("edge-second").get("phase") == "Succeeded",
                 600,
