@@ -28,14 +28,15 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Final
+from urllib.parse import urlencode
 
-import httpx
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic_core import to_json
 
 from fedfleet.core.protocol import SECAGG_STEP_PATTERN
+from fedfleet.gateway.relay import Relay, RelayError, RelayResponse
 from fedfleet.gateway.routes import Route, RouteKeys, WrappedTicket, offer_order, parse_routes
 from fedfleet.selector import contract
 from fedfleet.selector.app import CheckInRequest, CheckInResponse, TaskResponse
@@ -73,11 +74,11 @@ _RELAYED_HEADERS: Final = ("retry-after", "etag", "cache-control", "www-authenti
 _GONE: Final = {"detail": "the selector holding this round is gone; check in again"}
 
 
-def _relay(r: httpx.Response, content: bytes | None = None) -> Response:
-    headers = {k: r.headers[k] for k in _RELAYED_HEADERS if k in r.headers}
+def _relay(r: RelayResponse) -> Response:
+    headers: dict[str, str] = {k: r.headers[k] for k in _RELAYED_HEADERS if k in r.headers}
     return Response(
-        r.content if content is None else content,
-        status_code=r.status_code,
+        r.body,
+        status_code=r.status,
         media_type=r.headers.get("content-type"),
         headers=headers,
     )
@@ -132,10 +133,7 @@ def create_app(
     ).set_function(lambda: float(len(routes)))
     # No bound on relayed connections here: every selected device holds one plan poll through
     # the gateway, and the server's own connection limit already bounds how many come in.
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(45.0, connect=2.0),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-    )
+    client = Relay()
 
     def tick(now: float) -> None:
         nonlocal routes
@@ -254,20 +252,20 @@ def create_app(
         payload = body.model_dump_json().encode()
         headers = device_headers(request)
         headers["content-type"] = "application/json"
-        last: httpx.Response | None = None
+        last: RelayResponse | None = None
         for route in order[:MAX_OFFERS]:
             try:
-                r = await client.post(
-                    f"{route.address}/v1/checkin", content=payload, headers=headers
+                r = await client.request(
+                    "POST", route.address, "/v1/checkin", body=payload, headers=headers
                 )
-            except httpx.HTTPError as exc:
+            except RelayError as exc:
                 log.warning("selector unreachable", extra={"route": route.id, "error": str(exc)})
                 down.add(route.id)
                 continue
-            relays.labels("checkin", str(r.status_code)).inc()
-            if r.status_code != 200:
+            relays.labels("checkin", str(r.status)).inc()
+            if r.status != 200:
                 last = r
-                if r.status_code in (401, 429):  # about the device, not the job: say so now
+                if r.status in (401, 429):  # about the device, not the job: say so now
                     break
                 continue
             answer = r.json()
@@ -287,7 +285,7 @@ def create_app(
                 status_code=503,
                 headers={"Retry-After": "5"},
             )
-        checkins.labels("reconnect" if last.status_code == 200 else "refused").inc()
+        checkins.labels("reconnect" if last.status == 200 else "refused").inc()
         return _relay(last)
 
     # -- the selected device's calls ---------------------------------------------------------------
@@ -308,16 +306,18 @@ def create_app(
         if route is None:
             return JSONResponse(_GONE | _window(rng, "round-ended"), status_code=410)
         try:
-            r = await client.get(
-                f"{route.address}/v1/tasks/{round_key}",
-                params={"device_id": device_id, "wait": wait},
+            query = urlencode({"device_id": device_id, "wait": wait})
+            r = await client.request(
+                "GET",
+                route.address,
+                f"/v1/tasks/{round_key}?{query}",
                 headers={"x-fedfleet-ticket": wrapped.ticket},
-                timeout=httpx.Timeout(wait + 15.0, connect=2.0),
+                timeout=wait + 15.0,
             )
-        except httpx.HTTPError:
+        except RelayError:
             return JSONResponse(_GONE | _window(rng, "round-ended"), status_code=410)
-        relays.labels("task", str(r.status_code)).inc()
-        if r.status_code != 200:
+        relays.labels("task", str(r.status)).inc()
+        if r.status != 200:
             return _relay(r)
         described = r.json()
         version = int(described["model_version"])
@@ -340,16 +340,20 @@ def create_app(
         if route is None:
             raise HTTPException(404, "no such route (the job ended or its selector moved)")
         try:
-            r = await client.get(
-                f"{route.address}/v1/checkpoints/{version}", headers=device_headers(request)
+            r = await client.request(
+                "GET",
+                route.address,
+                f"/v1/checkpoints/{version}",
+                headers=device_headers(request),
+                timeout=120.0,
             )
-        except httpx.HTTPError:
+        except RelayError:
             return JSONResponse(
                 {"detail": "the job's selector is unreachable; retry later"},
                 status_code=503,
                 headers={"Retry-After": "5"},
             )
-        relays.labels("checkpoint", str(r.status_code)).inc()
+        relays.labels("checkpoint", str(r.status)).inc()
         return _relay(r)
 
     @app.get(
@@ -384,18 +388,21 @@ def create_app(
         if len(body) > limit:
             raise HTTPException(413, f"body exceeds {limit} bytes")
         try:
-            r = await client.post(
-                f"{route.address}{path}",
-                content=body,
+            r = await client.request(
+                "POST",
+                route.address,
+                path,
+                body=body,
                 headers=device_headers(request, wrapped.ticket),
+                timeout=60.0,
             )
-        except httpx.HTTPError:
+        except RelayError:
             return JSONResponse(
                 {"detail": "the job's selector is unreachable; retry later"},
                 status_code=503,
                 headers={"Retry-After": "5"},
             )
-        relays.labels(kind, str(r.status_code)).inc()
+        relays.labels(kind, str(r.status)).inc()
         return _relay(r)
 
     @app.post(
