@@ -104,6 +104,7 @@ __all__ = [
     "enrollment_secret_name",
     "gateway_name",
     "gateway_selector",
+    "gateway_without_tls_patch",
     "population_from_body",
     "population_labels",
     "population_ref",
@@ -400,6 +401,41 @@ def build_gateway_deployment(
                     "volumes": volumes,
                 },
             },
+        },
+    }
+
+
+def gateway_without_tls_patch(population: str, namespace: str) -> dict[str, Any]:
+    """A strategic-merge patch taking what ``spec.gateway.tls`` added off the gateway
+    Deployment: the TLS env, volume and mount deleted (``$patch: delete``; a no-op when they are
+    not there) and the probes' scheme back to HTTP (the API server's default, so a gateway that
+    never had TLS does not change). Sent after the gateway's body when the spec has no TLS,
+    because a patch to the plain body alone would keep them: the gateway would go on serving
+    https under an ``http://`` endpoint."""
+    probe = {"httpGet": {"scheme": "HTTP"}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": gateway_name(population), "namespace": namespace},
+        "spec": {
+            "template": {
+                "spec": {
+                    "volumes": [{"name": TLS_VOLUME, "$patch": "delete"}],
+                    "containers": [
+                        {
+                            "name": ChildRole.gateway.value,
+                            "env": [
+                                {"name": name, "$patch": "delete"}
+                                for name in ("FEDFLEET_TLS_CERT_FILE", "FEDFLEET_TLS_KEY_FILE")
+                            ],
+                            "volumeMounts": [{"mountPath": GATEWAY_TLS_MOUNT, "$patch": "delete"}],
+                            "startupProbe": probe,
+                            "readinessProbe": probe,
+                            "livenessProbe": probe,
+                        }
+                    ],
+                }
+            }
         },
     }
 

@@ -86,7 +86,7 @@ def strategic_merge(original: Any, patch: Any) -> Any:
     """What the API server makes of a strategic-merge patch of a Deployment, for the fields
     the operator patches: maps merged key by key, lists of objects merged by their key (a
     mount by ``mountPath``, anything else by ``name``), new items appended; other lists
-    (a secret volume's ``items``) replaced."""
+    (a secret volume's ``items``) replaced; an item marked ``$patch: delete`` removed."""
     if isinstance(original, dict) and isinstance(patch, dict):
         out = copy.deepcopy(original)
         for key, value in patch.items():
@@ -101,7 +101,9 @@ def strategic_merge(original: Any, patch: Any) -> Any:
             for item in patch:
                 key = "mountPath" if "mountPath" in item else "name"
                 at = [i for i, old in enumerate(merged) if old.get(key) == item[key]]
-                if at:
+                if item.get("$patch") == "delete":
+                    merged = [old for i, old in enumerate(merged) if i not in at]
+                elif at:
                     merged[at[0]] = strategic_merge(merged[at[0]], item)
                 else:
                     merged.append(copy.deepcopy(item))

@@ -19,6 +19,7 @@ from fedfleet_operator.population import (
     InvalidPopulation,
     PopulationRef,
     build_gateway_deployment,
+    gateway_without_tls_patch,
     population_from_body,
     population_status,
     selector_population_patch,
@@ -119,6 +120,40 @@ def test_the_tls_secret_of_a_population_goes_to_the_gateway_through_the_handler(
     assert secrets == ["phones-enrollment", "phones-tls"]
     assert ("Secret", "phones-tls") not in kube.objects  # the user's: never written
     assert patch["status"]["endpoint"] == "https://phones-devices.team-a.svc:8080"
+
+
+def _with_http_probes(body: Any) -> Any:
+    out = copy.deepcopy(body)
+    [container] = out["spec"]["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        container[probe]["httpGet"]["scheme"] = "HTTP"  # the API server's default
+    return out
+
+
+def test_taking_tls_out_of_the_spec_takes_it_off_the_gateway() -> None:
+    plain = build_gateway_deployment(POP, NS, FLPopulationSpec(), SETTINGS)
+    served = build_gateway_deployment(POP, NS, population_from_body(POP, TLS), SETTINGS)
+    patch = gateway_without_tls_patch(POP, NS)
+    # What the API server makes of the plain body patched over the TLS gateway keeps the TLS
+    # env, mount and volume (a strategic merge never removes); the second patch takes them off.
+    kept = strategic_merge(served, plain)
+    assert "FEDFLEET_TLS_CERT_FILE" in json.dumps(kept)
+    assert strategic_merge(kept, patch) == _with_http_probes(plain)
+    # On a gateway that never had TLS it changes nothing but what the API server defaults.
+    assert strategic_merge(plain, patch) == _with_http_probes(plain)
+    # Through the handler: the second patch is sent only when the spec has no TLS.
+    kube = FakeKube()
+    ctx = _ctx(kube)
+    _run(ctx, _population(TLS))
+    with_tls = kube.objects[("Deployment", "phones-gateway")]
+    assert (
+        with_tls["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["scheme"]
+        == "HTTPS"
+    )
+    _run(ctx, _population())
+    got = copy.deepcopy(kube.objects[("Deployment", "phones-gateway")])
+    del got["metadata"]["ownerReferences"]
+    assert got == _with_http_probes(plain)
 
 
 # -- jobs created before their population ---------------------------------------------------------

@@ -7,10 +7,11 @@ created once, when the spec names no Secret of the user's and none exists yet, w
 bytes, and never rotated (devices' credentials derive from it); a Secret of that name that
 holds no usable population secret is left alone with a Warning Event, never overwritten. The
 gateway's Secret (the store's password, rewritten each time from the operator's settings), the
-gateway Deployment and the Service are created or patched to their bodies. All are owned by the
-FLPopulation (never by an FLJob): deleting a job leaves the endpoint and its gateway up, and
-they exist whether or not a job runs; deleting the population removes them by garbage
-collection.
+gateway Deployment and the Service are created or patched to their bodies (and, without
+``spec.gateway.tls``, what TLS had added to the gateway is taken off by a second patch). All
+are owned by the FLPopulation (never by an FLJob): deleting a job leaves the endpoint and its
+gateway up, and they exist whether or not a job runs; deleting the population removes them by
+garbage collection.
 
 A timer refreshes ``status.jobs`` (the population's FLJobs not finished) every
 ``FEDFLEET_STATUS_INTERVAL`` seconds: one list of the namespace's FLJobs per population, and a
@@ -49,6 +50,7 @@ from fedfleet_operator.population import (
     build_gateway_deployment,
     build_gateway_secret,
     enrollment_secret_name,
+    gateway_without_tls_patch,
     population_from_body,
     population_secret_from,
     population_status,
@@ -125,6 +127,8 @@ def converge_population(ctx: OperatorContext, body: kopf.Body) -> dict[str, Any]
     password = ctx.settings.job_redis_password
     ctx.kube.apply(_owned(build_gateway_secret(name, namespace, password), body))
     ctx.kube.apply(_owned(build_gateway_deployment(name, namespace, spec, ctx.settings), body))
+    if spec.gateway.tls is None:  # TLS taken out of the spec: take it off the gateway too
+        ctx.kube.patch_existing(gateway_without_tls_patch(name, namespace))
     ctx.kube.apply(_owned(build_devices_service(name, namespace, spec), body))
     jobs = _jobs(ctx, namespace, name)
     ref = PopulationRef(name, spec.enrollment.secret_name or enrollment_secret_name(name))
