@@ -129,8 +129,10 @@ leave them unreadable to a non-root container (the kubelet turns it into 0440 un
 SELECTOR_FS_GROUP: Final = 65534
 TLS_VOLUME: Final = "gateway-tls"
 GATEWAY_TLS_MOUNT: Final = "/var/run/fedfleet/tls"
-TLS_CERT_KEY, TLS_KEY_KEY = "tls.crt", "tls.key"
-"""The keys of a ``kubernetes.io/tls`` Secret (what cert-manager writes)."""
+TLS_CERT_KEY: Final = "tls.crt"
+"""A ``kubernetes.io/tls`` Secret's certificate chain (what cert-manager writes)..."""
+TLS_KEY_KEY: Final = "tls.key"
+"""... and its private key."""
 GATEWAY_COMMAND: Final = ("fedfleet", "population", "gateway")
 GATEWAY_RESOURCES: Final[ResourceRequirements] = {"requests": {"cpu": "100m", "memory": "128Mi"}}
 """Of a gateway container without ``spec.gateway.resources``: the selectors' requests (it

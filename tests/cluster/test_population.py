@@ -464,3 +464,27 @@ def test_a_job_created_first_joins_its_population_whose_gateway_then_serves_http
     finally:
         stopped = device.stop() if device.proc.poll() is None else device.proc.returncode
     assert stopped == 0, device.text()[-1500:]
+
+    # TLS taken out of the spec is taken off the gateway: plain http again, http probes.
+    population["spec"] = {}
+    cluster.apply(population, namespace)
+
+    def plain_again() -> bool:
+        deployment = cluster.get("deployment", f"{pop}-gateway", namespace) or {}
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        status = deployment.get("status") or {}
+        try:
+            answered = httpx.get(f"http://{address}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            answered = False
+        return (
+            answered
+            and status.get("observedGeneration") == deployment["metadata"]["generation"]
+            and status.get("updatedReplicas") == status.get("readyReplicas") == 1
+            and not any(e["name"].startswith("FEDFLEET_TLS_") for e in container["env"])
+            and container["readinessProbe"]["httpGet"].get("scheme", "HTTP") == "HTTP"
+        )
+
+    cluster.wait_for(
+        plain_again, timeout=240, what="the gateway plain http again", namespace=namespace
+    )
