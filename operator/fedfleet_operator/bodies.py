@@ -77,6 +77,7 @@ class EnvVar(TypedDict):
 class HTTPGetAction(TypedDict):
     path: str
     port: int
+    scheme: NotRequired[Literal["HTTP", "HTTPS"]]
 
 
 class Probe(TypedDict):

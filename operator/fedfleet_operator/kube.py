@@ -5,7 +5,8 @@ exists), delete a child, read the job Secret back (its job secret is created onc
 write an FLJob's status from the status timer, delete a finished FLJob whose
 ``ttlSecondsAfterFinished`` passed, and resize the aggregator pool (a Deployment's replicas,
 and the deletion cost of the pod a scale-down removes: :mod:`.pool`); and for FLPopulations,
-read one (does a job's population exist?), list a namespace's FLJobs and write its status.
+read one (does a job's population exist?), list a namespace's FLJobs, patch the selectors of
+the jobs that were there first, and write its status.
 :class:`ChildClient` names exactly those; :class:`KubeClient` implements them with the official
 client, and unit tests pass a recording fake instead of a cluster.
 
@@ -66,6 +67,11 @@ class ChildClient(Protocol):
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete an object; False when it was already gone."""
+        ...
+
+    def patch_existing(self, body: Mapping[str, Any]) -> bool:
+        """Strategic-merge patch an object that exists (never create it: the body may be a
+        fragment); False when it does not exist."""
         ...
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
@@ -158,6 +164,22 @@ class KubeClient:
             field_manager=FIELD_MANAGER,
             _request_timeout=self._timeout,
         )
+
+    def patch_existing(self, body: Mapping[str, Any]) -> bool:
+        kind, meta = str(body["kind"]), body["metadata"]
+        try:
+            self._method("patch", kind)(
+                name=str(meta["name"]),
+                namespace=str(meta["namespace"]),
+                body=dict(body),
+                field_manager=FIELD_MANAGER,
+                _request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            if exc.status == _NOT_FOUND:
+                return False
+            raise
+        return True
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         try:

@@ -14,13 +14,17 @@ An FLPopulation ``<name>`` is one URL and one enrollment secret for every FLJob 
   It reads the population secret (mounted as the selectors get it) and the store, whose
   password it takes from the Secret ``<name>-gateway``: a copy the population owns, as a job's
   Secret holds one for its actors, kept apart from the enrollment Secret (whose token is handed
-  to whoever provisions devices) so that reading the token never reveals the store's password;
+  to whoever provisions devices) so that reading the token never reveals the store's password.
+  With ``spec.gateway.tls`` it also mounts the user's ``kubernetes.io/tls`` Secret and serves
+  https only (its probes too);
 * the Service ``<name>-devices`` over the gateway pods, with no session affinity (routing is by
   ticket, not by connection);
 * and, in each selector Deployment of such a job, :func:`with_population`: the population label
   and the population secret mounted read-only, with ``FEDFLEET_POPULATION_SECRET_FILE``
   pointing at it, so those selectors announce themselves to the gateway, enroll devices and
-  verify the population's credentials the gateway forwards.
+  verify the population's credentials the gateway forwards; and
+  :func:`selector_population_patch`, the same additions as a patch of a job's existing selector
+  Deployment, for the jobs created before their population.
 
 Nothing here talks to the API (like :mod:`.builders`): the handlers send the bodies.
 """
@@ -51,10 +55,12 @@ from fedfleet_operator.bodies import (
     DeploymentBody,
     EnvVar,
     ObjectMeta,
+    Probe,
     ResourceRequirements,
     SecretBody,
     ServiceBody,
     Volume,
+    VolumeMount,
 )
 from fedfleet_operator.builders import (
     ACTOR_PORT,
@@ -72,12 +78,14 @@ from fedfleet_operator.naming import (
     PREFIX,
     REDIS_PASSWORD_KEY,
     ChildRole,
+    deployment_name,
 )
 from fedfleet_operator.settings import OperatorSettings
 
 __all__ = [
     "GATEWAY_COMMAND",
     "GATEWAY_RESOURCES",
+    "GATEWAY_TLS_MOUNT",
     "LABEL_POPULATION",
     "POPULATION_MOUNT",
     "POPULATION_PLURAL",
@@ -96,11 +104,13 @@ __all__ = [
     "enrollment_secret_name",
     "gateway_name",
     "gateway_selector",
+    "gateway_without_tls_patch",
     "population_from_body",
     "population_labels",
     "population_ref",
     "population_secret_from",
     "population_status",
+    "selector_population_patch",
     "with_population",
 ]
 
@@ -117,6 +127,12 @@ SECRET_FILE_MODE: Final = 0o440
 leave them unreadable to a non-root container (the kubelet turns it into 0440 under an
 ``fsGroup`` anyway)."""
 SELECTOR_FS_GROUP: Final = 65534
+TLS_VOLUME: Final = "gateway-tls"
+GATEWAY_TLS_MOUNT: Final = "/var/run/fedfleet/tls"
+TLS_CERT_KEY: Final = "tls.crt"
+"""A ``kubernetes.io/tls`` Secret's certificate chain (what cert-manager writes)..."""
+TLS_KEY_KEY: Final = "tls.key"
+"""... and its private key."""
 GATEWAY_COMMAND: Final = ("fedfleet", "population", "gateway")
 GATEWAY_RESOURCES: Final[ResourceRequirements] = {"requests": {"cpu": "100m", "memory": "128Mi"}}
 """Of a gateway container without ``spec.gateway.resources``: the selectors' requests (it
@@ -150,9 +166,11 @@ def gateway_selector(population: str) -> dict[str, str]:
     return {LABEL_POPULATION: population, LABEL_ROLE: ChildRole.gateway.value}
 
 
-def endpoint_url(population: str, namespace: str, port: int) -> str:
-    """The in-cluster URL of the population's Service (``status.endpoint``)."""
-    return f"http://{devices_service_name(population)}.{namespace}.svc:{port}"
+def endpoint_url(population: str, namespace: str, port: int, *, tls: bool = False) -> str:
+    """The in-cluster URL of the population's Service (``status.endpoint``): https when the
+    gateway serves TLS (``spec.gateway.tls``)."""
+    scheme = "https" if tls else "http"
+    return f"{scheme}://{devices_service_name(population)}.{namespace}.svc:{port}"
 
 
 def population_labels(population: str) -> dict[str, str]:
@@ -268,8 +286,12 @@ def _gateway_resources(spec: FLPopulationSpec) -> ResourceRequirements:
     return out
 
 
-def _gateway_env(population: str, settings: OperatorSettings) -> list[EnvVar]:
+def _gateway_env(population: str, settings: OperatorSettings, tls: bool) -> list[EnvVar]:
     # POD_IP before FEDFLEET_HOST, which expands it (as in the actors' env).
+    served: list[EnvVar] = [
+        {"name": "FEDFLEET_TLS_CERT_FILE", "value": f"{GATEWAY_TLS_MOUNT}/{TLS_CERT_KEY}"},
+        {"name": "FEDFLEET_TLS_KEY_FILE", "value": f"{GATEWAY_TLS_MOUNT}/{TLS_KEY_KEY}"},
+    ]
     return [
         {"name": "FEDFLEET_POPULATION", "value": population},
         {"name": POPULATION_SECRET_ENV, "value": f"{POPULATION_MOUNT}/{POPULATION_SECRET_KEY}"},
@@ -285,7 +307,36 @@ def _gateway_env(population: str, settings: OperatorSettings) -> list[EnvVar]:
         {"name": "FEDFLEET_HOST", "value": "$(POD_IP)"},
         {"name": "FEDFLEET_PORT", "value": str(ACTOR_PORT)},
         {"name": "FEDFLEET_TICK_SECONDS", "value": f"{settings.actor_tick_seconds:g}"},
+        *(served if tls else []),
     ]
+
+
+def _gateway_probe(path: str, period: int, failures: int, tls: bool) -> Probe:
+    probe = http_probe(path, period=period, failures=failures)
+    if tls:  # the gateway serves https only: an http probe would never succeed
+        probe["httpGet"]["scheme"] = "HTTPS"
+    return probe
+
+
+def _tls_volume(secret_name: str) -> Volume:
+    """The user's ``kubernetes.io/tls`` Secret, both files read-only as the population
+    secret is (0440, the pod's ``fsGroup`` making them the gateway's to read)."""
+    return {
+        "name": TLS_VOLUME,
+        "secret": {
+            "secretName": secret_name,
+            "defaultMode": SECRET_FILE_MODE,
+            "items": [{"key": k, "path": k} for k in (TLS_CERT_KEY, TLS_KEY_KEY)],
+        },
+    }
+
+
+def _population_mount() -> VolumeMount:
+    return {"name": POPULATION_VOLUME, "mountPath": POPULATION_MOUNT, "readOnly": True}
+
+
+def _population_env() -> EnvVar:
+    return {"name": POPULATION_SECRET_ENV, "value": f"{POPULATION_MOUNT}/{POPULATION_SECRET_KEY}"}
 
 
 def _population_secret_volume(secret_name: str) -> Volume:
@@ -305,24 +356,33 @@ def build_gateway_deployment(
     """``<name>-gateway``: ``spec.gateway.replicas`` pods of ``fedfleet population gateway``
     on the services image, hardened as the actors are (nobody, read-only root, no privilege
     escalation, no capabilities, no service-account token), with the population secret mounted
-    as the selectors get it and the store's password from ``<name>-gateway``."""
+    as the selectors get it and the store's password from ``<name>-gateway``; with
+    ``spec.gateway.tls``, the certificate's Secret mounted too and https probes."""
     pod_labels = {**population_labels(population), LABEL_ROLE: ChildRole.gateway.value}
+    tls = spec.gateway.tls
+    mounts: list[VolumeMount] = [{"name": "tmp", "mountPath": "/tmp"}, _population_mount()]
+    volumes: list[Volume] = [
+        {"name": "tmp", "emptyDir": {}},
+        _population_secret_volume(
+            spec.enrollment.secret_name or enrollment_secret_name(population)
+        ),
+    ]
+    if tls is not None:
+        mounts.append({"name": TLS_VOLUME, "mountPath": GATEWAY_TLS_MOUNT, "readOnly": True})
+        volumes.append(_tls_volume(tls.secret_name))
     container: Container = {
         "name": ChildRole.gateway.value,
         "image": settings.actor_image or DEFAULT_ACTOR_IMAGE,
         "imagePullPolicy": settings.image_pull_policy,
         "command": list(GATEWAY_COMMAND),
-        "env": _gateway_env(population, settings),
+        "env": _gateway_env(population, settings, tls is not None),
         "ports": [{"name": "http", "containerPort": ACTOR_PORT, "protocol": "TCP"}],
-        "startupProbe": http_probe("/healthz", period=2, failures=STARTUP_PROBE_FAILURES),
-        "readinessProbe": http_probe("/readyz", period=2, failures=3),
-        "livenessProbe": http_probe("/healthz", period=10, failures=3),
+        "startupProbe": _gateway_probe("/healthz", 2, STARTUP_PROBE_FAILURES, tls is not None),
+        "readinessProbe": _gateway_probe("/readyz", 2, 3, tls is not None),
+        "livenessProbe": _gateway_probe("/healthz", 10, 3, tls is not None),
         "securityContext": security_context(),
         "resources": _gateway_resources(spec),
-        "volumeMounts": [
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": POPULATION_VOLUME, "mountPath": POPULATION_MOUNT, "readOnly": True},
-        ],
+        "volumeMounts": mounts,
     }
     meta = _meta(gateway_name(population), namespace, population)
     meta["labels"] = dict(pod_labels)
@@ -340,14 +400,44 @@ def build_gateway_deployment(
                     "automountServiceAccountToken": False,
                     "securityContext": {"fsGroup": SELECTOR_FS_GROUP},
                     "containers": [container],
-                    "volumes": [
-                        {"name": "tmp", "emptyDir": {}},
-                        _population_secret_volume(
-                            spec.enrollment.secret_name or enrollment_secret_name(population)
-                        ),
-                    ],
+                    "volumes": volumes,
                 },
             },
+        },
+    }
+
+
+def gateway_without_tls_patch(population: str, namespace: str) -> dict[str, Any]:
+    """A strategic-merge patch taking what ``spec.gateway.tls`` added off the gateway
+    Deployment: the TLS env, volume and mount deleted (``$patch: delete``; a no-op when they are
+    not there) and the probes' scheme back to HTTP (the API server's default, so a gateway that
+    never had TLS does not change). Sent after the gateway's body when the spec has no TLS,
+    because a patch to the plain body alone would keep them: the gateway would go on serving
+    https under an ``http://`` endpoint."""
+    probe = {"httpGet": {"scheme": "HTTP"}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": gateway_name(population), "namespace": namespace},
+        "spec": {
+            "template": {
+                "spec": {
+                    "volumes": [{"name": TLS_VOLUME, "$patch": "delete"}],
+                    "containers": [
+                        {
+                            "name": ChildRole.gateway.value,
+                            "env": [
+                                {"name": name, "$patch": "delete"}
+                                for name in ("FEDFLEET_TLS_CERT_FILE", "FEDFLEET_TLS_KEY_FILE")
+                            ],
+                            "volumeMounts": [{"mountPath": GATEWAY_TLS_MOUNT, "$patch": "delete"}],
+                            "startupProbe": probe,
+                            "readinessProbe": probe,
+                            "livenessProbe": probe,
+                        }
+                    ],
+                }
+            }
         },
     }
 
@@ -372,7 +462,9 @@ def population_status(
 ) -> dict[str, Any]:
     """``status`` of an FLPopulation: where devices connect, the Secret, the live jobs."""
     status: dict[str, Any] = {
-        "endpoint": endpoint_url(population, namespace, spec.service.port),
+        "endpoint": endpoint_url(
+            population, namespace, spec.service.port, tls=spec.gateway.tls is not None
+        ),
         "enrollmentSecret": spec.enrollment.secret_name or enrollment_secret_name(population),
         "jobs": list(jobs),
     }
@@ -416,10 +508,35 @@ def with_population(deployment: DeploymentBody, ref: PopulationRef) -> Deploymen
     pod["securityContext"] = {"fsGroup": SELECTOR_FS_GROUP}
     pod["volumes"].append(_population_secret_volume(ref.secret_name))
     for container in pod["containers"]:
-        container["volumeMounts"].append(
-            {"name": POPULATION_VOLUME, "mountPath": POPULATION_MOUNT, "readOnly": True}
-        )
-        container["env"].append(
-            {"name": POPULATION_SECRET_ENV, "value": f"{POPULATION_MOUNT}/{POPULATION_SECRET_KEY}"}
-        )
+        container["volumeMounts"].append(_population_mount())
+        container["env"].append(_population_env())
     return out
+
+
+def selector_population_patch(job: str, namespace: str, ref: PopulationRef) -> dict[str, Any]:
+    """A strategic-merge patch of the job's existing selector Deployment that makes it what
+    :func:`with_population` builds: the label, the pod's ``fsGroup``, the secret's volume and
+    the container's mount and env (merged by name and mount path, so patching twice changes
+    nothing). The operator sends it to the selectors of the jobs already running when their
+    FLPopulation is created, so they join its gateway without waiting for a spec change."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": deployment_name(job, ChildRole.selector), "namespace": namespace},
+        "spec": {
+            "template": {
+                "metadata": {"labels": {LABEL_POPULATION: ref.name}},
+                "spec": {
+                    "securityContext": {"fsGroup": SELECTOR_FS_GROUP},
+                    "volumes": [_population_secret_volume(ref.secret_name)],
+                    "containers": [
+                        {
+                            "name": ChildRole.selector.value,
+                            "volumeMounts": [_population_mount()],
+                            "env": [_population_env()],
+                        }
+                    ],
+                },
+            }
+        },
+    }

@@ -9,6 +9,11 @@ the Secret and talk to that Service only (the node agent's loopback proxy for it
 their check-ins with a reconnect window. Two FLJobs of the population run one after the other;
 the same device processes, with no new token or URL, train both. Deleting the jobs leaves the
 endpoint and the same gateway pod Ready; deleting the FLPopulation removes them all.
+
+A second, shorter test: an FLJob created before its FLPopulation, whose selector the
+FLPopulation's creation makes serve it (labelled, announced to the gateway), and the same
+FLPopulation then patched with ``spec.gateway.tls``: its gateway rolls to https (https probes),
+refuses plain http, and a device that trusts the test's CA enrolls and is selected by that job.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +37,7 @@ from fedfleet.store.factory import open_store
 from tests.cluster import test_fedfleet_on_kubernetes as base
 from tests.cluster.conftest import Cluster
 from tests.device_processes import FedfleetProcess, population_job
+from tests.tls_certificates import certificate
 
 pytestmark = pytest.mark.cluster
 
@@ -304,4 +311,180 @@ def test_devices_on_one_population_endpoint_train_two_jobs_in_turn(
         timeout=120,
         what="the population's Secrets, gateway and Service garbage-collected",
         namespace=namespace,
+    )
+
+
+def _https_healthy(url: str, context: ssl.SSLContext) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", verify=context, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.timeout(900)
+def test_a_job_created_first_joins_its_population_whose_gateway_then_serves_https(
+    cluster: Cluster, fedfleet: base.Installed, namespace: str, tmp_path: Path
+) -> None:
+    pop, job = "edge-tls", "early"
+    selector_pods = f"fedfleet.dev/job={job},fedfleet.dev/role=selector"
+    cluster.apply(population_job(job, pop, total=1, goal=2, devices=2, timeout=120), namespace)
+    [plain] = cluster.wait_for(
+        lambda: base._ready_pods(cluster, namespace, selector_pods),
+        timeout=240,
+        what="the selector of a job whose population does not exist",
+        namespace=namespace,
+    )
+    assert "fedfleet.dev/population" not in plain["metadata"]["labels"]
+
+    # The FLPopulation's creation makes the running job's selector serve it: a new selector
+    # pod, labelled, that announces itself to the population's gateway.
+    population = {
+        "apiVersion": "fedfleet.dev/v1alpha1",
+        "kind": "FLPopulation",
+        "metadata": {"name": pop},
+        "spec": {},
+    }
+    cluster.apply(population, namespace)
+    [served] = cluster.wait_for(
+        lambda: base._ready_pods(
+            cluster, namespace, f"{selector_pods},fedfleet.dev/population={pop}"
+        ),
+        timeout=240,
+        what="the job's selector serving the population created after it",
+        namespace=namespace,
+    )
+    assert served["metadata"]["uid"] != plain["metadata"]["uid"]
+    store = open_store(fedfleet.redis_url)
+    try:
+        cluster.wait_for(
+            lambda: any(
+                json.loads(entry)["job"] == f"{namespace}/{job}"
+                for entry in store.population_routes(pop).values()
+            ),
+            timeout=60,
+            what="the job's selector announced to the population's gateway",
+            namespace=namespace,
+        )
+    finally:
+        store.close()
+
+    # The same FLPopulation patched with a kubernetes.io/tls Secret of the test's CA, made for
+    # the address the node agent proxies the Service on (and the in-cluster name).
+    address = cluster.wait_for(
+        lambda: _service_address(cluster, namespace, f"{pop}-devices"),
+        timeout=60,
+        what="the node agent's proxy for the population's Service",
+        namespace=namespace,
+    )
+    host = address.rsplit(":", 1)[0]
+    ca, cert, key = certificate(tmp_path, [host, f"{pop}-devices.{namespace}.svc"])
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": f"{pop}-tls"},
+            "type": "kubernetes.io/tls",
+            "data": {
+                "tls.crt": base64.b64encode(cert.read_bytes()).decode(),
+                "tls.key": base64.b64encode(key.read_bytes()).decode(),
+            },
+        },
+        namespace,
+    )
+    population["spec"] = {"gateway": {"tls": {"secretName": f"{pop}-tls"}}}
+    cluster.apply(population, namespace)
+    url = f"https://{address}"
+    context = ssl.create_default_context(cafile=str(ca))
+
+    def rolled() -> bool:
+        deployment = cluster.get("deployment", f"{pop}-gateway", namespace) or {}
+        status = deployment.get("status") or {}
+        pods = cluster.list(
+            "pods", namespace, f"fedfleet.dev/population={pop},fedfleet.dev/role=gateway"
+        )
+        return (
+            status.get("observedGeneration") == deployment["metadata"]["generation"]
+            and status.get("updatedReplicas") == status.get("readyReplicas") == 1
+            and len(pods) == 1  # the plain-http pod is gone
+            and _https_healthy(url, context)
+        )
+
+    cluster.wait_for(rolled, timeout=240, what="the gateway serving https", namespace=namespace)
+    gateway = cluster.get("deployment", f"{pop}-gateway", namespace) or {}
+    [container] = gateway["spec"]["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+    endpoint = cluster.wait_for(
+        lambda: (
+            (
+                (cluster.get("flpopulation", pop, namespace) or {})
+                .get("status", {})
+                .get("endpoint")
+                or ""
+            ).startswith("https://")
+            or None
+        ),
+        timeout=60,
+        what="the FLPopulation's https endpoint",
+        namespace=namespace,
+    )
+    assert endpoint
+    with pytest.raises(httpx.HTTPError):  # https only: a plain request gets no answer
+        httpx.get(f"http://{address}/healthz", timeout=5)
+    with pytest.raises(httpx.ConnectError):  # and a client that does not trust the CA refuses
+        httpx.get(f"{url}/healthz", timeout=5)
+
+    # A device that trusts the CA enrolls through the gateway (which relays to the joined
+    # job's selector, holding the population secret) and that job selects it.
+    data = base._secret(cluster, namespace, f"{pop}-enrollment", "enroll-token")
+    x, y = load_dataset("digits")  # type: ignore[arg-type]
+    npz, state = tmp_path / "device.npz", tmp_path / "state"
+    np.savez(npz, x=x[:100], y=y[:100])
+    conditions = tmp_path / "conditions.json"
+    conditions.write_text(json.dumps({"charging": True, "idle": True, "unmetered": True}))
+    device = FedfleetProcess(
+        [
+            "device", "run", "--server", url, "--ca-file", str(ca), "--population", pop,
+            "--enroll-token", data, "--data", str(npz), "--state", str(state),
+            "--conditions", str(conditions),
+        ],
+        tmp_path / "device.log",
+        state,
+    )  # fmt: skip
+    try:
+        _wait(
+            cluster,
+            namespace,
+            "the device selected by the job over https",
+            lambda: "check-in: selected for round" in device.text(),
+            [device],
+            180,
+        )
+        assert device.identity().get("device_id")
+    finally:
+        stopped = device.stop() if device.proc.poll() is None else device.proc.returncode
+    assert stopped == 0, device.text()[-1500:]
+
+    # TLS taken out of the spec is taken off the gateway: plain http again, http probes.
+    population["spec"] = {}
+    cluster.apply(population, namespace)
+
+    def plain_again() -> bool:
+        deployment = cluster.get("deployment", f"{pop}-gateway", namespace) or {}
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        status = deployment.get("status") or {}
+        try:
+            answered = httpx.get(f"http://{address}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            answered = False
+        return (
+            answered
+            and status.get("observedGeneration") == deployment["metadata"]["generation"]
+            and status.get("updatedReplicas") == status.get("readyReplicas") == 1
+            and not any(e["name"].startswith("FEDFLEET_TLS_") for e in container["env"])
+            and container["readinessProbe"]["httpGet"].get("scheme", "HTTP") == "HTTP"
+        )
+
+    cluster.wait_for(
+        plain_again, timeout=240, what="the gateway plain http again", namespace=namespace
     )

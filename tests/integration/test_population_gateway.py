@@ -34,6 +34,7 @@ from fedfleet.service.enrollment import enroll_token
 from fedfleet.store.factory import open_store
 from tests.device_processes import FedfleetProcess, identity_of, population_job, wait_for
 from tests.redis_server import RedisServer
+from tests.tls_certificates import certificate
 
 POPULATION = "edge-gw"
 
@@ -221,61 +222,6 @@ def _sample(metrics: str, name: str) -> float:
     return 0.0
 
 
-def _certificate(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A private CA, and a server certificate it signed for 127.0.0.1: (ca, cert, key)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-gw test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = tmp_path / "ca.pem", tmp_path / "gateway.pem", tmp_path / "gateway-key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    paths[2].chmod(0o600)
-    return paths
-
-
 def test_the_gateway_serves_https_to_devices_that_trust_its_ca(
     tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -285,7 +231,7 @@ def test_the_gateway_serves_https_to_devices_that_trust_its_ca(
     from fedfleet.device.enroll_client import EnrollmentClient
     from fedfleet.device.http_transport import SelectorClient, Unreachable
 
-    ca, cert, key = _certificate(tmp_path)
+    ca, cert, key = certificate(tmp_path)
     secret = secrets.token_bytes(32)
     secret_file = tmp_path / "population-secret"
     secret_file.write_text(secret.hex())

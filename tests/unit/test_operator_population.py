@@ -82,6 +82,35 @@ def _population(spec: dict[str, Any] | None = None, **meta: Any) -> dict[str, An
 # -- fakes ----------------------------------------------------------------------------------------
 
 
+def strategic_merge(original: Any, patch: Any) -> Any:
+    """What the API server makes of a strategic-merge patch of a Deployment, for the fields
+    the operator patches: maps merged key by key, lists of objects merged by their key (a
+    mount by ``mountPath``, anything else by ``name``), new items appended; other lists
+    (a secret volume's ``items``) replaced; an item marked ``$patch: delete`` removed."""
+    if isinstance(original, dict) and isinstance(patch, dict):
+        out = copy.deepcopy(original)
+        for key, value in patch.items():
+            out[key] = strategic_merge(out[key], value) if key in out else copy.deepcopy(value)
+        return out
+    if isinstance(original, list) and isinstance(patch, list) and patch:
+        if all(
+            isinstance(item, dict) and ("name" in item or "mountPath" in item)
+            for item in [*original, *patch]
+        ):
+            merged = copy.deepcopy(original)
+            for item in patch:
+                key = "mountPath" if "mountPath" in item else "name"
+                at = [i for i, old in enumerate(merged) if old.get(key) == item[key]]
+                if item.get("$patch") == "delete":
+                    merged = [old for i, old in enumerate(merged) if i not in at]
+                elif at:
+                    merged[at[0]] = strategic_merge(merged[at[0]], item)
+                else:
+                    merged.append(copy.deepcopy(item))
+            return merged
+    return copy.deepcopy(patch)
+
+
 @dataclass
 class FakeKube:
     objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
@@ -92,6 +121,14 @@ class FakeKube:
     def apply(self, body: Mapping[str, Any]) -> None:
         assert body["metadata"]["namespace"] == NS
         self.objects[(str(body["kind"]), str(body["metadata"]["name"]))] = copy.deepcopy(dict(body))
+
+    def patch_existing(self, body: Mapping[str, Any]) -> bool:
+        assert body["metadata"]["namespace"] == NS
+        key = (str(body["kind"]), str(body["metadata"]["name"]))
+        if key not in self.objects:
+            return False
+        self.objects[key] = strategic_merge(self.objects[key], dict(body))
+        return True
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         secret = self.objects.get(("Secret", name))

@@ -7,10 +7,11 @@ created once, when the spec names no Secret of the user's and none exists yet, w
 bytes, and never rotated (devices' credentials derive from it); a Secret of that name that
 holds no usable population secret is left alone with a Warning Event, never overwritten. The
 gateway's Secret (the store's password, rewritten each time from the operator's settings), the
-gateway Deployment and the Service are created or patched to their bodies. All are owned by the
-FLPopulation (never by an FLJob): deleting a job leaves the endpoint and its gateway up, and
-they exist whether or not a job runs; deleting the population removes them by garbage
-collection.
+gateway Deployment and the Service are created or patched to their bodies (and, without
+``spec.gateway.tls``, what TLS had added to the gateway is taken off by a second patch). All
+are owned by the FLPopulation (never by an FLJob): deleting a job leaves the endpoint and its
+gateway up, and they exist whether or not a job runs; deleting the population removes them by
+garbage collection.
 
 A timer refreshes ``status.jobs`` (the population's FLJobs not finished) every
 ``FEDFLEET_STATUS_INTERVAL`` seconds: one list of the namespace's FLJobs per population, and a
@@ -18,8 +19,12 @@ status write only when something changed. Like the FLJob status timer it writes 
 itself, so a failed write is a retried handler, not a timer kopf stops for good.
 
 Which jobs' selectors serve the population is decided when a job's selector Deployment is
-built (:func:`fedfleet_operator.reconcile.apply_children`): a job created before its
-population joins it on its next spec change or operator restart.
+built (:func:`fedfleet_operator.reconcile.apply_children`). A job created before its
+population would join it only on its next spec change, so the same handlers also patch the
+selector Deployment of each of the population's unfinished FLJobs in the namespace
+(:func:`fedfleet_operator.population.selector_population_patch`): their selectors get the
+population secret and announce themselves to the gateway within a reconcile. A job whose
+selectors do not exist (yet, or any more) is skipped; its own handlers build them served.
 """
 
 from __future__ import annotations
@@ -38,15 +43,18 @@ from fedfleet_operator.naming import GROUP, VERSION
 from fedfleet_operator.population import (
     POPULATION_PLURAL,
     InvalidPopulation,
+    PopulationRef,
     active_jobs,
     build_devices_service,
     build_enrollment_secret,
     build_gateway_deployment,
     build_gateway_secret,
     enrollment_secret_name,
+    gateway_without_tls_patch,
     population_from_body,
     population_secret_from,
     population_status,
+    selector_population_patch,
 )
 from fedfleet_operator.settings import OperatorSettings
 
@@ -54,6 +62,7 @@ __all__ = ["converge_population", "on_population", "register", "sync_population_
 
 _INVALID = "InvalidSpec"
 _SECRET_KEPT = "EnrollmentSecretUnusable"
+_JOBS_SERVED = "SelectorsServePopulation"
 
 
 def _owned(child: ChildBody, owner: kopf.Body) -> dict[str, Any]:
@@ -74,9 +83,27 @@ def _jobs(ctx: OperatorContext, namespace: str, name: str) -> list[str]:
     return active_jobs(name, ctx.kube.list_fljobs(namespace))
 
 
+def _serve_jobs(ctx: OperatorContext, body: kopf.Body, ref: PopulationRef, jobs: list[str]) -> None:
+    """Patch the selector Deployments of the population's unfinished ``jobs`` to serve it
+    (idempotent: a selector that serves it already is left as it is)."""
+    namespace = str(body.metadata.namespace)
+    patched = [
+        job
+        for job in jobs
+        if ctx.kube.patch_existing(selector_population_patch(job, namespace, ref))
+    ]
+    if patched:
+        ctx.events.info(
+            body,
+            reason=_JOBS_SERVED,
+            message=f"selectors of FLJob {', '.join(patched)} serve the population",
+        )
+
+
 def converge_population(ctx: OperatorContext, body: kopf.Body) -> dict[str, Any]:
     """Create (once) the enrollment Secret; create or patch the gateway's Secret and
-    Deployment and the Service; return the status to write."""
+    Deployment and the Service; make the selectors of the population's jobs serve it; return
+    the status to write."""
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
     spec = _spec(ctx, body)
     if spec.enrollment.secret_name is None:
@@ -100,10 +127,13 @@ def converge_population(ctx: OperatorContext, body: kopf.Body) -> dict[str, Any]
     password = ctx.settings.job_redis_password
     ctx.kube.apply(_owned(build_gateway_secret(name, namespace, password), body))
     ctx.kube.apply(_owned(build_gateway_deployment(name, namespace, spec, ctx.settings), body))
+    if spec.gateway.tls is None:  # TLS taken out of the spec: take it off the gateway too
+        ctx.kube.patch_existing(gateway_without_tls_patch(name, namespace))
     ctx.kube.apply(_owned(build_devices_service(name, namespace, spec), body))
-    return population_status(
-        name, namespace, spec, _jobs(ctx, namespace, name), generation_of(body)
-    )
+    jobs = _jobs(ctx, namespace, name)
+    ref = PopulationRef(name, spec.enrollment.secret_name or enrollment_secret_name(name))
+    _serve_jobs(ctx, body, ref, jobs)
+    return population_status(name, namespace, spec, jobs, generation_of(body))
 
 
 def on_population(

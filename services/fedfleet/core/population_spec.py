@@ -37,6 +37,7 @@ __all__ = [
     "FLPopulationSpec",
     "GatewayResources",
     "GatewaySpec",
+    "GatewayTLS",
     "Quantities",
     "ServiceSpec",
     "ServiceType",
@@ -126,7 +127,7 @@ class ServiceType(StrEnum):
 class ServiceSpec(_Spec):
     type: ServiceType = ServiceType.cluster_ip
     """Type of the Service `<name>-devices`: ClusterIP (devices in the cluster), NodePort, or
-    LoadBalancer (devices outside the cluster; put TLS in front of it)."""
+    LoadBalancer (devices outside the cluster: set `gateway.tls`, or put TLS in front of it)."""
     port: int = Field(DEFAULT_DEVICE_PORT, ge=1, le=65535)
     """Port of the Service; it forwards to the gateway pods' port 8080."""
     annotations: dict[str, str] = Field(default_factory=dict)
@@ -165,6 +166,13 @@ class GatewayResources(_Spec):
         return self
 
 
+class GatewayTLS(_Spec):
+    secret_name: str = Field(min_length=1, max_length=253, pattern=SECRET_NAME_PATTERN)
+    """A `kubernetes.io/tls` Secret in the namespace (keys `tls.crt`, the PEM certificate
+    chain, and `tls.key`, its private key), made by the user or cert-manager. The gateway then
+    serves https only; devices trust its CA with `fedfleet device run --ca-file`."""
+
+
 class GatewaySpec(_Spec):
     replicas: int = Field(1, ge=1, le=MAX_GATEWAY_REPLICAS)
     """Gateway pods behind the Service `<name>-devices`. Any replica serves any request (the
@@ -172,6 +180,10 @@ class GatewaySpec(_Spec):
     resources: GatewayResources | None = None
     """Resources of each gateway container. Left out: requests cpu 100m, memory 128Mi, no
     limits (as the selectors')."""
+    tls: GatewayTLS | None = None
+    """Serve the devices https with this certificate (`status.endpoint` becomes `https://`).
+    Left out: plain http, for a cluster network that is trusted or TLS terminated in front of
+    the Service."""
 
 
 class FLPopulationSpec(_Spec):
