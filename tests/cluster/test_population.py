@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from fedfleet.device.datasets import load_dataset
+from fedfleet.gateway.routes import route_scope
 from fedfleet.service.enrollment import enroll_token
 from fedfleet.store.factory import open_store
 from tests.cluster import test_fedfleet_on_kubernetes as base
@@ -354,12 +355,15 @@ def test_a_job_created_first_joins_its_population_whose_gateway_then_serves_http
         namespace=namespace,
     )
     assert served["metadata"]["uid"] != plain["metadata"]["uid"]
+    secret = bytes.fromhex(
+        base._secret(cluster, namespace, f"{pop}-enrollment", "population-secret")
+    )
     store = open_store(fedfleet.redis_url)
     try:
         cluster.wait_for(
             lambda: any(
                 json.loads(entry)["job"] == f"{namespace}/{job}"
-                for entry in store.population_routes(pop).values()
+                for entry in store.population_routes(route_scope(pop, secret)).values()
             ),
             timeout=60,
             what="the job's selector announced to the population's gateway",

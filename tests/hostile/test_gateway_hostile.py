@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from fedfleet.gateway.app import create_app
-from fedfleet.gateway.routes import Route, RouteKeys, announce
+from fedfleet.gateway.routes import Route, RouteKeys, announce, route_scope
 from fedfleet.service.enrollment import PopulationKeys, enroll_token
 from fedfleet.store.memory import MemoryStore
 from tests.uvicorn_thread import serve
@@ -66,7 +66,7 @@ def _dead_route(store: MemoryStore) -> Route:
         report_limit=1000,
         secagg_limit=1000,
     )
-    announce(store, POP, route)
+    announce(store, route_scope(POP, SECRET), route)
     return route
 
 
@@ -142,7 +142,7 @@ def test_tickets_the_gateway_did_not_issue_are_refused_before_the_body(
     assert report(good, size=5000) == 413  # the route's own limit, from the declared length
     # A genuine ticket reaches the relay: the selector is unreachable, so 503 with Retry-After.
     assert report(good) == 503
-    store.withdraw_route(POP, route.id)
+    store.withdraw_route(route_scope(POP, SECRET), route.id)
     _wait_routes(url, 0)
     assert report(good) == 410  # its selector is gone: check in again
     r = httpx.get(

@@ -7,7 +7,14 @@ from collections import Counter
 
 import pytest
 
-from fedfleet.gateway.routes import Route, RouteKeys, offer_order, parse_routes, route_id
+from fedfleet.gateway.routes import (
+    Route,
+    RouteKeys,
+    offer_order,
+    parse_routes,
+    route_id,
+    route_scope,
+)
 
 
 def _route(job: str, *, actor: str = "selector-0", priority: int = 0, weight: int = 1,
@@ -95,3 +102,11 @@ def test_route_tickets_bind_route_round_device_and_inner_ticket() -> None:
     assert keys.unwrap(wrapped[:-1] + "e", "a12", "d-1") is None
     for junk in ("", "g1", "g1...", "f" * 64, "g1.0123456789abcdef.x.é"):
         assert keys.unwrap(junk, "a12", "d-1") is None
+
+
+def test_a_population_scope_is_its_name_and_secret() -> None:
+    a = route_scope("phones", b"a" * 32)
+    assert a == route_scope("phones", b"a" * 32) and a.startswith("phones.")
+    # The same name in another namespace (another secret) never shares the routes.
+    assert route_scope("phones", b"b" * 32) != a
+    assert route_scope("tablets", b"a" * 32) != a

@@ -37,7 +37,14 @@ from pydantic_core import to_json
 
 from fedfleet.core.protocol import SECAGG_STEP_PATTERN
 from fedfleet.gateway.relay import Relay, RelayError, RelayResponse
-from fedfleet.gateway.routes import Route, RouteKeys, WrappedTicket, offer_order, parse_routes
+from fedfleet.gateway.routes import (
+    Route,
+    RouteKeys,
+    WrappedTicket,
+    offer_order,
+    parse_routes,
+    route_scope,
+)
 from fedfleet.selector import contract
 from fedfleet.selector.app import CheckInRequest, CheckInResponse, TaskResponse
 from fedfleet.selector.doors import (
@@ -110,6 +117,7 @@ def create_app(
     """The gateway of ``population`` (see the module doc); its tick starts with the app."""
     rng = rng or random.Random()
     keys = RouteKeys(secret)
+    scope = route_scope(population, secret)
     auth = device_auth(None, population, secret, enrollment)
     routes: dict[str, Route] = {}
     down: set[str] = set()
@@ -137,7 +145,7 @@ def create_app(
 
     def tick(now: float) -> None:
         nonlocal routes
-        found, bad = parse_routes(store.population_routes(population))
+        found, bad = parse_routes(store.population_routes(scope))
         if bad:
             log.warning("unreadable route entries ignored", extra={"routes": bad[:5]})
         routes = found  # swapped whole: a request in flight sees the old map or the new one

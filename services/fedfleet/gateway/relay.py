@@ -60,21 +60,30 @@ class _Conn:
 
 
 class _Answer:
-    """httptools' callbacks: collects one response."""
+    """httptools' callbacks: collects one response. (An exception raised in a callback reaches
+    the caller as httptools' own error, so a refusal is recorded in ``error`` instead.)"""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.headers: dict[str, str] = {}
         self.body = bytearray()
         self.done = False
+        self.keep_alive = False
+        self.error: str | None = None
+        self.parser: httptools.HttpResponseParser | None = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
+    def on_headers_complete(self) -> None:
+        # Asked here: once the message is complete the parser has reset its state.
+        self.keep_alive = self.parser is not None and self.parser.should_keep_alive()
+
     def on_body(self, body: bytes) -> None:
-        self.body += body
-        if len(self.body) > self.limit:
-            raise RelayError(f"answer over {self.limit} bytes")
+        if self.error is None and len(self.body) + len(body) > self.limit:
+            self.error = f"answer over {self.limit} bytes"
+        if self.error is None:
+            self.body += body
 
     def on_message_complete(self) -> None:
         self.done = True
@@ -156,7 +165,7 @@ class Relay:
         self, conn: _Conn, where: tuple[str, int], payload: bytes, timeout: float
     ) -> RelayResponse:
         answer = _Answer(self.max_response)
-        parser = httptools.HttpResponseParser(answer)
+        parser = answer.parser = httptools.HttpResponseParser(answer)
         got_any = False
         deadline = time.monotonic() + timeout
         try:
@@ -164,15 +173,22 @@ class Relay:
             await conn.writer.drain()
             while not answer.done:
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RelayError(f"no answer from {where[0]}:{where[1]} in {timeout:g} s")
-                data = await asyncio.wait_for(conn.reader.read(65536), left)
+                try:
+                    if left <= 0:
+                        raise TimeoutError
+                    data = await asyncio.wait_for(conn.reader.read(65536), left)
+                except TimeoutError:
+                    raise RelayError(
+                        f"no answer from {where[0]}:{where[1]} in {timeout:g} s"
+                    ) from None
                 if not data:
                     if not got_any:
                         raise _StaleConnection(f"{where[0]}:{where[1]} closed the connection")
                     raise RelayError(f"{where[0]}:{where[1]} cut its answer short")
                 got_any = True
                 parser.feed_data(data)
+                if answer.error is not None:
+                    raise RelayError(f"{where[0]}:{where[1]}: {answer.error}")
         except (_StaleConnection, RelayError):
             conn.close()
             raise
@@ -187,7 +203,7 @@ class Relay:
         except BaseException:
             conn.close()  # cancelled mid-answer: the connection's state is unknown
             raise
-        if parser.should_keep_alive() and len(self._idle[where]) < self.max_idle:
+        if answer.keep_alive and len(self._idle[where]) < self.max_idle:
             conn.last_used = time.monotonic()
             self._idle[where].append(conn)
         else:

@@ -2,7 +2,9 @@
 later calls find the one that selected it.
 
 A job's selector that holds its population's secret **announces** itself in the store every
-tick (:func:`announce`): a :class:`Route` naming its job, its address, the job's
+tick (:func:`announce`), under the population's **scope** (:func:`route_scope`: its name and a
+fingerprint of its secret, so that two populations of one name, in two namespaces sharing a
+store, never see each other's jobs): a :class:`Route` naming its job, its address, the job's
 ``spec.scheduling`` (priority, weight), whether its round has room for one more device now, and
 the body limits of its routes. The gateway reads the population's live routes each tick and
 offers a check-in to them in :func:`offer_order`: routes with room first, highest priority
@@ -39,6 +41,7 @@ __all__ = [
     "offer_order",
     "parse_routes",
     "route_id",
+    "route_scope",
     "withdraw",
 ]
 
@@ -46,9 +49,18 @@ ROUTE_TTL_S: Final = 10.0
 """How long an announcement lasts without a refresh: a selector that died unannounced stops
 receiving devices this long after its last tick."""
 _ROUTE_LABEL: Final = b"fedfleet/population/route"
+_SCOPE_LABEL: Final = b"fedfleet/population/scope"
 _PREFIX: Final = "g1"
 _ROUTE_RE: Final = re.compile(r"^[0-9a-f]{16}$")
 _MAC_BYTES: Final = 16
+
+
+def route_scope(population: str, secret: bytes) -> str:
+    """Where a population's routes live in the store: its name and 16 hex characters of a MAC
+    of the name under its secret. Selectors and the gateway of the same population (the same
+    secret) agree on it; a population of the same name with another secret does not."""
+    mac = hmac.new(secret, _SCOPE_LABEL + b"\x00" + population.encode(), hashlib.sha256)
+    return f"{population}.{mac.hexdigest()[:16]}"
 
 
 def route_id(job: str, actor_id: str) -> str:
@@ -111,12 +123,13 @@ def parse_routes(entries: dict[str, str]) -> tuple[dict[str, Route], list[str]]:
     return routes, bad
 
 
-def announce(store: Store, population: str, route: Route, ttl: float = ROUTE_TTL_S) -> None:
-    store.announce_route(population, route.id, route.to_json(), ttl)
+def announce(store: Store, scope: str, route: Route, ttl: float = ROUTE_TTL_S) -> None:
+    """Announce ``route`` under ``scope`` (:func:`route_scope`) for ``ttl`` seconds."""
+    store.announce_route(scope, route.id, route.to_json(), ttl)
 
 
-def withdraw(store: Store, population: str, job: str, actor_id: str) -> None:
-    store.withdraw_route(population, route_id(job, actor_id))
+def withdraw(store: Store, scope: str, job: str, actor_id: str) -> None:
+    store.withdraw_route(scope, route_id(job, actor_id))
 
 
 def _weighted_order(routes: list[Route], rng: random.Random) -> list[Route]:

@@ -45,7 +45,7 @@ from fedfleet.core.protocol import (
 )
 from fedfleet.core.roles import Role
 from fedfleet.core.spec import FLJob, PlanSpec
-from fedfleet.gateway.routes import Route, announce, withdraw
+from fedfleet.gateway.routes import Route, announce, route_scope, withdraw
 from fedfleet.selector import contract
 from fedfleet.selector.actor import Selector
 from fedfleet.selector.doors import ID, ROUND, device_doors
@@ -271,6 +271,7 @@ def create_app(
     ).set_function(lambda: float(len(pending)))
 
     unsettled: list[tuple[str, str]] = []
+    scope = "" if population_secret is None else route_scope(job.spec.population, population_secret)
     route = (
         None
         if population_secret is None
@@ -294,7 +295,7 @@ def create_app(
         aggregators = dict(store.members(job.key, Role.aggregator))
         auth.refresh(store)  # revocations take effect within a tick
         if route is not None:  # tell the population's gateway whether this round has room
-            announce(store, job.spec.population, replace(route, open=selector.has_room()))
+            announce(store, scope, replace(route, open=selector.has_room()))
         cutoff = time.monotonic() - liveness_seconds
         with pending_lock:
             lost = [k for k, p in pending.items() if p.last_seen < cutoff]
@@ -314,7 +315,7 @@ def create_app(
     def leave() -> None:
         try:
             if route is not None:
-                withdraw(store, job.spec.population, job.key, actor_id)
+                withdraw(store, scope, job.key, actor_id)
             store.deregister(job.key, Role.selector, actor_id)
         finally:
             client.close()
