@@ -152,3 +152,45 @@ def test_tickets_the_gateway_did_not_issue_are_refused_before_the_body(
         timeout=10,
     )
     assert r.status_code == 410 and r.json()["outcome"] == "reconnect", r.text
+
+
+def test_a_route_answering_garbage_is_skipped_not_a_server_error(
+    gateway: tuple[str, MemoryStore],
+) -> None:
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    liar = FastAPI()
+
+    @liar.post("/v1/checkin")
+    async def checkin() -> Response:
+        return Response(b"<html>not a selector</html>", media_type="text/html")
+
+    @liar.get("/v1/tasks/{round_key}")
+    async def task(round_key: str) -> Response:
+        return Response(b'{"no": "model_version"}', media_type="application/json")
+
+    url, store = gateway
+    with serve(liar) as liar_url:
+        route = Route(
+            job="ns/liar",
+            actor="selector-0",
+            address=liar_url,
+            priority=0,
+            weight=1,
+            open=True,
+            report_limit=1000,
+            secagg_limit=1000,
+        )
+        announce(store, route_scope(POP, SECRET), route)
+        _wait_routes(url, 1)
+        r = _checkin(url, "d-1")
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        ticket = RouteKeys(SECRET).wrap(route.id, "a3", "d-1", "f" * 64)
+        r = httpx.get(
+            f"{url}/v1/tasks/a3",
+            params={"device_id": "d-1"},
+            headers={"x-fedfleet-ticket": ticket},
+            timeout=10,
+        )
+        assert r.status_code == 410 and r.json()["outcome"] == "reconnect", r.text

@@ -276,13 +276,21 @@ def create_app(
                 if r.status in (401, 429):  # about the device, not the job: say so now
                     break
                 continue
-            answer = r.json()
-            if answer.get("outcome") == "selected" and isinstance(answer.get("ticket"), str):
-                answer["ticket"] = keys.wrap(
-                    route.id, str(answer["round_key"]), body.device_id, answer["ticket"]
+            reply: Any = None
+            try:
+                reply = r.json()
+            except ValueError:
+                pass
+            if not isinstance(reply, dict):  # not a selector's reply: skip that address
+                log.warning("unreadable check-in reply", extra={"route": route.id})
+                down.add(route.id)
+                continue
+            if reply.get("outcome") == "selected" and isinstance(reply.get("ticket"), str):
+                reply["ticket"] = keys.wrap(
+                    route.id, str(reply["round_key"]), body.device_id, reply["ticket"]
                 )
                 checkins.labels("selected").inc()
-                return Response(to_json(answer), media_type="application/json")
+                return Response(to_json(reply), media_type="application/json")
             last = r
             if not route.open:  # a full job's pacing window: the answer when none has room
                 break
@@ -327,8 +335,12 @@ def create_app(
         relays.labels("task", str(r.status)).inc()
         if r.status != 200:
             return _relay(r)
-        described = r.json()
-        version = int(described["model_version"])
+        try:
+            described = r.json()
+            version = int(described["model_version"])
+        except (ValueError, TypeError, KeyError):
+            log.warning("unreadable task description", extra={"route": route.id})
+            return JSONResponse(_GONE | _window(rng, "round-ended"), status_code=410)
         described["checkpoint_url"] = f"/v1/routes/{route.id}/checkpoints/{version}"
         return JSONResponse(described)
 
