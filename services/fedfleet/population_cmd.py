@@ -169,12 +169,10 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from fedfleet.gateway.app import create_app
     from fedfleet.service.enrollment import PopulationKeys
     from fedfleet.service.ops import configure_logging
-    from fedfleet.service.server import ServerLimits, server_config
+    from fedfleet.service.server import run_server
     from fedfleet.store.factory import open_store
 
     actor_id = args.id or f"gateway-{os.getpid()}"
@@ -200,12 +198,5 @@ def _gateway(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app = create_app(args.population, secret, store, actor_id=actor_id, tick_seconds=args.tick)
-    config = server_config(
-        app,
-        host=args.host,
-        port=args.port,
-        limits=ServerLimits(max_connections=args.max_connections),
-        **tls,
-    )
-    uvicorn.Server(config).run()
+    run_server(app, host=args.host, port=args.port, max_connections=args.max_connections, **tls)
     return 0

@@ -55,11 +55,11 @@ def _checkin(url: str, device: str, population: str = POP) -> httpx.Response:
     return httpx.post(f"{url}/v1/checkin", json=body, headers=_credential(device), timeout=10)
 
 
-def _dead_route(store: MemoryStore) -> Route:
+def _announced(store: MemoryStore, job: str, address: str) -> Route:
     route = Route(
-        job="ns/job",
+        job=job,
         actor="selector-0",
-        address="http://127.0.0.1:9",  # discard port: nobody listens
+        address=address,
         priority=0,
         weight=1,
         open=True,
@@ -68,6 +68,10 @@ def _dead_route(store: MemoryStore) -> Route:
     )
     announce(store, route_scope(POP, SECRET), route)
     return route
+
+
+def _dead_route(store: MemoryStore) -> Route:
+    return _announced(store, "ns/job", "http://127.0.0.1:9")  # discard port: nobody listens
 
 
 def _wait_routes(url: str, n: int) -> None:
@@ -172,17 +176,7 @@ def test_a_route_answering_garbage_is_skipped_not_a_server_error(
 
     url, store = gateway
     with serve(liar) as liar_url:
-        route = Route(
-            job="ns/liar",
-            actor="selector-0",
-            address=liar_url,
-            priority=0,
-            weight=1,
-            open=True,
-            report_limit=1000,
-            secagg_limit=1000,
-        )
-        announce(store, route_scope(POP, SECRET), route)
+        route = _announced(store, "ns/liar", liar_url)
         _wait_routes(url, 1)
         r = _checkin(url, "d-1")
         assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text

@@ -102,10 +102,9 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_service(role: str, args: argparse.Namespace) -> int:
     """Build the role's app and serve it until SIGTERM/SIGINT (graceful shutdown)."""
-    import uvicorn
 
     from fedfleet.service.ops import configure_logging
-    from fedfleet.service.server import ServerLimits, server_config
+    from fedfleet.service.server import run_server
     from fedfleet.store.factory import open_store
 
     actor_id = args.id or f"{role}-{os.getpid()}"
@@ -141,13 +140,7 @@ def run_service(role: str, args: argparse.Namespace) -> int:
         return 2
     if app is None:
         return 2
-    config = server_config(
-        app,
-        host=args.host,
-        port=args.port,
-        limits=ServerLimits(max_connections=args.max_connections),
-    )
-    uvicorn.Server(config).run()
+    run_server(app, host=args.host, port=args.port, max_connections=args.max_connections)
     return 0
 
 

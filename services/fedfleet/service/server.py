@@ -27,7 +27,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["GuardedProtocol", "ServerLimits", "server_config"]
+__all__ = ["GuardedProtocol", "ServerLimits", "run_server", "server_config"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,3 +184,16 @@ def server_config(
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)
+
+
+def run_server(app: Any, *, host: str, port: int, max_connections: int, **overrides: Any) -> None:
+    """Serve ``app`` with :func:`server_config` until SIGTERM/SIGINT (graceful shutdown): what
+    ``fedfleet selector|aggregator|coordinator`` and ``fedfleet population gateway`` run."""
+    config = server_config(
+        app,
+        host=host,
+        port=port,
+        limits=ServerLimits(max_connections=max_connections),
+        **overrides,
+    )
+    uvicorn.Server(config).run()
