@@ -122,6 +122,7 @@ def test_redis_sigkilled_mid_job_committed_versions_survive_and_the_job_finishes
                 job,
                 d.urls("selector"),
                 d.keys,
+                time_scale=0.01,  # the simulator's 20 s of training in 0.2 s, as elsewhere
                 rest_seconds=UpOptions().rest_seconds,
                 rest_rounds=UpOptions().rest_rounds,
             )
