@@ -35,6 +35,7 @@ import httpx
 import yaml
 
 from fedfleet.core.spec import FLJob
+from fedfleet.launcher import LaunchedProcess, Launcher
 from fedfleet.redis_server import RedisServer, free_port
 from fedfleet.service.keys import JobKeys
 from fedfleet.store.base import Store
@@ -73,7 +74,7 @@ def _tail(path: Path, lines: int = 12) -> str:
 def _wait_http(
     url: str,
     timeout: float,
-    proc: subprocess.Popen[bytes] | None = None,
+    proc: subprocess.Popen[bytes] | LaunchedProcess | None = None,
     log_path: Path | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout
@@ -89,7 +90,7 @@ def _wait_http(
             last = f"HTTP {r.status_code}: {r.text[:200]}"
         except httpx.HTTPError as exc:
             last = str(exc)
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise TimeoutError(f"{url} not ready after {timeout:.0f}s ({last})")
 
 
@@ -122,7 +123,7 @@ class ActorProcess:
     host: str
     port: int
     log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | LaunchedProcess | None = None
     log: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -151,10 +152,12 @@ class LocalDeployment:
         python: str = sys.executable,
         population_secret: bytes | None = None,
         gateway_address: tuple[str, int] | None = None,
+        fork_server: bool = True,
     ) -> None:
         """``gateway_address`` (with ``population_secret``) runs the population's gateway
         there: the endpoint devices keep across jobs; the actors take loopback addresses of
-        their own."""
+        their own. ``fork_server`` starts the actors from one pre-imported process
+        (:mod:`fedfleet.launcher`) instead of a fresh interpreter each."""
         if gateway_address is not None and population_secret is None:
             raise ValueError("a gateway needs the population secret")
         self.job = job
@@ -180,6 +183,8 @@ class LocalDeployment:
         self._next_host = 2
         self._killed: set[int] = set()
         """Pids this deployment killed on purpose: their exit is not a failure."""
+        self.fork_server = fork_server
+        self._launcher: Launcher | None = None
         self.failures: list[tuple[str, int, Path]] = []
         """Actors that exited on their own with a non-zero status: id, status, log path (the
         logs are kept when the deployment stops)."""
@@ -200,6 +205,13 @@ class LocalDeployment:
             population = self.workdir / "population-secret"
             population.touch(0o600)
             population.write_text(self.population_secret.hex())
+        if self.fork_server:
+            try:
+                self._launcher = Launcher(
+                    self.python, actor_environment(), self.workdir, self.workdir / "launcher.log"
+                )
+            except RuntimeError:
+                self._launcher = None  # each actor starts its own interpreter, and says why not
         for role in ("coordinator", "aggregator", "selector"):
             for i in range(self.counts[role]):
                 self.spawn(role, f"{role}-{i}")
@@ -221,25 +233,29 @@ class LocalDeployment:
             self._next_host += 1
             port = free_port(host)
         actor = ActorProcess(role, actor_id, host, port, self.workdir / f"{actor_id}.log")
-        actor.log = actor.log_path.open("ab")
         env = actor_environment()
-        command = (
+        argv = (
             self._gateway_command(host, port)
             if role == "gateway"
             else self._actor_command(role, actor_id, host, port)
         )
-        actor.proc = subprocess.Popen(
-            command, stdout=actor.log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
-        )
+        if self._launcher is not None and self._launcher.alive:
+            actor.proc = self._launcher.spawn(argv, actor.log_path, self.workdir, env)
+        else:
+            actor.log = actor.log_path.open("ab")
+            actor.proc = subprocess.Popen(
+                [self.python, "-P", "-m", "fedfleet.cli", *argv],
+                stdout=actor.log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
+            )
         self.actors[actor_id] = actor
         return actor
 
     def _gateway_command(self, host: str, port: int) -> list[str]:
+        """The gateway's ``fedfleet`` arguments."""
         return [
-            self.python,
-            "-P",
-            "-m",
-            "fedfleet.cli",
             "population",
             "gateway",
             "--population",
@@ -259,11 +275,8 @@ class LocalDeployment:
         ]
 
     def _actor_command(self, role: str, actor_id: str, host: str, port: int) -> list[str]:
+        """An actor's ``fedfleet`` arguments."""
         return [
-            self.python,
-            "-P",
-            "-m",
-            "fedfleet.cli",
             role,
             "--manifest",
             str(self.manifest_path),
@@ -297,9 +310,10 @@ class LocalDeployment:
 
     def stop(self) -> None:
         for actor in self.actors.values():
-            if actor.proc is not None and actor.proc.poll() not in (None, 0):
+            status = None if actor.proc is None else actor.proc.poll()
+            if actor.proc is not None and status is not None and status != 0:
                 if actor.proc.pid not in self._killed:
-                    self.failures.append((actor.actor_id, actor.proc.returncode, actor.log_path))
+                    self.failures.append((actor.actor_id, status, actor.log_path))
         for actor in self.actors.values():
             if actor.alive and actor.proc is not None:
                 actor.proc.send_signal(signal.SIGTERM)
@@ -312,6 +326,9 @@ class LocalDeployment:
                     actor.proc.wait()
             if actor.log is not None:
                 actor.log.close()
+        if self._launcher is not None:
+            self._launcher.close()
+            self._launcher = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -130,7 +130,7 @@ def test_an_idle_connection_the_server_closed_is_replaced_once() -> None:
     [
         (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", "cut its answer short"),
         (b"NOT HTTP AT ALL\r\n\r\n", "malformed answer"),
-        (b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b"y" * 5000, "over 1000 bytes"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b"y" * 5000, "limit 1000"),
         (b"", "closed the connection"),
     ],
 )

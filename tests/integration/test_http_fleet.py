@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from fedfleet.aggregator.app import create_app as aggregator_app
 from fedfleet.aggregator.app import dataset_evaluator
@@ -354,29 +355,30 @@ def test_checkpoint_is_downloaded_once_for_many_devices() -> None:
 
 def test_client_maps_answers_to_core_types() -> None:
     """The answers a real selector gives only in rare states (202 then 410, a 404, a 4xx with a
-    detail, a 503 without Retry-After), played by a mock transport."""
+    detail, a 503 without Retry-After), played by a small real server."""
     polls: list[str] = []
+    app = FastAPI()
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        if path == "/v1/tasks/a1":
-            polls.append(request.url.params["wait"])
-            if len(polls) < 3:
-                return httpx.Response(202, json={"detail": "waiting"})
-            return httpx.Response(
-                410,
-                json={"outcome": "reconnect", "reconnect_after_s": 5, "reconnect_within_s": 15},
-            )
-        if path == "/v1/tasks/a2":
-            return httpx.Response(404, json={"detail": "no selection held"})
-        if path == "/v1/reports/a1":
-            return httpx.Response(409, json={"detail": "round a1 is closed (closing)"})
-        return httpx.Response(503, json={"detail": "store down"})
+    @app.get("/v1/tasks/{round_key}")
+    async def task(round_key: str, wait: str) -> JSONResponse:
+        if round_key == "a2":
+            return JSONResponse({"detail": "no selection held"}, 404)
+        polls.append(wait)
+        if len(polls) < 3:
+            return JSONResponse({"detail": "waiting"}, 202)
+        body = {"outcome": "reconnect", "reconnect_after_s": 5, "reconnect_within_s": 15}
+        return JSONResponse(body, 410)
 
-    async def scenario() -> None:
-        async with SelectorClient(
-            "http://selector.test", transport=httpx.MockTransport(answer)
-        ) as client:
+    @app.post("/v1/reports/{round_key}")
+    async def report(round_key: str) -> JSONResponse:
+        return JSONResponse({"detail": f"round {round_key} is closed (closing)"}, 409)
+
+    @app.post("/v1/aborts/{round_key}")
+    async def abort(round_key: str) -> JSONResponse:
+        return JSONResponse({"detail": "store down"}, 503)
+
+    async def scenario(url: str) -> None:
+        async with SelectorClient(url) as client:
             before = time.time()
             released = await client.wait_task(Assignment("a1", "agg", "t"), "dev-1", wait=0.5)
             assert isinstance(released, Reconnect)
@@ -393,7 +395,8 @@ def test_client_maps_answers_to_core_types() -> None:
                 await client.abort("a1", "dev-1", "t")
             assert busy.value.retry_after == 5.0  # the default when Retry-After is missing
 
-    asyncio.run(scenario())
+    with serve(app) as url:
+        asyncio.run(scenario(url))
 
 
 # -- bad input at the device API ------------------------------------------------------------------

@@ -214,7 +214,7 @@ class DeviceAgent:
             delay = retry_after_delay(exc.retry_after, self._failures, self.rng)
         else:
             delay = backoff_delay(self._failures, self.rng)
-        self._later(delay, f"{what}: {exc}")
+        self._later(delay, f"{what}: {type(exc).__name__}: {exc}")
 
     # -- the loop --------------------------------------------------------------------------------
     async def _main(self) -> None:

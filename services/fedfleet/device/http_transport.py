@@ -28,17 +28,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import random
 import ssl
 import time
-import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlencode
 
-import httpx
 import numpy as np
 from pydantic import ValidationError
 
@@ -53,6 +51,7 @@ from fedfleet.core.protocol import (
 )
 from fedfleet.core.serde import SerdeError, decode_arrays
 from fedfleet.core.spec import PlanSpec, TaskSpec
+from fedfleet.http11 import AnswerTooLarge, Http11Client, HttpError, Response
 
 __all__ = [
     "ProtocolError",
@@ -116,7 +115,23 @@ class TaskInfo:
     evaluate: bool = False
 
 
-def _retry_after(response: httpx.Response) -> float:
+class Answer(Protocol):
+    """What the helpers below read of an answer (this module's, or httpx's for enrollment)."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def text(self) -> str: ...
+    def json(self) -> Any: ...
+
+
+def _json_body(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _retry_after(response: Answer) -> float:
     raw = response.headers.get("retry-after", "")
     try:
         value = float(raw)
@@ -125,7 +140,7 @@ def _retry_after(response: httpx.Response) -> float:
     return value if math.isfinite(value) and value >= 0 else DEFAULT_RETRY_AFTER
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(response: Answer) -> str:
     try:
         body = response.json()
     except ValueError:
@@ -136,7 +151,7 @@ def _detail(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
-def _fail(response: httpx.Response) -> TransportError:
+def _fail(response: Answer) -> TransportError:
     if response.status_code == 503:
         return ServerBusy(_retry_after(response), _detail(response))
     if response.status_code == 429:
@@ -144,7 +159,7 @@ def _fail(response: httpx.Response) -> TransportError:
     return Refused(response.status_code, _detail(response))
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
+def _json(response: Answer) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError:
@@ -226,14 +241,12 @@ _FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"}
 
 
 class SelectorClient:
-    """One Selector's device API over HTTP/1.1 keep-alive (``httpx.AsyncClient``).
+    """One Selector's device API over HTTP/1.1 keep-alive (:class:`fedfleet.http11.Http11Client`).
 
     ``max_connections`` bounds the short requests (check-in, report, abort, download);
-    ``max_long_polls`` bounds the held plan polls, in pools of their own. Each bound is split
-    over several small pools of ``pool_size`` connections, chosen by device id: httpcore scans
-    every connection of a pool whenever a request starts or ends, so one pool of hundreds of
-    held connections would spend the process's CPU on bookkeeping. Use it as an async context
-    manager, or call :meth:`aclose`.
+    ``max_long_polls`` bounds the held plan polls, in a pool of their own: a selected device
+    holds its poll until the round is configured, so polls sharing the check-ins' connections
+    would starve them. Use it as an async context manager, or call :meth:`aclose`.
     """
 
     def __init__(
@@ -244,47 +257,36 @@ class SelectorClient:
         connect_timeout: float = 3.0,
         max_connections: int = 100,
         max_long_polls: int = 512,
-        pool_size: int = 16,
         poll_wait: float = 10.0,
         weights: WeightsCache | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
         max_checkpoint_bytes: int = MAX_CHECKPOINT_BYTES,
         ca_file: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.poll_wait = poll_wait
+        self.timeout = timeout
         self.weights = weights if weights is not None else WeightsCache()
-        size = max(1, pool_size)
-        # One TLS context for all the pools (building one costs ~25 ms of CPU each).
+        # One TLS context for both pools (building one costs ~25 ms of CPU).
         tls = ssl.create_default_context()
         if ca_file:  # a private CA (the population's own gateway certificate), besides the system's
             tls.load_verify_locations(cafile=ca_file)
-
-        def pools(
-            total: int, read_timeout: float, pool_timeout: float | None
-        ) -> list[httpx.AsyncClient]:
-            # A caller-supplied transport (tests) does its own pooling: one client is enough.
-            count = 1 if transport is not None else max(1, -(-max(1, total) // size))
-            per = max(1, -(-max(1, total) // count))
-            return [
-                httpx.AsyncClient(
-                    base_url=self.base_url,
-                    headers={"user-agent": "fedfleet-device/1"},
-                    timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=pool_timeout),
-                    limits=httpx.Limits(
-                        max_connections=per, max_keepalive_connections=per, keepalive_expiry=30.0
-                    ),
-                    transport=transport,
-                    verify=tls,
-                )
-                for _ in range(count)
-            ]
-
-        self._http = pools(max_connections, timeout, timeout)
-        # A held poll lasts up to ``wait`` seconds; the read timeout leaves room on top of it,
-        # and waiting for a free poll connection is not an error (each frees within ``wait``).
-        self._polls = pools(max_long_polls, poll_wait + timeout, None)
+        agent = {"user-agent": "fedfleet-device/1"}
+        self._http = Http11Client(
+            tls=tls,
+            connect_timeout=connect_timeout,
+            max_connections=max(1, max_connections),
+            queue_timeout=timeout,
+            headers=agent,
+        )
+        # Waiting for a free poll connection is not an error: each frees within ``wait``.
+        self._polls = Http11Client(
+            tls=tls,
+            connect_timeout=connect_timeout,
+            max_connections=max(1, max_long_polls),
+            queue_timeout=None,
+            headers=agent,
+        )
 
     async def __aenter__(self) -> SelectorClient:
         return self
@@ -298,8 +300,8 @@ class SelectorClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        for client in (*self._http, *self._polls):
-            await client.aclose()
+        await self._http.aclose()
+        await self._polls.aclose()
 
     def __repr__(self) -> str:
         return f"SelectorClient({self.base_url!r})"
@@ -309,39 +311,35 @@ class SelectorClient:
         method: str,
         url: str,
         *,
-        key: str = "",
         polls: bool = False,
         limit: int = MAX_ANSWER_BYTES,
-        **kwargs: Any,
-    ) -> httpx.Response:
-        """Send, and read the answer up to ``limit`` bytes (decoded): a server that declares
-        or streams more gets :class:`ProtocolError`, and the device never holds more."""
-        group = self._polls if polls else self._http
-        client = group[zlib.crc32(key.encode()) % len(group)] if key else random.choice(group)
-        request = client.build_request(method, url, **kwargs)
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Response:
+        """Send, and read the answer up to ``limit`` bytes: a server that declares or streams
+        more gets :class:`ProtocolError`, and the device never holds more."""
+        client = self._polls if polls else self._http
+        path = f"{url}?{urlencode(params)}" if params else url
         try:
-            r = await client.send(request, stream=True)
-        except httpx.TransportError as exc:  # connect, read, write, pool timeouts and resets
-            raise Unreachable(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
-        try:
-            declared = r.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise ProtocolError(
-                    f"{method} {url}: an answer of {declared} bytes (limit {limit})"
-                )
-            body = bytearray()
-            async for chunk in r.aiter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    raise ProtocolError(f"{method} {url}: an answer over {limit} bytes")
-        except httpx.TransportError as exc:
-            raise Unreachable(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
-        except httpx.DecodingError as exc:
-            raise ProtocolError(f"{method} {url}: undecodable answer: {exc}") from None
-        finally:
-            await r.aclose()
-        headers = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in _FRAMING]
-        return httpx.Response(r.status_code, headers=headers, content=bytes(body), request=request)
+            r = await client.request(
+                method,
+                self.base_url,
+                path,
+                headers=headers,
+                body=body,
+                timeout=self.timeout if timeout is None else timeout,
+                limit=limit,
+            )
+        except AnswerTooLarge as exc:
+            raise ProtocolError(f"{method} {url}: {exc}") from None
+        except HttpError as exc:  # connect, read and write timeouts, resets, malformed answers
+            raise Unreachable(f"{self.base_url}: {exc}") from exc
+        encoding = r.headers.get("content-encoding", "identity")
+        if encoding != "identity":  # never asked for: a device sends no Accept-Encoding
+            raise ProtocolError(f"{method} {url}: undecodable answer ({encoding})")
+        return r
 
     # -- the device API ------------------------------------------------------------------------
     async def checkin(self, msg: CheckIn, token: str) -> Assignment | Reconnect:
@@ -349,16 +347,21 @@ class SelectorClient:
         r = await self._send(
             "POST",
             "/v1/checkin",
-            key=msg.device_id,
-            json={
-                "device_id": msg.device_id,
-                "population": msg.population,
-                "charging": msg.charging,
-                "unmetered": msg.unmetered,
-                "idle": msg.idle,
-                "num_examples": msg.num_examples,
+            body=_json_body(
+                {
+                    "device_id": msg.device_id,
+                    "population": msg.population,
+                    "charging": msg.charging,
+                    "unmetered": msg.unmetered,
+                    "idle": msg.idle,
+                    "num_examples": msg.num_examples,
+                }
+            ),
+            headers={
+                "authorization": f"Bearer {token}",
+                "x-fedfleet-device": msg.device_id,
+                "content-type": "application/json",
             },
-            headers={"authorization": f"Bearer {token}", "x-fedfleet-device": msg.device_id},
         )
         if r.status_code != 200:
             raise _fail(r)
@@ -399,9 +402,9 @@ class SelectorClient:
                 "GET",
                 f"/v1/tasks/{assignment.round_key}",
                 polls=True,
-                key=device_id,
                 params={"device_id": device_id, "wait": f"{left:.3f}"},
                 headers={"x-fedfleet-ticket": assignment.ticket},
+                timeout=left + self.timeout,  # the poll is held up to ``left`` seconds
             )
             if r.status_code == 202:
                 continue
@@ -479,8 +482,7 @@ class SelectorClient:
         r = await self._send(
             "POST",
             f"/v1/reports/{env.round_key}",
-            key=env.device_id,
-            content=env.update,
+            body=env.update,
             headers={
                 "content-type": "application/octet-stream",
                 "x-fedfleet-device": env.device_id,
@@ -509,8 +511,7 @@ class SelectorClient:
             "POST",
             f"/v1/secagg/{round_key}/{step}",
             limit=MAX_SECAGG_ANSWER_BYTES,
-            key=device_id,
-            content=body,
+            body=body,
             headers={
                 "content-type": "application/octet-stream",
                 "x-fedfleet-device": device_id,
@@ -532,9 +533,12 @@ class SelectorClient:
         r = await self._send(
             "POST",
             f"/v1/aborts/{round_key}",
-            key=device_id,
-            json={"device_id": device_id, "reason": reason},
-            headers={"x-fedfleet-ticket": ticket, "x-fedfleet-device": device_id},
+            body=_json_body({"device_id": device_id, "reason": reason}),
+            headers={
+                "x-fedfleet-ticket": ticket,
+                "x-fedfleet-device": device_id,
+                "content-type": "application/json",
+            },
         )
         if r.status_code not in (200, 202):
             raise _fail(r)
