@@ -162,6 +162,13 @@ class Aggregator:
         """Plain jobs' folds, each report's weight and norm bounded by the history's."""
         self._seen: dict[str, set[str]] = defaultdict(set)
         self._published: set[str] = set()
+        self._inflight: dict[str, int] = defaultdict(int)
+        """Reports past their checks and not yet folded in, per round: a round's partial sum
+        is not published while one is, so a report that took one of the round's K slots in
+        the store is always in the sum (the store counts it; the master must see it)."""
+        self.wake: Callable[[], None] | None = None
+        """Asks for a tick now (the service's ticker): a partial held back for a report in
+        flight is published as soon as the report is folded in."""
         self._committed: set[str] = set()
         self._checkpoints = CheckpointCache(store, job, self._task.initial)
         self._models: ModelStorage | None = None
@@ -235,13 +242,35 @@ class Aggregator:
         except MetricsRejected as exc:
             raise ReportRejected(422, f"metrics refused: {exc}") from None
         key = env.round_key
-        # Only a valid update may take one of the round's K slots; folding it in cannot fail.
+        with self._lock:
+            if key in self._published:
+                raise ReportRejected(409, f"round {key} closed while the report arrived")
+            self._inflight[key] += 1  # the partial waits for this report (see tick)
+        try:
+            self._fold(state, env, update, device_metrics, started)
+        finally:
+            with self._lock:
+                self._inflight[key] -= 1
+                if self._inflight[key] <= 0:
+                    del self._inflight[key]
+                held = key in self._rounds and self._rounds[key].phase is Phase.closing
+            if held and self.wake is not None:
+                self.wake()  # its round closed meanwhile: publish the partial now
+
+    def _fold(
+        self,
+        state: RoundState,
+        env: ReportEnvelope,
+        update: Weights,
+        device_metrics: dict[str, float],
+        started: float,
+    ) -> None:
+        """Take one of the round's K slots for a valid report, then fold it in (cannot fail)."""
+        key = env.round_key
         claimed = time.perf_counter()
         self._claim(state, env.device_id)
         claim_seconds = time.perf_counter() - claimed
         with self._lock:
-            if key in self._published:
-                raise ReportRejected(409, f"round {key} closed while the report arrived")
             if self._private:
                 acc = self._sums.get(key)
                 if acc is None:
@@ -482,8 +511,8 @@ class Aggregator:
             self._rounds = rounds
             for key, state in rounds.items():
                 if state.phase is Phase.closing and self.actor_id in state.aggregators:
-                    if key in self._published:
-                        continue
+                    if key in self._published or self._inflight.get(key):
+                        continue  # published, or a report in flight will wake the next tick
                     if self._secagg.enabled:
                         secure.append(key)
                         continue

@@ -96,6 +96,7 @@ def create_app(
     )
     aggregator.fold_observer = fold_seconds_histogram(registry, job)
     ticker = Ticker(f"aggregator-{actor_id}", aggregator.tick, tick_seconds)
+    aggregator.wake = ticker.poke
     # A round closing (publish the partial sum) and, on the master, partial sums arriving.
     ticker.wake_on(events_of(store), job.key, (ROUNDS, PARTIALS))
 
