@@ -53,6 +53,11 @@ def configure_logging(level: str = "INFO", *, actor: str = "") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request at INFO: a selector would write a line per forwarded report.
+    # Its requests' failures are logged by the actors themselves; DEBUG still shows them all.
+    logging.getLogger("httpx").setLevel(
+        logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING
+    )
     if actor:
         old = logging.getLogRecordFactory()
 
