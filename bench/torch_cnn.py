@@ -109,6 +109,64 @@ class Timer:
     calls: int = 0
 
 
+@dataclass
+class Schedule:
+    """Which devices' reports made each committed model, and the shuffle seed each trained
+    with: what Flower replays (``--flower-sampling replay``)."""
+
+    trained: dict[tuple[str, str], tuple[int, int]]
+    """(round key, device id) -> (model version trained from, torch generator seed)."""
+    accepted: list[tuple[str, str]]
+    """(round key, device id) of every report an aggregator accepted, in order."""
+
+    def rounds(self) -> list[list[list[int]]]:
+        """Per committed round (model version 0, 1, ...): [device index, seed] pairs."""
+        out: dict[int, list[list[int]]] = {}
+        for key in self.accepted:
+            version, seed = self.trained[key]
+            out.setdefault(version, []).append([int(key[1].rsplit("-", 1)[1]), seed])
+        return [sorted(out[v]) for v in sorted(out)]
+
+
+@contextlib.contextmanager
+def recorded_schedule() -> Iterator[Schedule]:
+    """Record each device's training (its device id, model version and the seed of the torch
+    generator that shuffles its batches) and each accepted report.
+
+    The seed is peeked from a copy of the device's generator: ``TorchTask.train`` draws it
+    first thing (``rng.integers(2**62)``), and nothing draws from it in between."""
+    import copy
+
+    import fedfleet.aggregator.actor as aggregator
+    import fedfleet.device.runtime as runtime
+
+    schedule = Schedule({}, [])
+    lock = threading.Lock()
+    real_execute, real_accept = runtime.FLRuntime.execute, aggregator.Aggregator.accept
+
+    def execute(self: Any, task: Any, now: float, still_eligible: Any) -> Any:
+        seed = int(copy.deepcopy(self.rng).integers(2**62))
+        with lock:
+            schedule.trained[(task.assignment.round_key, self.device_id)] = (
+                task.model_version,
+                seed,
+            )
+        return real_execute(self, task, now, still_eligible)
+
+    def accept(self: Any, env: Any) -> None:
+        real_accept(self, env)
+        with lock:
+            schedule.accepted.append((env.round_key, env.device_id))
+
+    runtime.FLRuntime.execute = execute  # type: ignore[method-assign]
+    aggregator.Aggregator.accept = accept  # type: ignore[method-assign]
+    try:
+        yield schedule
+    finally:
+        runtime.FLRuntime.execute = real_execute  # type: ignore[method-assign]
+        aggregator.Aggregator.accept = real_accept  # type: ignore[method-assign]
+
+
 @contextlib.contextmanager
 def timed_task(job: Any) -> Iterator[dict[str, Timer]]:
     """Time the task's own train/evaluate calls (devices) and the server-side evaluation."""
@@ -161,10 +219,10 @@ def timed_task(job: Any) -> Iterator[dict[str, Timer]]:
         embedded.task_evaluator = real_evaluator
 
 
-def run_fedfleet(job: Any) -> dict[str, Any]:
+def run_fedfleet(job: Any) -> tuple[dict[str, Any], Schedule]:
     from fedfleet.embedded import run_job
 
-    with timed_task(job) as timers:
+    with recorded_schedule() as schedule, timed_task(job) as timers:
         t0 = time.perf_counter()
         result = run_job(job)
         wall = time.perf_counter() - t0
@@ -178,7 +236,8 @@ def run_fedfleet(job: Any) -> dict[str, Any]:
         "server_evaluate": timers["server_evaluate"].seconds,
         "overhead": wall / compute if compute else None,
         "overhead_share": (wall - compute) / wall,
-    }
+        "reports": sum(r.reported for r in result.rounds),
+    }, schedule
 
 
 def write_flower_inputs(job: Any, folder: Path) -> tuple[Path, str]:
@@ -249,6 +308,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None, help="override the 40 rounds")
     parser.add_argument("--skip-flower", action="store_true")
     parser.add_argument("--flower-timeout", type=float, default=FLOWER_TIMEOUT_SECONDS)
+    parser.add_argument(
+        "--flower-sampling",
+        choices=("replay", "uniform"),
+        default="replay",
+        help="replay: Flower trains the devices (and batch orders) of fedfleet's run, round by "
+        "round, so the accuracies compare like for like; uniform: Flower's own random sampling "
+        "(at 10 rounds of this non-IID split, one draw's accuracy varies by +-7 points)",
+    )
     args = parser.parse_args()
     job = bench_job(args.rounds)
     python: Path | None = None
@@ -263,12 +330,21 @@ def main() -> int:
         params = task_of(job).num_parameters
         for run in range(1, args.runs + 1):
             before = load()
-            ff = run_fedfleet(job)
-            fl = (
-                {"error": "skipped"}
-                if python is None
-                else run_flower(python, data, config, args.flower_timeout)
-            )
+            ff, schedule = run_fedfleet(job)
+            run_config = config
+            plan = schedule.rounds()
+            fl: dict[str, Any] = {"error": "skipped"}
+            if args.flower_sampling == "replay":
+                replay = Path(tmp) / f"schedule-{run}.json"
+                replay.write_text(json.dumps(plan))
+                run_config = json.dumps({**json.loads(config), "schedule": str(replay)})
+                if len(plan) != ff["rounds"] or sum(map(len, plan)) != ff["reports"]:
+                    fl["error"] = (
+                        f"cannot replay: {len(plan)} rounds of {sum(map(len, plan))} reports "
+                        f"recorded, fedfleet committed {ff['rounds']} of {ff['reports']}"
+                    )
+            if python is not None and fl["error"] == "skipped":
+                fl = run_flower(python, data, run_config, args.flower_timeout)
             row = {"run": run, "load_before": before, "load_after": load(), "fedfleet": ff,
                    "flower": fl}  # fmt: skip
             if "error" not in fl and fl.get("parameters") != params:
@@ -276,7 +352,8 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\nPyTorch CNN ({params:,} parameters), {job.spec.rounds.total} rounds x "
-          f"{job.spec.rounds.goal_count} devices; torch threads 1 per device")  # fmt: skip
+          f"{job.spec.rounds.goal_count} devices; torch threads 1 per device; Flower sampling: "
+          f"{args.flower_sampling}")  # fmt: skip
     header = (
         f"{'run':>3} {'load before/after (1/5/15 min)':>36} {'fedfleet s':>10} {'acc':>6} "
         f"{'flower s':>9} {'acc':>6} {'ff/flower':>9} {'gap pt':>6} "
