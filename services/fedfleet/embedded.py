@@ -11,6 +11,7 @@ the training it contains.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -132,6 +133,18 @@ class EmbeddedOptions:
     population: EmbeddedPopulation | None = None
     """Run on these long-lived devices (and their clock and store) instead of a fleet of the
     job's own; later jobs of the population reuse them."""
+    train_workers: int | None = None
+    """Devices trained at once, in threads (the results are the same). None: one per CPU
+    for a task whose training releases the GIL (``FLTask.parallel_training``, the PyTorch
+    adapter), else 1. A population's devices train one at a time."""
+
+
+def _train_workers(job: FLJob, opts: EmbeddedOptions) -> int:
+    if opts.train_workers is not None:
+        return max(1, opts.train_workers)
+    if not task_of(job).task.parallel_training:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def _evaluator(job: FLJob, data: DatasetSplit) -> Callable[[Weights], dict[str, float]] | None:
@@ -283,14 +296,26 @@ def run_job(
     limit = policy.total * per_round * 10 + 86_400
 
     loop.at(started_at, tick)
+    fleet: SimulatedFleet | None = None
     if pop is None:
-        SimulatedFleet(
-            spec.fleet, spec.population, data, loop, live_selectors, policy=spec.eligibility
-        ).start()
+        fleet = SimulatedFleet(
+            spec.fleet,
+            spec.population,
+            data,
+            loop,
+            live_selectors,
+            policy=spec.eligibility,
+            train_workers=_train_workers(job, opts),
+        )
+        fleet.start()
     else:
         pop.jobs.append(job.key)
         pop.serve(live_selectors)
-    loop.run_until(finished, limit=started_at + limit)
+    try:
+        loop.run_until(finished, limit=started_at + limit)
+    finally:
+        if fleet is not None:
+            fleet.close()
     if pop is not None:
         pop.serve(tuple)
         retire_at[0] = (
