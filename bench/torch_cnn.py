@@ -4,7 +4,11 @@ Both run the same work in the same run on the same machine: ``examples/pytorch-c
 (a small CNN on MNIST-5k, 100 devices of two label shards, 20 per round, 40 rounds, E=2, B=10,
 SGD lr 0.05 momentum 0.5) with drop-outs off and no over-selection, so both train exactly 20
 devices per round; the data split is the fleet's own (written to an ``.npz`` for Flower) and
-Flower starts from fedfleet's version-0 weights. Each run prints:
+Flower starts from fedfleet's version-0 weights. By default (``--flower-sampling replay``)
+Flower's round r trains the very devices whose reports made fedfleet's model version r, each
+with the batch-order seed it had in fedfleet, so the two differ only in the system around the
+training (at 10 rounds of this split, one random client sample's accuracy varies by +-7
+points, which would hide any real difference). Each run prints:
 
 - wall time and final accuracy of each, and fedfleet / Flower (issue 10's target: <= 0.2, with
   accuracy within 2 points);
@@ -18,7 +22,8 @@ Flower runs in its own virtualenv ``${FEDFLEET_CACHE:-~/.cache/fedfleet}/bench-f
 (flwr[simulation] 1.42.0, torch, numpy), made once with the project's uv (its wheel cache holds
 torch already) or pip. A report, not a test: exit 0 whatever the figures.
 
-    python bench/torch_cnn.py [--runs 3] [--rounds N] [--skip-flower]
+    python bench/torch_cnn.py [--runs 3] [--rounds N] [--skip-flower] [--train-workers N]
+        [--flower-sampling replay|uniform]
 """
 
 from __future__ import annotations
@@ -224,12 +229,12 @@ def timed_task(job: Any) -> Iterator[dict[str, Timer]]:
         embedded.task_evaluator = real_evaluator
 
 
-def run_fedfleet(job: Any) -> tuple[dict[str, Any], Schedule]:
-    from fedfleet.embedded import run_job
+def run_fedfleet(job: Any, workers: int | None) -> tuple[dict[str, Any], Schedule]:
+    from fedfleet.embedded import EmbeddedOptions, run_job
 
     with recorded_schedule() as schedule, timed_task(job) as timers:
         t0 = time.perf_counter()
-        result = run_job(job)
+        result = run_job(job, options=EmbeddedOptions(train_workers=workers))
         wall = time.perf_counter() - t0
     compute = timers["train"].seconds + timers["evaluate"].seconds
     return {
@@ -321,6 +326,14 @@ def main() -> int:
         "round, so the accuracies compare like for like; uniform: Flower's own random sampling "
         "(at 10 rounds of this non-IID split, one draw's accuracy varies by +-7 points)",
     )
+    parser.add_argument(
+        "--train-workers",
+        type=int,
+        default=None,
+        help="devices fedfleet trains at once (default: one per CPU, as `fedfleet run`); "
+        "wall/compute is the system overhead only with 1 (with more, compute sums the "
+        "threads' time)",
+    )
     args = parser.parse_args()
     job = bench_job(args.rounds)
     python: Path | None = None
@@ -330,12 +343,14 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedfleet-bench-") as tmp:
         data, config = write_flower_inputs(job, Path(tmp))
+        from fedfleet.embedded import EmbeddedOptions, train_workers
         from fedfleet.tasks import task_of
 
         params = task_of(job).num_parameters
+        workers = train_workers(job, EmbeddedOptions(train_workers=args.train_workers))
         for run in range(1, args.runs + 1):
             before = load()
-            ff, schedule = run_fedfleet(job)
+            ff, schedule = run_fedfleet(job, args.train_workers)
             run_config = config
             plan = schedule.rounds()
             fl: dict[str, Any] = {"error": "skipped"}
@@ -357,8 +372,8 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\nPyTorch CNN ({params:,} parameters), {job.spec.rounds.total} rounds x "
-          f"{job.spec.rounds.goal_count} devices; torch threads 1 per device; Flower sampling: "
-          f"{args.flower_sampling}")  # fmt: skip
+          f"{job.spec.rounds.goal_count} devices; torch threads 1 per device; fedfleet trains "
+          f"{workers} at once; Flower sampling: {args.flower_sampling}")  # fmt: skip
     header = (
         f"{'run':>3} {'load before/after (1/5/15 min)':>36} {'fedfleet s':>10} {'acc':>6} "
         f"{'flower s':>9} {'acc':>6} {'ff/flower':>9} {'gap pt':>6} "

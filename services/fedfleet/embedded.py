@@ -43,7 +43,14 @@ from fedfleet.tasks import task_of
 from fedfleet.tasks.evaluation import task_evaluator
 from fedfleet.tasks.validation import check_job_data
 
-__all__ = ["Adversary", "EmbeddedOptions", "EmbeddedPopulation", "Fault", "run_job"]
+__all__ = [
+    "Adversary",
+    "EmbeddedOptions",
+    "EmbeddedPopulation",
+    "Fault",
+    "run_job",
+    "train_workers",
+]
 
 Adversary = Callable[[ReportEnvelope, Weights], ReportEnvelope]
 """A hostile device in one process: gets each report (authenticated, ticketed) and the model
@@ -139,7 +146,8 @@ class EmbeddedOptions:
     adapter), else 1. A population's devices train one at a time."""
 
 
-def _train_workers(job: FLJob, opts: EmbeddedOptions) -> int:
+def train_workers(job: FLJob, opts: EmbeddedOptions) -> int:
+    """How many devices of ``job`` the embedded runner trains at once under ``opts``."""
     if opts.train_workers is not None:
         return max(1, opts.train_workers)
     if not task_of(job).task.parallel_training:
@@ -305,7 +313,7 @@ def run_job(
             loop,
             live_selectors,
             policy=spec.eligibility,
-            train_workers=_train_workers(job, opts),
+            train_workers=train_workers(job, opts),
         )
         fleet.start()
     else:
