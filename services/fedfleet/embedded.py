@@ -152,7 +152,9 @@ def train_workers(job: FLJob, opts: EmbeddedOptions) -> int:
         return max(1, opts.train_workers)
     if not task_of(job).task.parallel_training:
         return 1
-    return max(1, len(os.sched_getaffinity(0)))
+    if hasattr(os, "sched_getaffinity"):  # the CPUs this process may use (Linux)
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def _evaluator(job: FLJob, data: DatasetSplit) -> Callable[[Weights], dict[str, float]] | None:
