@@ -1,7 +1,9 @@
 """The Flower client of ``bench/flower_torch_cnn.py``, in a module of its own so that Ray's
 worker processes import it by name (a function or class of ``__main__`` travels by value, and
 ``functools.cache`` cannot): the network, the data split (read once per worker process) and the
-client that trains like fedfleet's PyTorch adapter.
+client that trains like fedfleet's PyTorch adapter. When the server's fit config names a
+``device`` and a ``seed`` (replaying fedfleet's run), the client trains that device's shard with
+that batch-order seed, exactly as ``TorchTask.train`` did in fedfleet.
 """
 
 from __future__ import annotations
@@ -78,7 +80,11 @@ class CnnClient(NumPyClient):
         t0 = time.perf_counter()
         torch.set_num_threads(1)
         cfg, data = _config(), _data()
-        idx = data["shards"][data["offsets"][self.device] : data["offsets"][self.device + 1]]
+        # Replaying fedfleet's run, the server names the device (whose shard this simulated
+        # client trains on) and the seed of its batch order; otherwise this node's partition.
+        device = int(config.get("device", self.device))
+        seed = int(config.get("seed", int(config["round"]) * 100_003 + device))
+        idx = data["shards"][data["offsets"][device] : data["offsets"][device + 1]]
         x, y = (
             _images(data["x_train"][idx]),
             torch.from_numpy(data["y_train"][idx].astype(np.int64)),
@@ -90,7 +96,7 @@ class CnnClient(NumPyClient):
             model.parameters(), lr=cfg["learning_rate"], momentum=cfg["momentum"]
         )
         loss_fn = nn.CrossEntropyLoss()
-        generator = torch.Generator().manual_seed(int(config["round"]) * 100_003 + self.device)
+        generator = torch.Generator().manual_seed(seed)
         n = len(y)
         for _ in range(cfg["local_epochs"]):
             order = torch.randperm(n, generator=generator)

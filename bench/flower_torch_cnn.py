@@ -6,7 +6,9 @@ Runs in its own virtualenv (``flwr[simulation]==1.42.0``, torch, numpy; no fedfl
 because that module imports fedfleet; the parameter count is printed so the driver can check
 they match) on the
 data split the driver wrote (the fleet's own shards, as an ``.npz``), with the manifest's
-hyper-parameters (given as ``--config`` JSON): each client trains like fedfleet's PyTorch
+hyper-parameters (given as ``--config`` JSON; with a ``schedule`` file, each round trains the
+devices, with the batch-order seeds, of fedfleet's run of the same job: see ``ReplayFedAvg``):
+each client trains like fedfleet's PyTorch
 adapter (``TorchTask.train``: a fresh SGD optimizer per round, shuffled minibatches, one thread)
 and the server evaluates the global model on the held-out set after every round.
 
@@ -18,6 +20,7 @@ seconds around ``run_simulation``, the clients' own train seconds, final accurac
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -38,14 +41,35 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import Context  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common import NDArrays, Scalar, ndarrays_to_parameters  # noqa: E402
-from flwr.server import ServerAppComponents, ServerConfig  # noqa: E402
+from flwr.common import FitIns, NDArrays, Parameters, Scalar, ndarrays_to_parameters  # noqa: E402
+from flwr.server import ClientManager, ServerAppComponents, ServerConfig  # noqa: E402
+from flwr.server.client_proxy import ClientProxy  # noqa: E402
 from flwr.server.strategy import FedAvg  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
 from flower_torch_client import Net, _config, _data, _images, _load, _weights, client_fn  # noqa: E402
 
 _EVAL_BATCH = 1000
+
+
+class ReplayFedAvg(FedAvg):
+    """FedAvg whose round r trains exactly the devices (and batch-order seeds) that made
+    fedfleet's model version r: the simulated nodes are interchangeable workers, and each is
+    told in its fit config which device's shard to train. Aggregation is FedAvg's own."""
+
+    def __init__(self, schedule: list[list[list[int]]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.schedule = schedule
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        plan = self.schedule[server_round - 1]
+        clients = client_manager.sample(num_clients=len(plan), min_num_clients=len(plan))
+        return [
+            (client, FitIns(parameters, {"round": server_round, "device": d, "seed": seed}))
+            for client, (d, seed) in zip(clients, plan, strict=True)
+        ]
 
 
 def make_server_app(cfg: dict[str, Any], accuracies: list[float], train: list[float]) -> ServerApp:
@@ -75,7 +99,11 @@ def make_server_app(cfg: dict[str, Any], accuracies: list[float], train: list[fl
         return {}
 
     def server_fn(context: Context) -> ServerAppComponents:
-        strategy = FedAvg(
+        replay = cfg.get("schedule")
+        schedule = json.loads(Path(replay).read_text()) if replay else None
+        rounds = len(schedule) if schedule is not None else cfg["rounds"]
+        kind: Any = FedAvg if schedule is None else functools.partial(ReplayFedAvg, schedule)
+        strategy = kind(
             fraction_fit=cfg["goal"] / cfg["devices"],
             fraction_evaluate=0.0,
             min_fit_clients=cfg["goal"],
@@ -86,7 +114,7 @@ def make_server_app(cfg: dict[str, Any], accuracies: list[float], train: list[fl
             fit_metrics_aggregation_fn=fit_metrics,
             initial_parameters=ndarrays_to_parameters(initial),
         )
-        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg["rounds"]))
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
 
     return ServerApp(server_fn=server_fn)
 
@@ -114,8 +142,10 @@ def main() -> None:
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
     wall = time.perf_counter() - start
-    if len(accuracies) != cfg["rounds"]:
-        sys.exit(f"flower ran {len(accuracies)} evaluated rounds, expected {cfg['rounds']}")
+    replay = cfg.get("schedule")
+    rounds = len(json.loads(Path(replay).read_text())) if replay else cfg["rounds"]
+    if len(accuracies) != rounds:
+        sys.exit(f"flower ran {len(accuracies)} evaluated rounds, expected {rounds}")
     params = sum(int(np.prod(p.shape)) for p in _weights(Net(cfg["channels"])))
     print(
         json.dumps(

@@ -11,6 +11,7 @@ the training it contains.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +43,14 @@ from fedfleet.tasks import task_of
 from fedfleet.tasks.evaluation import task_evaluator
 from fedfleet.tasks.validation import check_job_data
 
-__all__ = ["Adversary", "EmbeddedOptions", "EmbeddedPopulation", "Fault", "run_job"]
+__all__ = [
+    "Adversary",
+    "EmbeddedOptions",
+    "EmbeddedPopulation",
+    "Fault",
+    "run_job",
+    "train_workers",
+]
 
 Adversary = Callable[[ReportEnvelope, Weights], ReportEnvelope]
 """A hostile device in one process: gets each report (authenticated, ticketed) and the model
@@ -132,6 +140,21 @@ class EmbeddedOptions:
     population: EmbeddedPopulation | None = None
     """Run on these long-lived devices (and their clock and store) instead of a fleet of the
     job's own; later jobs of the population reuse them."""
+    train_workers: int | None = None
+    """Devices trained at once, in threads (the results are the same). None: one per CPU
+    for a task whose training releases the GIL (``FLTask.parallel_training``, the PyTorch
+    adapter), else 1. A population's devices train one at a time."""
+
+
+def train_workers(job: FLJob, opts: EmbeddedOptions) -> int:
+    """How many devices of ``job`` the embedded runner trains at once under ``opts``."""
+    if opts.train_workers is not None:
+        return max(1, opts.train_workers)
+    if not task_of(job).task.parallel_training:
+        return 1
+    if hasattr(os, "sched_getaffinity"):  # the CPUs this process may use (Linux)
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def _evaluator(job: FLJob, data: DatasetSplit) -> Callable[[Weights], dict[str, float]] | None:
@@ -283,14 +306,26 @@ def run_job(
     limit = policy.total * per_round * 10 + 86_400
 
     loop.at(started_at, tick)
+    fleet: SimulatedFleet | None = None
     if pop is None:
-        SimulatedFleet(
-            spec.fleet, spec.population, data, loop, live_selectors, policy=spec.eligibility
-        ).start()
+        fleet = SimulatedFleet(
+            spec.fleet,
+            spec.population,
+            data,
+            loop,
+            live_selectors,
+            policy=spec.eligibility,
+            train_workers=train_workers(job, opts),
+        )
+        fleet.start()
     else:
         pop.jobs.append(job.key)
         pop.serve(live_selectors)
-    loop.run_until(finished, limit=started_at + limit)
+    try:
+        loop.run_until(finished, limit=started_at + limit)
+    finally:
+        if fleet is not None:
+            fleet.close()
     if pop is not None:
         pop.serve(tuple)
         retire_at[0] = (

@@ -12,12 +12,19 @@ selector (:class:`~fedfleet.device.secure.SecureSession`), polling every ``poll_
 device that drops out does so at a uniformly chosen point: during training, or after its key
 advertisement, its shares or its masked input — exactly the drop-outs the protocol recovers
 from.
+
+With ``train_workers`` above 1, the devices a selector configures together train at once in a
+thread pool (for tasks whose training runs outside the GIL, such as PyTorch's kernels): each
+device's training starts when it is configured and its outcome is taken when its report (or
+drop-out) falls due on the simulated clock. Every device trains with its own generator and
+the events keep their order, so the run is the same as with one worker, only sooner.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -111,8 +118,14 @@ class SimulatedFleet:
         policy: EligibilitySpec | None = None,
         recheck_seconds: float = 60.0,
         poll_seconds: float = 1.0,
+        train_workers: int = 1,
     ) -> None:
         self.spec = spec
+        self._pool = (
+            ThreadPoolExecutor(train_workers, thread_name_prefix="sim-train")
+            if train_workers > 1
+            else None
+        )
         self.loop = loop
         self.poll_seconds = poll_seconds
         self.selectors = selectors
@@ -130,6 +143,31 @@ class SimulatedFleet:
                 rng=np.random.default_rng([spec.seed, i]),
             )
             self.devices.append(_Device(self, runtime))
+
+    def close(self) -> None:
+        """Drop trainings not started yet and wait for the running ones (at most one per
+        worker): a finished job leaves no training behind."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _train(
+        self, run: Callable[[], ReportEnvelope | SecureContribution]
+    ) -> Callable[[], ReportEnvelope | SecureContribution]:
+        """Start ``run`` (one device's training) and return what yields its outcome (or
+        raises its error): at once without a pool, else when the pool has run it."""
+        if self._pool is None:
+            try:
+                done: ReportEnvelope | SecureContribution = run()
+            except TaskAborted as exc:
+                failed = exc
+
+                def fail() -> ReportEnvelope | SecureContribution:
+                    raise failed
+
+                return fail
+            return lambda: done
+        future: Future[ReportEnvelope | SecureContribution] = self._pool.submit(run)
+        return future.result
 
     def start(self, spread: float = 30.0) -> None:
         """First check-ins spread over ``spread`` seconds."""
@@ -195,31 +233,37 @@ class SimulatedFleet:
             stage = int(self.rng.integers(0, 4))
             if stage > 0:
                 lost_at, stop_after = epochs + 1, stage
-        try:
-            env = dev.runtime.execute(task, now, lambda epoch: epoch < lost_at)
-        except TaskAborted:
-            self.stats.aborted += 1
-            frac = (lost_at + 0.5) / max(1, epochs)
+        outcome = self._train(lambda: dev.runtime.execute(task, now, lambda epoch: epoch < lost_at))
+        # An aborted task is noticed (lost_at + 1/2) / epochs of the way through; a trained one
+        # reports after ``duration``. The outcome is taken at the earlier of the two.
+        abort_after = duration * (lost_at + 0.5) / max(1, epochs)
+        decide_after = min(duration, abort_after)
 
-            def abort() -> None:
-                if selector is not None:
-                    try:
-                        selector.dropped(task.assignment.round_key, dev.runtime.device_id)
-                    except ConnectionError:
-                        pass
-                self._schedule_wake(dev, self.loop.now + self.recheck_seconds)
+        def abort() -> None:
+            if selector is not None:
+                try:
+                    selector.dropped(task.assignment.round_key, dev.runtime.device_id)
+                except ConnectionError:
+                    pass
+            self._schedule_wake(dev, self.loop.now + self.recheck_seconds)
 
-            self.loop.after(duration * frac, abort)
-            return
+        def decide() -> None:
+            try:
+                env = outcome()
+            except TaskAborted:
+                self.stats.aborted += 1
+                self._later(abort_after - decide_after, abort)
+                return
+            if isinstance(env, SecureContribution):
+                contribution = env
+                self._later(
+                    duration - decide_after,
+                    lambda: self._secure(dev, selector, contribution, stop_after),
+                )
+                return
+            self._later(duration - decide_after, lambda: report(env))
 
-        if isinstance(env, SecureContribution):
-            contribution = env
-            self.loop.after(duration, lambda: self._secure(dev, selector, contribution, stop_after))
-            return
-
-        report_env = env
-
-        def report() -> None:
+        def report(report_env: ReportEnvelope) -> None:
             if selector is None:
                 return
             try:
@@ -231,7 +275,15 @@ class SimulatedFleet:
                 self.stats.connection_errors += 1
             self._schedule_wake(dev, self.loop.now + self.rng.uniform(30, 90))
 
-        self.loop.after(duration, report)
+        self.loop.after(decide_after, decide)
+
+    def _later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` after ``delay`` simulated seconds; at once (in the current event) when
+        the delay is zero, so an outcome taken when it falls due keeps its event's place."""
+        if delay > 0:
+            self.loop.after(delay, fn)
+        else:
+            fn()
 
     def _secure(
         self,

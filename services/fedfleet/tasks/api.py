@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 from numpy.typing import NDArray
@@ -72,6 +72,12 @@ class FLTask(ABC):
     simulated fleet over HTTP trains in a thread pool: :meth:`train` and :meth:`evaluate` may
     run in several threads at once, so keep per-call state local (or per thread).
     """
+
+    parallel_training: ClassVar[bool] = False
+    """Whether :meth:`train` spends most of its time outside Python's GIL (a framework's
+    kernels), so that the embedded simulator trains several devices at once in threads, one
+    per CPU (``EmbeddedOptions.train_workers``). The PyTorch adapter sets it; plain numpy
+    tasks of small models do not gain from threads."""
 
     @abstractmethod
     def initial_weights(self) -> dict[str, NDArray[np.float32]]:
