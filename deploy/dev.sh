@@ -93,10 +93,7 @@ setup_python() {
   say "setting up $venv (uv, wheel cache in $UV_CACHE_DIR)"
   rm -rf "$venv"
   "$uv" venv --quiet --seed --python "$(command -v "$python")" "$venv" || die "uv venv failed"
-  # --compile-bytecode: uv installs no .pyc and PYTHONDONTWRITEBYTECODE may be set, so without
-  # it every process compiles what it imports from source (import torch: 4.5 s instead of 1.7 s,
-  # torch._dynamo, which torch.optim imports, 5.0 s instead of 1.4 s). About 60 s, once per venv.
-  "$uv" pip install --quiet --compile-bytecode --python "$venv/bin/python" -e ".[dev]" \
+  "$uv" pip install --quiet --python "$venv/bin/python" -e ".[dev]" \
     || die "installing the Python packages failed (uv pip install -e .[dev])"
   echo "$want" >"$stamp"
   took[python]=$(($(now) - t0))
