@@ -231,13 +231,21 @@ class RealNode:
         """Stop everything, then restore the host from the snapshot (always, even after a
         failed start), then release the lock. ``host_diff`` says what could not be restored."""
         try:
+            t0 = time.monotonic()
             for name in ("coredns", "kube-proxy", "kubelet"):
                 self._terminate(name)
+            t1 = time.monotonic()
             self._remove_containers()
+            t2 = time.monotonic()
             self._terminate("containerd")
             self._kill_shims()
+            t3 = time.monotonic()
             if self._snapshot is not None:
                 self.restored += self._snapshot.restore(self.workdir, BRIDGE)
+                self.restored.append(
+                    f"timings: node processes {t1 - t0:.1f} s, containers {t2 - t1:.1f} s, "
+                    f"containerd {t3 - t2:.1f} s, host restore {time.monotonic() - t3:.1f} s"
+                )
                 self.host_diff = self._snapshot.diff()
                 if not self.host_diff:
                     STATE_FILE.unlink(missing_ok=True)
@@ -323,7 +331,7 @@ class RealNode:
         finally:
             log.close()
 
-    def _terminate(self, name: str, timeout: float = 15) -> None:
+    def _terminate(self, name: str, timeout: float = 5) -> None:
         proc = self._procs.pop(name, None)
         if proc is None or proc.poll() is not None:
             return
@@ -641,6 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--smoke", action="store_true", help="start a cluster, check it, stop")
     group.add_argument("--cleanup", action="store_true", help="repair a host a killed run left")
     parser.add_argument("--e2e", action="store_true", help="with --smoke: helm + digits FLJob")
+    parser.add_argument(
+        "--e2e-rev",
+        metavar="REV",
+        help="take charts/ and deploy/examples/ from this git revision (the one the images were "
+        "built from) instead of the work tree",
+    )
     args = parser.parse_args(argv)
     if args.cleanup:
         node_lock = RealNode.__new__(RealNode)
@@ -655,11 +669,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tests.cluster.realnode_smoke import smoke
 
+    repo: Path | None = None
+    if args.e2e_rev:
+        repo = Path(tempfile.mkdtemp(prefix="ffrn-tree-"))
+        top = Path(__file__).resolve().parents[2]
+        archive = subprocess.run(
+            ["git", "-C", str(top), "archive", args.e2e_rev, "charts", "deploy/examples"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(repo)], input=archive, check=True)
     try:
-        return smoke(e2e=args.e2e)
+        return smoke(e2e=args.e2e or repo is not None, e2e_repo=repo)
     except (RealNodeError, ControlPlaneError) as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if repo is not None:
+            shutil.rmtree(repo, ignore_errors=True)
 
 
 if __name__ == "__main__":

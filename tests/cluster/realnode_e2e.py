@@ -33,13 +33,15 @@ doc = yaml.safe_load(open("/fleet/job.yaml"))
 doc["metadata"] = {"name": os.environ["JOB"], "namespace": os.environ["NS"]}
 urls = [f"http://{ip}:8080" for ip in os.environ["SELECTORS"].split(",")]
 print("fleet against", urls, flush=True)
+up = UpOptions()
+extra = {"rest_rounds": up.rest_rounds} if hasattr(up, "rest_rounds") else {}  # newer images
 fleet = HttpFleet(
     parse_manifest(doc),
     urls,
     JobKeys.from_secret(bytes.fromhex(os.environ["JOB_SECRET"])),
     time_scale=0.01,
-    rest_seconds=UpOptions().rest_seconds,
-    rest_rounds=UpOptions().rest_rounds,
+    rest_seconds=up.rest_seconds,
+    **extra,
 )
 asyncio.run(fleet.run())
 """
@@ -62,10 +64,14 @@ def _ready_ips(cp: ControlPlane, selector: str) -> list[str]:
     )
 
 
-def fedfleet_end_to_end(cp: ControlPlane, images: NodeImages, timeout: float = 1200) -> list[str]:
+def fedfleet_end_to_end(
+    cp: ControlPlane, images: NodeImages, repo: Path = REPO, timeout: float = 1200
+) -> list[str]:
+    """``repo``: where charts/fedfleet and deploy/examples come from; they must match the
+    images' sources (the operator refuses CRD fields it does not know: InvalidSpec)."""
     t0 = time.monotonic()
     redis = next(n for n in images.archives if "/redis:" in n)
-    repo, tag = redis.rsplit(":", 1)
+    redis_repo, redis_tag = redis.rsplit(":", 1)
     helm = [cp.binaries.helm, f"--kubeconfig={cp.kubeconfig}"]
 
     def run_helm(*args: str, timeout_s: float = 400) -> subprocess.CompletedProcess[str]:
@@ -74,12 +80,12 @@ def fedfleet_end_to_end(cp: ControlPlane, images: NodeImages, timeout: float = 1
     install = run_helm(
         "install",
         "fedfleet",
-        str(REPO / "charts" / "fedfleet"),
+        str(repo / "charts" / "fedfleet"),
         "-n",
         NS,
         "--create-namespace",
         "--set",
-        f"redis.image.repository={repo},redis.image.tag={tag},redis.persistence.enabled=false",
+        f"redis.image.repository={redis_repo},redis.image.tag={redis_tag},redis.persistence.enabled=false",
         "--wait",
         "--timeout",
         "300s",
@@ -92,17 +98,29 @@ def fedfleet_end_to_end(cp: ControlPlane, images: NodeImages, timeout: float = 1
     if test.returncode != 0:
         return [f"helm test failed: {test.stdout} {test.stderr}"]
     t1 = time.monotonic()
-    cp.kubectl("apply", "-n", NS, "-f", str(REPO / "deploy/examples/digits.yaml"), check=True)
+    cp.kubectl("apply", "-n", NS, "-f", str(repo / "deploy/examples/digits.yaml"), check=True)
     selectors: list[str] = []
     while time.monotonic() - t1 < 300 and not selectors:
         time.sleep(2)
         selectors = _ready_ips(cp, "fedfleet.dev/job=digits,fedfleet.dev/role=selector")
+        job = _json(cp, "get", "fljob", "digits", "-n", NS) or {}
+        bad = [
+            c
+            for c in job.get("status", {}).get("conditions", [])
+            if c.get("reason") == "InvalidSpec" or c.get("type") == "Invalid"
+        ]
+        if bad or job.get("status", {}).get("state") == "InvalidSpec":
+            events = cp.kubectl("get", "events", "-n", NS, "--field-selector=reason=InvalidSpec")
+            return [
+                "the operator refused the FLJob (InvalidSpec): are the images older than "
+                f"{repo}'s chart and CRD? {json.dumps(bad)} {events.stdout.strip()[-600:]}"
+            ]
     if not selectors:
         return ["no selector pod became ready in 300 s"]
     print(f"digits actors ready {time.monotonic() - t1:.1f} s after apply; selectors {selectors}")
     print(cp.kubectl("get", "pods", "-n", NS, "-o", "wide").stdout)
     services = next(n for n in images.archives if "/services:" in n)
-    job_yaml = (REPO / "deploy/examples/digits.yaml").read_text()
+    job_yaml = (repo / "deploy/examples/digits.yaml").read_text()
     cm = {
         "apiVersion": "v1",
         "kind": "ConfigMap",

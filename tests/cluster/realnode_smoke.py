@@ -9,10 +9,12 @@ held.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.realnode import NodeImages, RealNode, RealNodeError, host_ip
@@ -107,7 +109,7 @@ def _host_view() -> dict[str, str]:
     view["nft list ruleset"] = run("nft", "list", "ruleset")
     for key in WATCHED_SYSCTLS:
         view[key] = run("sysctl", "-n", key).strip()
-    view["links"] = run("ip", "-o", "link", "show").count("\n").__str__()
+    view["links"] = " ".join(sorted(os.listdir("/sys/class/net")))
     return view
 
 
@@ -125,7 +127,7 @@ def _wait(what: str, check: Callable[[], bool], timeout: float) -> float:
     raise RealNodeError(f"timed out after {timeout} s waiting for {what}")
 
 
-def smoke(*, e2e: bool = False) -> int:
+def smoke(*, e2e: bool = False, e2e_repo: Path | None = None) -> int:
     images = NodeImages.load()
     services = next(n for n in images.archives if "/services:" in n)
     before = _host_view()
@@ -189,9 +191,9 @@ def smoke(*, e2e: bool = False) -> int:
                 if len(got["backends"]) != 2:
                     failures.append(f"backends {got['backends']}: want both web pods")
             if e2e:
-                from tests.cluster.realnode_e2e import fedfleet_end_to_end
+                from tests.cluster.realnode_e2e import REPO, fedfleet_end_to_end
 
-                failures += fedfleet_end_to_end(cp, images)
+                failures += fedfleet_end_to_end(cp, images, e2e_repo or REPO)
         except BaseException as exc:
             failures.append(f"{type(exc).__name__}: {exc}")
             for name in RealNode.COMPONENTS:
