@@ -200,7 +200,7 @@ class HostSnapshot:
         links and ``bridge``, new mounts under ``workdir`` or a ``CANDIDATE_PATHS`` entry."""
         done: list[str] = []
         prefixes = [*CANDIDATE_PATHS, *([str(workdir)] if workdir else [])]
-        self._kill_new_cgroup_tasks(done)
+        self.kill_node_cgroup_tasks(done)
         self._unmount_new(done, prefixes)
         self._remove_netns(done)
         self._delete_links(done, bridge)
@@ -221,7 +221,8 @@ class HostSnapshot:
             ]
         return out
 
-    def _kill_new_cgroup_tasks(self, done: list[str]) -> None:
+    def kill_node_cgroup_tasks(self, done: list[str]) -> None:
+        """SIGKILL every process in a node cgroup (kubepods*, k8s.io) that is new."""
         deadline = time.monotonic() + 20
         while True:
             pids: set[int] = set()

@@ -232,10 +232,16 @@ class RealNode:
         failed start), then release the lock. ``host_diff`` says what could not be restored."""
         try:
             t0 = time.monotonic()
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:  # died before stop(): say how
+                    self.restored.append(f"NOTE: {name} had exited with {proc.returncode}")
             for name in ("coredns", "kube-proxy", "kubelet"):
                 self._terminate(name)
             t1 = time.monotonic()
-            self._remove_containers()
+            if self._snapshot is not None:
+                # Every container process (they are all in the new /kubepods cgroups): their
+                # shims then have nothing left, and containerd's own state goes with workdir.
+                self._snapshot.kill_node_cgroup_tasks(self.restored)
             t2 = time.monotonic()
             self._terminate("containerd")
             self._kill_shims()
@@ -575,27 +581,6 @@ state = "{d}/state"
 """
         cfg = self._write("Corefile", corefile)
         self._spawn("coredns", [self.binaries.coredns, "-conf", str(cfg)])
-
-    def _remove_containers(self) -> None:
-        """Kill every container (their processes are in /kubepods cgroups, the snapshot's
-        restore kills leftovers too) and delete them from containerd, so no shim stays."""
-        if "containerd" not in self._procs or self._procs["containerd"].poll() is not None:
-            return
-        ctr = self.ctr_cmd
-        tasks = subprocess.run([*ctr, "tasks", "ls", "-q"], capture_output=True, text=True)
-        for cid in tasks.stdout.split():
-            subprocess.run([*ctr, "tasks", "kill", "-s", "SIGKILL", cid], capture_output=True)
-        for cid in tasks.stdout.split():
-            for _ in range(20):
-                if (
-                    subprocess.run([*ctr, "tasks", "rm", "-f", cid], capture_output=True).returncode
-                    == 0
-                ):
-                    break
-                time.sleep(0.25)
-        conts = subprocess.run([*ctr, "containers", "ls", "-q"], capture_output=True, text=True)
-        for cid in conts.stdout.split():
-            subprocess.run([*ctr, "containers", "rm", cid], capture_output=True)
 
     def _kill_shims(self) -> None:
         """containerd-shim-runc-v2 processes detach from containerd; end the ones that name

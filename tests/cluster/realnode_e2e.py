@@ -107,7 +107,7 @@ def fedfleet_end_to_end(
         bad = [
             c
             for c in job.get("status", {}).get("conditions", [])
-            if c.get("reason") == "InvalidSpec" or c.get("type") == "Invalid"
+            if c.get("type") == "Invalid" and c.get("status") == "True"
         ]
         if bad or job.get("status", {}).get("state") == "InvalidSpec":
             events = cp.kubectl("get", "events", "-n", NS, "--field-selector=reason=InvalidSpec")
