@@ -91,7 +91,7 @@ spec:
       out["dns"] = socket.gethostbyname("web.default.svc.cluster.local")
       out["dns_kubernetes"] = socket.gethostbyname("kubernetes.default")
       seen = set()
-      for i in range(8):
+      for i in range(30):
           url = "http://web/" if i % 2 else f"http://{os.environ['WEB_SERVICE_HOST']}/"
           seen.add(urllib.request.urlopen(url, timeout=10).read().decode())
       out["backends"] = sorted(seen)
@@ -165,6 +165,24 @@ def smoke(*, e2e: bool = False, e2e_repo: Path | None = None) -> int:
                 240,
             )
             print(f"web: 2/2 pods ready {took:.1f} s after apply")
+            # Both in the Service's EndpointSlice before the client runs (readyReplicas can
+            # come first), then one kube-proxy sync.
+            _wait(
+                "2 ready web endpoints",
+                lambda: (
+                    cp.kubectl(
+                        "get",
+                        "endpointslices",
+                        "-l",
+                        "kubernetes.io/service-name=web",
+                        "-o",
+                        "jsonpath={.items[*].endpoints[?(@.conditions.ready==true)].addresses[0]}",
+                    ).stdout.count(".")
+                    == 6
+                ),
+                60,
+            )
+            time.sleep(2)
             cp.kubectl("apply", "-f", "-", input=CLIENT.replace("IMAGE", services), check=True)
             phase = ""
 
