@@ -192,14 +192,14 @@ class HostSnapshot:
 
     # -- restoring ----------------------------------------------------------------------------
 
-    def restore(self, workdir: Path | None = None, bridge: str = "rnbr0") -> list[str]:
+    def restore(self, workdirs: list[Path] | None = None, bridge: str = "rnbr0") -> list[str]:
         """Put the host back as recorded; returns what was done (for the log). Best effort per
         item: one failure does not stop the rest; ``diff()`` afterwards says what is left.
 
         Only the node's things are undone: new ``kubepods*``/``k8s.io`` cgroups, new veth/cni
-        links and ``bridge``, new mounts under ``workdir`` or a ``CANDIDATE_PATHS`` entry."""
+        links and ``bridge``, new mounts under a ``workdirs`` or ``CANDIDATE_PATHS`` entry."""
         done: list[str] = []
-        prefixes = [*CANDIDATE_PATHS, *([str(workdir)] if workdir else [])]
+        prefixes = [*CANDIDATE_PATHS, *(str(w) for w in workdirs or [])]
         self.kill_node_cgroup_tasks(done)
         self._unmount_new(done, prefixes)
         self._remove_netns(done)

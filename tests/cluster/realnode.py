@@ -55,7 +55,16 @@ from tests.cluster.controlplane import (
 )
 from tests.cluster.hoststate import HostSnapshot, mounts_under
 
-__all__ = ["LOCK_FILE", "NodeBinaries", "NodeImages", "RealNode", "RealNodeError", "host_ip"]
+__all__ = [
+    "LOCK_FILE",
+    "NodeBinaries",
+    "NodeImages",
+    "RealNode",
+    "RealNodeError",
+    "acquire_host_lock",
+    "host_ip",
+    "repair_host",
+]
 
 LOCK_FILE = Path("/run/lock/fedfleet-realnode.lock")
 STATE_FILE = Path("/run/lock/fedfleet-realnode.state.json")
@@ -203,7 +212,7 @@ class RealNode:
 
     def start(self) -> RealNode:
         t0 = time.monotonic()
-        self._acquire_lock()
+        self._lock = acquire_host_lock(self.lock_timeout)
         try:
             if STATE_FILE.exists():  # a killed run's leftovers: repair the host first
                 self.restored += repair_host()
@@ -247,7 +256,7 @@ class RealNode:
             self._kill_shims()
             t3 = time.monotonic()
             if self._snapshot is not None:
-                self.restored += self._snapshot.restore(self.workdir, BRIDGE)
+                self.restored += self._snapshot.restore([self.workdir], BRIDGE)
                 self.restored.append(
                     f"timings: node processes {t1 - t0:.1f} s, containers {t2 - t1:.1f} s, "
                     f"containerd {t3 - t2:.1f} s, host restore {time.monotonic() - t3:.1f} s"
@@ -305,23 +314,6 @@ class RealNode:
         )
 
     # -- internals --------------------------------------------------------------------------
-
-    def _acquire_lock(self) -> None:
-        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-        fh = LOCK_FILE.open("a")
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    fh.close()
-                    raise RealNodeError(
-                        f"another real node runs on this host (it holds {LOCK_FILE})"
-                    ) from None
-                time.sleep(1)
-        self._lock = fh
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = (self.workdir / "logs" / f"{name}.log").open("ab")
@@ -594,6 +586,25 @@ state = "{d}/state"
                 pass
 
 
+def acquire_host_lock(timeout: float = 0.0) -> IO[str]:
+    """The host-wide real-node lock (an exclusive flock on LOCK_FILE), held while the returned
+    file stays open; RealNodeError if another holder keeps it for ``timeout`` seconds."""
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    fh = LOCK_FILE.open("a")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fh
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                fh.close()
+                raise RealNodeError(
+                    f"another real node runs on this host (it holds {LOCK_FILE})"
+                ) from None
+            time.sleep(1)
+
+
 def _pids_with_arg(marker: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -620,10 +631,16 @@ def repair_host() -> list[str]:
         except ProcessLookupError:
             pass
     time.sleep(1)
-    done += snap.restore(None, BRIDGE)
+    # The killed run's work dirs (only one real node runs at a time: the caller holds the lock).
+    workdirs = [p for p in Path("/tmp").glob("ffrn-*") if not p.name.startswith("ffrn-tree-")]
+    done += snap.restore(workdirs, BRIDGE)
     left = snap.diff()
     if left:
         raise RealNodeError(f"could not repair the host from {STATE_FILE}: {left}")
+    for w in workdirs:
+        if not mounts_under(w):
+            shutil.rmtree(w, ignore_errors=True)
+            done.append(f"rm -r {w}")
     STATE_FILE.unlink()
     return done
 
@@ -642,16 +659,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.cleanup:
-        node_lock = RealNode.__new__(RealNode)
-        node_lock.lock_timeout = 0.0
-        node_lock._lock = None
-        node_lock._acquire_lock()
-        if not STATE_FILE.exists():
-            print("nothing to repair")
+        with acquire_host_lock():
+            if not STATE_FILE.exists():
+                print("nothing to repair")
+                return 0
+            for line in repair_host():
+                print(line)
             return 0
-        for line in repair_host():
-            print(line)
-        return 0
     from tests.cluster.realnode_smoke import smoke
 
     repo: Path | None = None
