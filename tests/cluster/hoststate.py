@@ -13,6 +13,7 @@ repaired by the next one (``python -m tests.cluster.realnode --cleanup``).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -22,8 +23,24 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
-__all__ = ["CANDIDATE_PATHS", "HostSnapshot", "mounts_under"]
+__all__ = [
+    "CANDIDATE_PATHS",
+    "LOCK_FILE",
+    "STATE_FILE",
+    "HostSnapshot",
+    "HostStateError",
+    "acquire_host_lock",
+    "mounts_under",
+    "pids_with_arg",
+    "repair_host",
+]
+
+# One real node per host: its lock, and the snapshot a run keeps while it holds it (left behind
+# only by a killed run, which repair_host() then undoes).
+LOCK_FILE = Path("/run/lock/fedfleet-realnode.lock")
+STATE_FILE = Path("/run/lock/fedfleet-realnode.state.json")
 
 # Paths a node may create although it was told to keep to its own directory.
 CANDIDATE_PATHS = (
@@ -57,6 +74,10 @@ VOLATILE_SYSCTL = re.compile(
 )
 # Written first: turning ip_forward back off rewrites every interface's `forwarding`.
 FIRST_SYSCTLS = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding")
+
+
+class HostStateError(RuntimeError):
+    """The host could not be locked or put back as recorded."""
 
 
 def _run(*argv: str, check: bool = True, input: str | None = None) -> str:
@@ -334,3 +355,63 @@ class HostSnapshot:
             else:
                 os.unlink(p)
             done.append(f"rm -r {p}")
+
+
+def acquire_host_lock(timeout: float = 0.0) -> IO[str]:
+    """The host-wide real-node lock (an exclusive flock on LOCK_FILE), held while the returned
+    file stays open; HostStateError if another holder keeps it for ``timeout`` seconds."""
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    fh = LOCK_FILE.open("a")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fh
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                fh.close()
+                raise HostStateError(
+                    f"another real node runs on this host (it holds {LOCK_FILE})"
+                ) from None
+            time.sleep(1)
+
+
+def pids_with_arg(marker: str) -> list[int]:
+    """Pids of processes with ``marker`` in an argument (their cmdline)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(marker.encode() in arg for arg in cmdline):
+            pids.append(int(entry.name))
+    return pids
+
+
+def repair_host(bridge: str) -> list[str]:
+    """Restore the host from the snapshot a killed run left in STATE_FILE (caller holds the
+    lock): kill that run's node processes, then restore everything the snapshot recorded."""
+    snap = HostSnapshot.load(STATE_FILE)
+    done = []
+    for pid in pids_with_arg("/tmp/ffrn-"):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            done.append(f"SIGKILL leftover node process {pid}")
+        except ProcessLookupError:
+            pass
+    time.sleep(1)
+    # The killed run's work dirs (only one real node runs at a time: the caller holds the lock).
+    workdirs = [p for p in Path("/tmp").glob("ffrn-*") if not p.name.startswith("ffrn-tree-")]
+    done += snap.restore(workdirs, bridge)
+    left = snap.diff()
+    if left:
+        raise HostStateError(f"could not repair the host from {STATE_FILE}: {left}")
+    for w in workdirs:
+        if not mounts_under(w):
+            shutil.rmtree(w, ignore_errors=True)
+            done.append(f"rm -r {w}")
+    STATE_FILE.unlink()
+    return done

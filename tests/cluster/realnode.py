@@ -17,15 +17,13 @@ logs, certificates) lives in one short temp dir. What the node changes on the ho
 anything starts and restored at ``stop()``; the snapshot is also saved next to the host-wide
 lock, so ``python -m tests.cluster.realnode --cleanup`` repairs a host a killed run left. Two
 real nodes can never run at once: the bridge, CIDRs and KUBE-* chains are host-global, so
-``start()`` takes an exclusive ``flock`` on ``LOCK_FILE`` first.
+``start()`` takes an exclusive ``flock`` on ``hoststate.LOCK_FILE`` first.
 
 The node's processes run under ``nice -n 19`` (containers inherit it from containerd).
 """
 
 from __future__ import annotations
 
-import argparse
-import fcntl
 import json
 import os
 import re
@@ -46,28 +44,29 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.cluster.controlplane import (
     ControlPlane,
-    ControlPlaneError,
     _cert_pem,
     _issue,
     _key_pem,
     _name,
     free_port,
 )
-from tests.cluster.hoststate import HostSnapshot, mounts_under
+from tests.cluster.hoststate import (
+    STATE_FILE,
+    HostSnapshot,
+    acquire_host_lock,
+    mounts_under,
+    pids_with_arg,
+    repair_host,
+)
 
 __all__ = [
-    "LOCK_FILE",
     "NodeBinaries",
     "NodeImages",
     "RealNode",
     "RealNodeError",
-    "acquire_host_lock",
     "host_ip",
-    "repair_host",
 ]
 
-LOCK_FILE = Path("/run/lock/fedfleet-realnode.lock")
-STATE_FILE = Path("/run/lock/fedfleet-realnode.state.json")
 POD_CIDR = "10.88.0.0/24"
 BRIDGE_IP = "10.88.0.1"
 BRIDGE = "rnbr0"
@@ -215,7 +214,7 @@ class RealNode:
         self._lock = acquire_host_lock(self.lock_timeout)
         try:
             if STATE_FILE.exists():  # a killed run's leftovers: repair the host first
-                self.restored += repair_host()
+                self.restored += repair_host(BRIDGE)
             self._snapshot = HostSnapshot.take()
             self._snapshot.save(STATE_FILE)
             self.workdir = Path(tempfile.mkdtemp(prefix="ffrn-", dir="/tmp"))
@@ -578,7 +577,7 @@ state = "{d}/state"
         """containerd-shim-runc-v2 processes detach from containerd; end the ones that name
         this node's containerd socket (by pid, never by process name)."""
         marker = str(self.workdir / "containerd")
-        for pid in _pids_with_arg(marker):
+        for pid in pids_with_arg(marker):
             try:
                 os.kill(pid, signal.SIGKILL)
                 self.restored.append(f"SIGKILL leftover {pid} ({marker})")
@@ -586,107 +585,7 @@ state = "{d}/state"
                 pass
 
 
-def acquire_host_lock(timeout: float = 0.0) -> IO[str]:
-    """The host-wide real-node lock (an exclusive flock on LOCK_FILE), held while the returned
-    file stays open; RealNodeError if another holder keeps it for ``timeout`` seconds."""
-    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-    fh = LOCK_FILE.open("a")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fh
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                fh.close()
-                raise RealNodeError(
-                    f"another real node runs on this host (it holds {LOCK_FILE})"
-                ) from None
-            time.sleep(1)
-
-
-def _pids_with_arg(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(marker.encode() in arg for arg in cmdline):
-            pids.append(int(entry.name))
-    return pids
-
-
-def repair_host() -> list[str]:
-    """Restore the host from the snapshot a killed run left in STATE_FILE (caller holds the
-    lock): kill that run's node processes, then restore everything the snapshot recorded."""
-    snap = HostSnapshot.load(STATE_FILE)
-    done = []
-    for pid in _pids_with_arg("/tmp/ffrn-"):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            done.append(f"SIGKILL leftover node process {pid}")
-        except ProcessLookupError:
-            pass
-    time.sleep(1)
-    # The killed run's work dirs (only one real node runs at a time: the caller holds the lock).
-    workdirs = [p for p in Path("/tmp").glob("ffrn-*") if not p.name.startswith("ffrn-tree-")]
-    done += snap.restore(workdirs, BRIDGE)
-    left = snap.diff()
-    if left:
-        raise RealNodeError(f"could not repair the host from {STATE_FILE}: {left}")
-    for w in workdirs:
-        if not mounts_under(w):
-            shutil.rmtree(w, ignore_errors=True)
-            done.append(f"rm -r {w}")
-    STATE_FILE.unlink()
-    return done
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.cluster.realnode", description=__doc__)
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--smoke", action="store_true", help="start a cluster, check it, stop")
-    group.add_argument("--cleanup", action="store_true", help="repair a host a killed run left")
-    parser.add_argument("--e2e", action="store_true", help="with --smoke: helm + digits FLJob")
-    parser.add_argument(
-        "--e2e-rev",
-        metavar="REV",
-        help="take charts/ and deploy/examples/ from this git revision (the one the images were "
-        "built from) instead of the work tree",
-    )
-    args = parser.parse_args(argv)
-    if args.cleanup:
-        with acquire_host_lock():
-            if not STATE_FILE.exists():
-                print("nothing to repair")
-                return 0
-            for line in repair_host():
-                print(line)
-            return 0
-    from tests.cluster.realnode_smoke import smoke
-
-    repo: Path | None = None
-    if args.e2e_rev:
-        repo = Path(tempfile.mkdtemp(prefix="ffrn-tree-"))
-        top = Path(__file__).resolve().parents[2]
-        archive = subprocess.run(
-            ["git", "-C", str(top), "archive", args.e2e_rev, "charts", "deploy/examples"],
-            capture_output=True,
-            check=True,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(repo)], input=archive, check=True)
-    try:
-        return smoke(e2e=args.e2e or repo is not None, e2e_repo=repo)
-    except (RealNodeError, ControlPlaneError) as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if repo is not None:
-            shutil.rmtree(repo, ignore_errors=True)
-
-
 if __name__ == "__main__":
+    from tests.cluster.realnode_smoke import main
+
     sys.exit(main())

@@ -8,18 +8,22 @@ held.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.cluster.controlplane import ControlPlane
-from tests.cluster.realnode import NodeImages, RealNode, RealNodeError, host_ip
+from tests.cluster.controlplane import ControlPlane, ControlPlaneError
+from tests.cluster.hoststate import STATE_FILE, HostStateError, acquire_host_lock, repair_host
+from tests.cluster.realnode import BRIDGE, NodeImages, RealNode, RealNodeError, host_ip
 
-__all__ = ["smoke"]
+__all__ = ["main", "smoke"]
 
 WATCHED_SYSCTLS = (
     "vm.overcommit_memory",
@@ -234,3 +238,44 @@ def smoke(*, e2e: bool = False, e2e_repo: Path | None = None) -> int:
         return 1
     print("SMOKE OK")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster.realnode", description=__doc__)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--smoke", action="store_true", help="start a cluster, check it, stop")
+    group.add_argument("--cleanup", action="store_true", help="repair a host a killed run left")
+    parser.add_argument("--e2e", action="store_true", help="with --smoke: helm + digits FLJob")
+    parser.add_argument(
+        "--e2e-rev",
+        metavar="REV",
+        help="take charts/ and deploy/examples/ from this git revision (the one the images were "
+        "built from) instead of the work tree",
+    )
+    args = parser.parse_args(argv)
+    if args.cleanup:
+        with acquire_host_lock():
+            if not STATE_FILE.exists():
+                print("nothing to repair")
+                return 0
+            for line in repair_host(BRIDGE):
+                print(line)
+            return 0
+    repo: Path | None = None
+    if args.e2e_rev:
+        repo = Path(tempfile.mkdtemp(prefix="ffrn-tree-"))
+        top = Path(__file__).resolve().parents[2]
+        archive = subprocess.run(
+            ["git", "-C", str(top), "archive", args.e2e_rev, "charts", "deploy/examples"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(repo)], input=archive, check=True)
+    try:
+        return smoke(e2e=args.e2e or repo is not None, e2e_repo=repo)
+    except (RealNodeError, ControlPlaneError, HostStateError) as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if repo is not None:
+            shutil.rmtree(repo, ignore_errors=True)
