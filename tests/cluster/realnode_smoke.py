@@ -254,13 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.cleanup:
-        with acquire_host_lock():
-            if not STATE_FILE.exists():
-                print("nothing to repair")
+        try:
+            with acquire_host_lock():
+                if not STATE_FILE.exists():
+                    print("nothing to repair")
+                    return 0
+                for line in repair_host(BRIDGE):
+                    print(line)
                 return 0
-            for line in repair_host(BRIDGE):
-                print(line)
-            return 0
+        except HostStateError as exc:
+            print(f"FAILED: {exc}", file=sys.stderr)
+            return 1
     repo: Path | None = None
     if args.e2e_rev:
         repo = Path(tempfile.mkdtemp(prefix="ffrn-tree-"))
