@@ -13,6 +13,12 @@ component binds to 127.0.0.1 only, on free ports; the kube-controller-manager an
 kube-scheduler serve no port at all (``--secure-port=0``). Each child runs under
 ``setpriv --pdeathsig KILL`` so a killed test run leaves no orphans.
 
+``ControlPlane(advertise_address="192.0.2.2")`` is for a real node (tests/cluster/realnode.py):
+the apiserver then binds to and advertises that (non-loopback) address, which is also in its
+serving certificate and in ``server``, and keeps the default endpoint reconciler, so the
+in-cluster ``kubernetes`` Service has an endpoint pods can reach (Kubernetes refuses loopback
+endpoints). The default (None) is unchanged: everything on 127.0.0.1.
+
 Certificates: one CA (signs the serving cert, the admin client cert, and is the controller
 manager's cluster-signing CA), an ECDSA service-account key pair, a serving cert for 127.0.0.1 /
 localhost / kubernetes.default.svc / 10.0.0.1, and an admin client cert with O=system:masters.
@@ -218,6 +224,7 @@ class ControlPlane:
         keep: bool | None = None,
         startup_timeout: float = 120.0,
         verbosity: int = 1,
+        advertise_address: str | None = None,
     ) -> None:
         self.binaries = binaries if binaries is not None else load_binaries()
         self._own_dir = workdir is None
@@ -228,6 +235,9 @@ class ControlPlane:
         self.keep = keep if keep is not None else os.environ.get("FEDFLEET_KEEP_CLUSTER") == "1"
         self.startup_timeout = startup_timeout
         self.verbosity = verbosity
+        if advertise_address is not None and ipaddress.ip_address(advertise_address).is_loopback:
+            raise ControlPlaneError(f"advertise_address {advertise_address} is a loopback address")
+        self.advertise_address = advertise_address
         self.pki = self.workdir / "pki"
         self.logs = self.workdir / "logs"
         self.etcd_port = 0
@@ -371,7 +381,8 @@ class ControlPlane:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ],
-            ips=["127.0.0.1", KUBERNETES_SERVICE_IP],
+            ips=["127.0.0.1", KUBERNETES_SERVICE_IP]
+            + ([self.advertise_address] if self.advertise_address else []),
         )
         admin_key, admin_cert = _issue(
             ca_key, ca_cert, _name("fedfleet-admin", "system:masters"), server=False
@@ -440,17 +451,25 @@ class ControlPlane:
 
     def _start_apiserver(self) -> None:
         self.apiserver_port = free_port()
-        self.server = f"https://127.0.0.1:{self.apiserver_port}"
+        address = self.advertise_address or "127.0.0.1"
+        self.server = f"https://{address}:{self.apiserver_port}"
         self.issuer = self.server
         pki = self.pki
+        if self.advertise_address is None:
+            # The `kubernetes` Service keeps its ClusterIP but gets no Endpoints: Kubernetes
+            # refuses loopback endpoint addresses. Pods reach the apiserver through
+            # KUBERNETES_SERVICE_HOST/PORT, which the node agent points at 127.0.0.1.
+            endpoints = ["--endpoint-reconciler-type=none"]
+        else:
+            endpoints = []  # the default (lease) reconciler publishes advertise_address
         self._spawn(
             "kube-apiserver",
             [
                 self.binaries.kube_apiserver,
                 f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={address}",
+                f"--advertise-address={address}",
                 f"--secure-port={self.apiserver_port}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
@@ -461,10 +480,7 @@ class ControlPlane:
                 f"--service-account-issuer={self.issuer}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
-                # The `kubernetes` Service keeps its ClusterIP but gets no Endpoints: Kubernetes
-                # refuses loopback endpoint addresses. Pods reach the apiserver through
-                # KUBERNETES_SERVICE_HOST/PORT, which the node agent points at 127.0.0.1.
-                "--endpoint-reconciler-type=none",
+                *endpoints,
                 "--kubelet-preferred-address-types=InternalIP,Hostname",
                 f"--kubelet-certificate-authority={pki / 'ca.crt'}",
                 f"--kubelet-client-certificate={pki / 'admin.crt'}",
