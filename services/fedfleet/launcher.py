@@ -47,8 +47,12 @@ PRELOAD = (
     "uvicorn",
     "uvicorn.protocols.http.httptools_impl",
     "uvicorn.lifespan.on",
+    "pydantic.v1",  # FastAPI asks for it while it builds each route's models
+    "httpx",
+    "certifi",
 )
-"""What every actor imports anyway (a module that fails to import is left to the child)."""
+"""What every actor imports anyway (a module that fails to import is left to the child);
+the launcher also builds the command-line parser once, which imports each command's module."""
 
 
 class LaunchedProcess:
@@ -251,6 +255,12 @@ def _serve() -> None:
             importlib.import_module(name)
         except Exception as exc:  # the child will import it again and say what is wrong
             print(f"launcher: could not preload {name}: {exc!r}", file=sys.stderr, flush=True)
+    try:
+        from fedfleet.cli import build_parser
+
+        build_parser()
+    except Exception as exc:
+        print(f"launcher: could not build the parser: {exc!r}", file=sys.stderr, flush=True)
     out = sys.stdout.buffer
     stdin = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
     children: set[int] = set()
