@@ -135,72 +135,22 @@ export CGO_ENABLED=0
 export GOFLAGS="-mod=mod -buildvcs=false"
 log "using $("$GO" version); GOMODCACHE=$GOMODCACHE GOCACHE=$GOCACHE"
 
-go_header() {
-    awk '
-        /^go [0-9]/              { print; next }
-        /^godebug \(/            { inblk = 1; print; next }
-        inblk                    { print; if ($0 ~ /^\)/) inblk = 0; next }
-        /^godebug /              { print }
-    ' "$1"
-}
-mod_download() {
-    local json gomod info
-    json=$("$GO" mod download -json "$1") || die "go mod download $1 failed"
-    gomod=$(sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p' <<<"$json")
-    info=$(sed -n 's/^[[:space:]]*"Info": "\(.*\)",\{0,1\}$/\1/p' <<<"$json")
-    [[ -f $gomod && -f $info ]] || die "go mod download $1: no go.mod/info in: $json"
-    echo "$gomod $info"
-}
-new_wrapper() {
-    local dir=$1 name=$2 depmod=$3
-    rm -rf "$dir"
-    mkdir -p "$dir"
-    { echo "module $name"; echo; go_header "$depmod"; } >"$dir/go.mod"
-}
+# go_header, mod_download, new_wrapper and k8s_wrapper (shared with deploy/build-binaries.sh).
+# shellcheck source=deploy/go-modules.sh
+source "$(dirname "${BASH_SOURCE[0]}")/go-modules.sh"
 
 build_node() {
-    local t0 dir gomod info build_date minor staging_v ldflags n c pkg
+    local t0 dir c
     t0=$(date +%s)
-    [[ $K8S_VERSION =~ ^v1\.([0-9]+)\.([0-9]+)$ ]] || die "bad FEDFLEET_K8S_VERSION $K8S_VERSION"
-    minor=${BASH_REMATCH[1]}
-    staging_v="v0.${K8S_VERSION#v1.}"
-    read -r gomod info < <(mod_download "k8s.io/kubernetes@$K8S_VERSION")
-    build_date=$(sed -n 's/.*"Time": *"\([^"]*\)".*/\1/p' "$info")
-    [[ -n $build_date ]] || build_date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
     dir=$BUILD_ROOT/k8s-node-$K8S_VERSION
-    new_wrapper "$dir" "fedfleet.local/build/k8snode" "$gomod"
-    local -a staging
-    mapfile -t staging < <(awk '
-        /^replace \(/ { inblk = 1; next }
-        inblk && /^\)/ { inblk = 0; next }
-        {
-            line = $0; sub(/^replace[[:space:]]+/, "", line)
-            if ((inblk || $0 ~ /^replace /) && line ~ /=>[[:space:]]*\.\/staging\/src\//) {
-                split(line, f, /[[:space:]]+/); for (i in f) if (f[i] ~ /^k8s\.io\//) { print f[i]; break }
-            }
-        }' "$gomod" | sort -u)
-    ((${#staging[@]} > 10)) || die "found only ${#staging[@]} staging modules in $gomod"
-    {
-        echo
-        echo "require k8s.io/kubernetes $K8S_VERSION"
-        echo
-        echo "replace ("
-        for n in "${staging[@]}"; do echo "	$n => $n $staging_v"; done
-        echo ")"
-    } >>"$dir/go.mod"
-    # The same ldflags as build-binaries.sh (version of the servers and of client-go).
-    ldflags="-s -w"
-    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-        ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-        ldflags+=" -X $pkg.gitCommit= -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date"
-    done
+    k8s_wrapper "$dir" "fedfleet.local/build/k8snode" "$K8S_VERSION"
     local out=$NODE_BIN.tmp
     rm -rf "$out"; mkdir -p "$out"
     (cd "$dir" && "$GO" mod download) || die "kubernetes: go mod download failed"
     local -a pkgs=()
     for c in "${NODE_CMDS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
     log "kubernetes $K8S_VERSION: building ${NODE_CMDS[*]}"
-    (cd "$dir" && "$GO" build -trimpath -ldflags "$ldflags" -o "$out/" "${pkgs[@]}") \
+    (cd "$dir" && "$GO" build -trimpath -ldflags "$K8S_LDFLAGS" -o "$out/" "${pkgs[@]}") \
         || die "kubernetes: go build ${NODE_CMDS[*]} failed"
     rm -rf "$NODE_BIN"; mv "$out" "$NODE_BIN"
     verify_node || die "kubelet/kube-proxy fail their version check"
