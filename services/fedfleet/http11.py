@@ -159,6 +159,10 @@ class Http11Client:
         self._slots: dict[Address, asyncio.Semaphore] = {}
 
     async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the idle connections (from the event loop's thread)."""
         for pool in self._idle.values():
             while pool:
                 pool.pop().close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import zlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from fedfleet.core.eligibility import is_eligible
@@ -59,6 +59,9 @@ class DeviceLink(Protocol):
 Forward = Callable[[str, ReportEnvelope], None]
 """Deliver a report to the named aggregator; raises ReportRejected (or ConnectionError)."""
 
+AsyncForward = Callable[[str, ReportEnvelope], Awaitable[None]]
+"""The same from the service's event loop (the selector service forwards uploads this way)."""
+
 ForwardSecAgg = Callable[[str, str, str, str, str, bytes], dict[str, Any] | None]
 """Deliver one Secure Aggregation call ``(aggregator, round_key, device_id, ticket, step, body)``
 to the named aggregator and return its answer (see :meth:`Aggregator.secagg`)."""
@@ -72,8 +75,9 @@ class Selector:
         *,
         actor_id: str,
         secret: bytes,
-        forward: Forward,
+        forward: Forward | None = None,
         forward_secagg: ForwardSecAgg | None = None,
+        aforward: AsyncForward | None = None,
         address: str = "",
         pacing: PaceSteering | None = None,
         heartbeat_every: float = 2.0,
@@ -86,7 +90,10 @@ class Selector:
         self.actor_id = actor_id
         self.address = address
         self._secret = secret
+        if forward is None and aforward is None:
+            raise ValueError("a selector needs a way to forward reports")
         self._forward = forward
+        self._aforward = aforward
         self._forward_secagg = forward_secagg
         self._offset = zlib.crc32(actor_id.encode())
         self.pacing = pacing or PaceSteering()
@@ -190,10 +197,26 @@ class Selector:
 
     def report(self, env: ReportEnvelope, aggregator: str) -> None:
         """Hand a device's report to its aggregator (raises ReportRejected)."""
+        if self._forward is None:
+            raise ConnectionError("this selector forwards reports from its event loop")
+        self._route_report(env, aggregator)
+        self._forward(aggregator, env)
+        self._reported(env)
+
+    async def areport(self, env: ReportEnvelope, aggregator: str) -> None:
+        """:meth:`report` from the service's event loop (no thread hop, no blocking client)."""
+        if self._aforward is None:
+            raise ConnectionError("this selector forwards reports synchronously")
+        self._route_report(env, aggregator)
+        await self._aforward(aggregator, env)
+        self._reported(env)
+
+    def _route_report(self, env: ReportEnvelope, aggregator: str) -> None:
         if self.stopped:
             raise ConnectionError("selector is down")
         self._check_route(env.round_key, aggregator)
-        self._forward(aggregator, env)
+
+    def _reported(self, env: ReportEnvelope) -> None:
         with self._lock:
             self._settled[env.round_key].add(env.device_id)
 
