@@ -142,10 +142,13 @@ def _drive(
     timeout: float,
     during: Callable[[dict[str, Any]], None] | None = None,
     fleet_doc: dict[str, Any] | None = None,
+    paused: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run a simulated fleet against the job's selector pods until ``until(fljob)`` holds.
     ``fleet_doc``: the manifest as the devices see it, when its file paths differ from the
-    cluster's (the fleet's data and task code live on this host, not in the pods)."""
+    cluster's (the fleet's data and task code live on this host, not in the pods).
+    ``paused``: while it is set the fleet is stopped (the job makes no progress) and the FLJob
+    is still watched, so a test can hold the job still while something else happens."""
     name = doc["metadata"]["name"]
     job: FLJob = parse_manifest({**(fleet_doc or doc), "metadata": {"name": name, "namespace": ns}})
     cluster.wait_for(
@@ -161,6 +164,14 @@ def _drive(
     async def main() -> dict[str, Any]:
         nonlocal last
         while time.monotonic() < deadline:
+            if paused is not None and paused.is_set():
+                last = await asyncio.to_thread(_fljob, cluster, ns, name)
+                if until(last):
+                    return last
+                if during is not None:
+                    during(last)
+                await asyncio.sleep(1.0)
+                continue
             pods = _ready_pods(cluster, ns, f"fedfleet.dev/job={name},fedfleet.dev/role=selector")
             urls = [f"http://{p['status']['podIP']}:8080" for p in pods]
             if not urls:
@@ -193,6 +204,8 @@ def _drive(
                         return last
                     if during is not None:
                         during(last)
+                    if paused is not None and paused.is_set():
+                        break
                     now = {
                         p["metadata"]["name"]
                         for p in _ready_pods(
@@ -563,7 +576,11 @@ def test_operator_killed_mid_job_and_at_completion_leaves_the_status_right(
 ) -> None:
     """The status that once stuck at Running: kill the operator while the job runs, and again
     the moment the store says the job finished; once a replacement has taken over, the
-    FLJob's status must follow the store (progress, then Succeeded, the actors gone)."""
+    FLJob's status must follow the store (progress, then Succeeded, the actors gone).
+
+    The devices are held from the first kill until the replacement has reported the store's
+    version, so the job is still running when it takes over however fast rounds are (a run
+    whose remaining rounds took less than the status interval once failed this test)."""
     doc = _example(rounds={"total": 30})
     doc["metadata"] = {"name": "steady"}
     cluster.apply(doc, namespace)
@@ -572,11 +589,15 @@ def test_operator_killed_mid_job_and_at_completion_leaves_the_status_right(
     killed: list[str] = []
     at_takeover: list[int] = []  # the store's version when the replacement became ready
     reported: list[int] = []  # the status's version from then on
+    hold = threading.Event()
+    held_since: list[float] = []
 
     def chaos(job: dict[str, Any]) -> None:
         version = store.model_version(key)
         if not killed:
             if version >= 3:
+                hold.set()  # no progress until the replacement has caught up
+                held_since.append(time.monotonic())
                 killed.append(_kill_operator(cluster, fedfleet.namespace))
             return
         if len(killed) == 1 and not at_takeover:
@@ -586,7 +607,16 @@ def test_operator_killed_mid_job_and_at_completion_leaves_the_status_right(
             return
         if len(killed) == 1:
             reported.append(job.get("status", {}).get("modelVersion", 0))
-            if store.job_state(key).get("phase") == "Succeeded":
+            if hold.is_set():
+                pods = {p["metadata"]["name"] for p in _operator_pods(cluster, fedfleet.namespace)}
+                if reported[-1] >= at_takeover[0] and killed[0] not in pods:
+                    hold.clear()  # the replacement follows the store: let the job go on
+                elif time.monotonic() - held_since[0] > 180:
+                    pytest.fail(
+                        f"the replacement operator never reported version {at_takeover[0]} "
+                        f"(status still at {reported[-1]} after 180 s)"
+                    )
+            elif store.job_state(key).get("phase") == "Succeeded":
                 killed.append(_kill_operator(cluster, fedfleet.namespace))
 
     try:
@@ -597,6 +627,7 @@ def test_operator_killed_mid_job_and_at_completion_leaves_the_status_right(
             lambda j: len(killed) == 2,
             timeout=900,
             during=chaos,
+            paused=hold,
         )
         assert store.job_state(key)["phase"] == "Succeeded"
         # The first replacement caught up with the store and kept reporting, mid-job.
