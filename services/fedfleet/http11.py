@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 import time
 from collections import defaultdict, deque
@@ -48,6 +49,8 @@ MAX_RESPONSE_BYTES: Final = 1024 * 1024 * 1024
 
 Address = tuple[str, str, int]
 """(scheme, host, port)."""
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+"""Control characters: never in a request line or a header this client writes."""
 
 
 class HttpError(ConnectionError):
@@ -192,11 +195,18 @@ class Http11Client:
         """One request (``path`` with its query string); :class:`HttpError` when it cannot be
         delivered or answered within ``timeout`` seconds."""
         where, netloc = self._address(base_url)
-        head = f"{method} {path} HTTP/1.1\r\nhost: {netloc}\r\n{self._default_head}"
-        if headers:
-            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        fields = [method, path, *(headers or {}), *(headers or {}).values()]
+        if " " in method + path or any(_UNSAFE.search(f) for f in fields):
+            # A path or a header value with a line break would write a request of its own
+            # (a ticket or a checkpoint URL comes from the server's answers).
+            raise HttpError(f"refusing to send an unsafe request line or header: {path[:100]!r}")
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()) if headers else ""
+        head = f"{method} {path} HTTP/1.1\r\nhost: {netloc}\r\n{self._default_head}{extra}"
         head += f"content-length: {len(body)}\r\n\r\n"
-        payload = head.encode("latin-1") + body
+        try:
+            payload = head.encode("latin-1") + body
+        except UnicodeEncodeError:
+            raise HttpError(f"refusing a header that is not latin-1: {path[:100]!r}") from None
         bound = self.max_response if limit is None else limit
         slots = self._slot(where)
         if slots is not None:

@@ -71,7 +71,9 @@ class LaunchedProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None and not self._launcher.alive:
-            self._exited(self._launcher.orphan_status(self.pid))
+            status = self._launcher.orphan_status(self.pid)
+            if status is not None:
+                self._exited(status)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -135,13 +137,17 @@ class Launcher:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def orphan_status(self, pid: int) -> int:
-        """The status of a child whose launcher is gone: dead unless the pid still runs."""
+    def orphan_status(self, pid: int) -> int | None:
+        """A child whose launcher is gone and did not report its end: ``None`` while the
+        process still runs, else -SIGKILL (its real status went with the launcher)."""
+        with self._cond:
+            if pid in self._early:
+                return self._early.pop(pid)
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return -signal.SIGKILL
-        return 0 if not self.alive else -signal.SIGKILL
+        return None
 
     def spawn(
         self, argv: list[str], log: Path, cwd: Path, env: dict[str, str], timeout: float = 30.0

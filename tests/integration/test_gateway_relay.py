@@ -178,3 +178,41 @@ def test_silence_and_no_listener_are_errors_not_hangs() -> None:
             server.close()
 
     asyncio.run(scenario())
+
+
+def test_a_line_break_or_a_control_character_in_a_request_is_refused_before_sending() -> None:
+    """A ticket or a checkpoint URL comes from the server's answers: a value with a line break
+    would write a second request (or header) of the caller's choosing. Nothing is sent."""
+    accepted = 0
+
+    async def counting(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await _read_request(reader)
+        w.write(OK)
+        await w.drain()
+
+    async def scenario() -> None:
+        server, url = await _raw_server(counting)
+        relay = Relay()
+        try:
+            bad_headers = [
+                {"x-fedfleet-ticket": "t\r\nx-injected: 1"},
+                {"x-fedfleet-ticket": "t\x00"},
+                {"x-bad\nname": "v"},
+                {"x-fedfleet-device": "d\u20ac"},  # not latin-1
+            ]
+            for headers in bad_headers:
+                with pytest.raises(RelayError, match="refusing"):
+                    await relay.request("GET", url, "/", headers=headers)
+            for path in ("/a HTTP/1.1\r\nhost: x\r\n\r\nGET /b", "/a b", "/a\tb"):
+                with pytest.raises(RelayError, match="refusing"):
+                    await relay.request("GET", url, path)
+            r = await relay.request("GET", url, "/fine", headers={"x-fedfleet-ticket": "t"})
+            assert r.status == 200
+        finally:
+            await relay.aclose()
+            server.close()
+
+    asyncio.run(scenario())
+    assert accepted == 1  # only the well-formed request reached the server
