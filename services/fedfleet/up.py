@@ -167,6 +167,10 @@ async def follow(
     seen, last = 0, time.perf_counter()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        # The job's state first, then its attempts: the coordinator records an attempt before
+        # it writes the job's end, so once the end is seen, the attempts read after it are
+        # complete (read the other way round, the last attempt could land in between).
+        state = await watch.call(store.job_state, name, deadline=deadline)
         fresh = await watch.call(store.attempts, name, seen, deadline=deadline)
         for a in fresh:
             now = time.perf_counter()
@@ -178,7 +182,6 @@ async def follow(
             result.rounds.append(record)
             if progress is not None:
                 progress.round_ended(record)
-        state = await watch.call(store.job_state, name, deadline=deadline)
         if state.get("phase") in (JobPhase.succeeded.value, JobPhase.failed.value) and not fresh:
             return True
         await asyncio.sleep(poll)
