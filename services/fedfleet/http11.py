@@ -105,7 +105,7 @@ class _Answer:
         self.done = False
         self.keep_alive = False
         self.error: str | None = None
-        self.too_large = False
+        """Why the answer is refused (it is too large); the parser keeps going harmlessly."""
         self.parser: httptools.HttpResponseParser | None = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -117,12 +117,10 @@ class _Answer:
         declared = self.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.limit:
             self.error = f"declares an answer of {declared} bytes (limit {self.limit})"
-            self.too_large = True
 
     def on_body(self, body: bytes) -> None:
         if self.error is None and len(self.body) + len(body) > self.limit:
             self.error = f"an answer over {self.limit} bytes"
-            self.too_large = True
         if self.error is None:
             self.body += body
 
@@ -294,8 +292,7 @@ class Http11Client:
                     got_any = True
                     parser.feed_data(data)
                     if answer.error is not None:
-                        error = AnswerTooLarge if answer.too_large else HttpError
-                        raise error(f"{host}:{port}: {answer.error}")
+                        raise AnswerTooLarge(f"{host}:{port}: {answer.error}")
         except HttpError:
             conn.close()
             raise
