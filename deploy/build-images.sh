@@ -170,9 +170,10 @@ setup_apt() {
     done
     ((${#missing[@]})) || return 0
     log "installing Debian packages: ${missing[*]}"
-    apt-get update -qq >&2 || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-        >"$ROOT/logs/apt.log" 2>&1 || die "apt-get install ${missing[*]} failed: see $ROOT/logs/apt.log"
+    # Waits for another apt (dev.sh's, build-node.sh's) rather than failing on its lock.
+    apt-get -o DPkg::Lock::Timeout=600 update -qq >&2 || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends "${missing[@]}" >"$ROOT/logs/apt.log" 2>&1 || die "apt-get install ${missing[*]} failed: see $ROOT/logs/apt.log"
     log "Debian packages installed in $(($(date +%s) - t0)) s"
 }
 
@@ -243,9 +244,16 @@ EOF
 pause_source() {
     local zip=$GOMODCACHE/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION.zip
     local member=k8s.io/kubernetes@$K8S_VERSION/build/pause
-    [[ -f $zip ]] || die "no k8s.io/kubernetes $K8S_VERSION module zip at $zip: the pause image is built
-    from its pause.c. Run deploy/build-binaries.sh first (it downloads the module), or set
-    GOMODCACHE/FEDFLEET_K8S_VERSION to where and which it is."
+    if [[ ! -f $zip ]]; then
+        # deploy/build-binaries.sh downloads it too; when this runs first (dev.sh runs both at
+        # once), fetch the module itself into the same cache.
+        command -v go >/dev/null || die "no k8s.io/kubernetes $K8S_VERSION module zip at $zip and
+    no go to download it: the pause image is built from its pause.c"
+        step "pause: go mod download k8s.io/kubernetes@$K8S_VERSION" pause-mod \
+            env -C "$TMPDIR" GOMODCACHE="$GOMODCACHE" GOFLAGS= GO111MODULE=on \
+            go mod download "k8s.io/kubernetes@$K8S_VERSION"
+        [[ -f $zip ]] || die "go mod download left no module zip at $zip"
+    fi
     mkdir -p "$ROOT/pause-src/$K8S_VERSION"
     python3 - "$zip" "$member" "$ROOT/pause-src/$K8S_VERSION" <<'EOF'
 import sys, zipfile

@@ -118,8 +118,10 @@ if ((${#missing[@]})); then
     [[ $(id -u) -eq 0 ]] || die "Debian packages missing (${missing[*]}): run as root to install them"
     t0=$(date +%s)
     log "installing Debian packages: ${missing[*]}"
-    apt-get update -qq >&2 || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
+    # Waits for another apt (dev.sh's, build-images.sh's) rather than failing on its lock.
+    apt-get -o DPkg::Lock::Timeout=600 update -qq >&2 || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends "${missing[@]}" >&2 \
         || die "apt-get install ${missing[*]} failed"
     # Debian's containerd package would start a service on a systemd host; this harness runs
     # its own containerd with its own socket, so make sure none is left running here.

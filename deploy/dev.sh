@@ -5,15 +5,21 @@
 #   bash deploy/dev.sh demo    # set up Python, then train the digits example embedded
 #   bash deploy/dev.sh test    # set up everything, then lint, type-check and run every test tier
 #   bash deploy/dev.sh setup   # only the setup of `test`
-#   bash deploy/dev.sh images  # build the container images daemonlessly (deploy/build-images.sh;
-#                              # root, buildah); not part of `test` yet: no test runs them
+#   bash deploy/dev.sh images  # only the container images (deploy/build-images.sh)
 #
 # Setup happens here, before pytest starts, never inside a test fixture:
-#   - Debian packages (redis-server), with one `apt-get update` when something is missing;
+#   - Debian packages (redis-server, chromium, and what the real node and the image builds run:
+#     containerd, runc, the CNI plugins, conntrack, iptables, nftables, buildah, debootstrap),
+#     with one `apt-get update` when something is missing;
 #   - uv, pinned, and the project's virtualenv (.venv in the clone) installed by uv from its
 #     wheel cache;
 #   - the cluster binaries (etcd, kube-apiserver and friends, kubectl, helm), built from Go
-#     modules by deploy/build-binaries.sh, in the background while the rest is set up;
+#     modules by deploy/build-binaries.sh, then the node's (kubelet, kube-proxy, CoreDNS) by
+#     deploy/build-node.sh, in the background while the rest is set up;
+#   - the container images the cluster tier's real node runs (pause, redis, and
+#     fedfleet/services and fedfleet/operator from deploy/docker/), built daemonlessly with
+#     buildah by deploy/build-images.sh, each keyed by its content, in the background as well
+#     (a change to the Python sources rebuilds only the wheel layer: seconds);
 #   - an S3-compatible server (versitygw) for the model-storage tests, built from Go modules by
 #     deploy/build-s3-server.sh, in the background as well;
 #   - for the browser tier: Debian's chromium and a pinned playwright-core from npm (the client
@@ -36,8 +42,12 @@ export UV_CACHE_DIR="$cache/uv"
 # Go's caches live with ours (not under a possibly empty $HOME/go), shared by every clone.
 export GOMODCACHE=${GOMODCACHE:-$cache/go/mod}
 export GOCACHE=${GOCACHE:-$cache/go/build}
-# Debian packages the test tiers run for real.
-APT_PACKAGES=(redis-server chromium)
+# Debian packages the test tiers run for real: Redis, the browser, the real node (containerd,
+# runc, CNI plugins, conntrack, iptables, nftables) and the daemonless image build (buildah,
+# debootstrap, gcc for the pause binary). build-node.sh and build-images.sh install the same
+# when run alone; here they are installed once, before either starts.
+APT_PACKAGES=(redis-server chromium containerd runc containernetworking-plugins conntrack
+  iptables nftables buildah debootstrap gcc libc6-dev)
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'dev.sh: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -61,8 +71,10 @@ setup_apt() {
     as_root apt-get update -qq || die "apt-get update failed"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
-    # Tests start their own redis-server on a free loopback port; stop a system one.
+    # Tests start their own redis-server on a free loopback port, and their own containerd;
+    # stop system ones the packages may have started.
     { as_root service redis-server stop || true; } >/dev/null 2>&1
+    { as_root service containerd stop || true; } >/dev/null 2>&1
   fi
   took[apt]=$(($(now) - t0))
 }
@@ -147,13 +159,16 @@ setup_typescript() {
 }
 
 # The cluster binaries take 15-20 minutes to build on a fresh 2-core machine, so they build in
-# the background while Debian and Python packages install; wait_binaries joins the build.
+# the background while Debian and Python packages install; the node's binaries (kubelet,
+# kube-proxy, CoreDNS) follow them in the same job, reusing their compiled packages;
+# wait_binaries joins the build.
 binaries_pid=""
 binaries_out="$cache/logs/build-binaries.out"
+node_out="$cache/logs/build-node.out"
 start_binaries() {
   mkdir -p "$cache/logs"
   binaries_t0=$(now)
-  bash deploy/build-binaries.sh >"$binaries_out" &
+  { bash deploy/build-binaries.sh >"$binaries_out" && bash deploy/build-node.sh >"$node_out"; } &
   binaries_pid=$!
 }
 
@@ -161,12 +176,33 @@ wait_binaries() {
   local rc=0
   wait "$binaries_pid" || rc=$?
   took[binaries]=$(($(now) - binaries_t0))
-  ((rc == 0)) || die "building the cluster binaries failed (exit $rc): see the [build-binaries] lines above"
+  ((rc == 0)) || die "building the cluster or node binaries failed (exit $rc): see the [build-binaries] or [build-node] lines above"
   local bin_dir
   bin_dir=$(tail -n 1 "$binaries_out")
   [[ -f $bin_dir/env.sh ]] || die "deploy/build-binaries.sh printed no bin dir with an env.sh"
+  [[ -f $(tail -n 1 "$node_out") ]] || die "deploy/build-node.sh printed no env.sh"
   # The tests read the binaries from here; they never build anything themselves.
   export FEDFLEET_BINARIES="$bin_dir/env.sh"
+}
+
+# The images: debootstrap and pip (minutes) on a fresh machine, a wheel layer (seconds) after a
+# source change, nothing when cached. They need the Debian packages, so they start after apt.
+images_pid=""
+images_out="$cache/logs/build-images.out"
+start_images() {
+  mkdir -p "$cache/logs"
+  images_t0=$(now)
+  as_root env FEDFLEET_CACHE="$cache" GOMODCACHE="$GOMODCACHE" GOCACHE="$GOCACHE" \
+    bash deploy/build-images.sh >"$images_out" &
+  images_pid=$!
+}
+
+wait_images() {
+  local rc=0
+  wait "$images_pid" || rc=$?
+  took[images]=$(($(now) - images_t0))
+  ((rc == 0)) || die "building the container images failed (exit $rc): see the [build-images] lines above"
+  [[ -f $(tail -n 1 "$images_out") ]] || die "deploy/build-images.sh printed no env.sh"
 }
 
 # The S3-compatible server the model-storage tests run (tests/s3_server.py reads its env file).
@@ -192,11 +228,13 @@ setup_all() {
   start_binaries
   start_s3_server
   setup_apt
+  start_images
   setup_python
   setup_node
   wait_binaries
   wait_s3_server
-  say "setup done in $(($(now) - t0)) s (apt ${took[apt]} s, python ${took[python]} s, node ${took[node]} s, cluster binaries ${took[binaries]} s, s3 server ${took[s3]} s)"
+  wait_images
+  say "setup done in $(($(now) - t0)) s (apt ${took[apt]} s, python ${took[python]} s, node ${took[node]} s, cluster and node binaries ${took[binaries]} s, s3 server ${took[s3]} s, images ${took[images]} s)"
 }
 
 run_tests() {
@@ -217,7 +255,6 @@ case "$cmd" in
   demo)  setup_python; exec "$venv/bin/fedfleet" demo "$@" ;;
   test)  setup_all; run_tests "$@" ;;
   setup) setup_all ;;
-  # Not in `test` yet: nothing consumes the images until the real-node cluster harness exists.
   images) exec bash deploy/build-images.sh "$@" ;;
   *) echo "usage: bash deploy/dev.sh demo|test|setup|images [args...]" >&2; exit 2 ;;
 esac

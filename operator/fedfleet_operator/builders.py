@@ -418,7 +418,12 @@ def build_aggregator_deployment(
 
 
 def build_selector_service(job: FLJob, namespace: str) -> ServiceBody:
-    """The device API: a ClusterIP Service over the selectors, port 8080 ``http``."""
+    """The device API: a ClusterIP Service over the selectors, port 8080 ``http``.
+
+    ``sessionAffinity: ClientIP``: a device's ticket names the selector that selected it, so its
+    plan poll and report must reach that selector again, over whatever new connection it
+    opens; per-connection balancing would send some of them to another selector (403). A
+    population's devices go through its gateway instead, which routes by the ticket."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -429,5 +434,6 @@ def build_selector_service(job: FLJob, namespace: str) -> ServiceBody:
             "ports": [
                 {"name": "http", "port": ACTOR_PORT, "targetPort": ACTOR_PORT, "protocol": "TCP"}
             ],
+            "sessionAffinity": "ClientIP",
         },
     }

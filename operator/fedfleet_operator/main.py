@@ -43,10 +43,9 @@ DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 def default_liveness(env: Mapping[str, str] | None = None) -> str:
     """``http://$POD_IP:8080/healthz`` when ``POD_IP`` is set, else :data:`DEFAULT_LIVENESS`.
 
-    Binding the pod's own address rather than every address is what lets the operator share a
-    network namespace with actor pods that also listen on 8080 (the test cluster's node agent
-    runs pods as processes on the host, each with its own 127.0.0.x); in a real pod the kubelet
-    probes the pod IP anyway.
+    Binding the pod's own address rather than every address keeps the probe endpoint off other
+    addresses where the pod shares a network namespace (``hostNetwork``, where actor pods may
+    also listen on 8080); the kubelet probes the pod IP either way.
     """
     pod_ip = (os.environ if env is None else env).get("POD_IP", "").strip()
     if not pod_ip:

@@ -1,8 +1,13 @@
-"""Fixtures of the cluster tier: a real Kubernetes control plane + the node agent, per session.
+"""Fixtures of the cluster tier: a real Kubernetes control plane + a real node, per session.
 
-``cluster`` (session) reads the binaries the setup step built (deploy/build-binaries.sh, run
-by ``bash deploy/dev.sh setup``; missing binaries FAIL the test with that command, never skip),
-starts a ``ControlPlane`` and a ``NodeAgent`` (node ``node-0``) and yields a ``Cluster``:
+``cluster`` (session) reads the binaries and images the setup step built
+(deploy/build-binaries.sh, deploy/build-node.sh and deploy/build-images.sh, run by
+``bash deploy/dev.sh setup``; anything missing FAILS the test with that command, never skips),
+starts a ``ControlPlane`` advertising the host's address and a ``RealNode`` (node ``node-0``:
+containerd + runc, the bridge CNI, a kubelet, kube-proxy and CoreDNS; tests/cluster/realnode.py)
+and yields a ``Cluster``. Pods are real containers from the images deploy/docker/ builds
+(``cluster.image("services")``, ``"operator"``, ``"redis"``); pod IPs (10.88.0.0/24) and
+Service ClusterIPs (10.96.0.0/24, through kube-proxy) are reachable from this host:
 
     def test_x(cluster, namespace):
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest, check=True)
@@ -13,7 +18,10 @@ starts a ``ControlPlane`` and a ``NodeAgent`` (node ``node-0``) and yields a ``C
 
 ``namespace`` (function) is a fresh namespace whose `default` ServiceAccount exists; it is
 deleted afterwards without waiting. Set FEDFLEET_KEEP_CLUSTER=1 to keep the cluster's and the
-agent's directories (logs, etcd data, pod logs) after the run; their paths are printed.
+node's directories (logs, etcd data, containerd's state) after the run; their paths are
+printed. The node changes host-global state (sysctls, iptables, a bridge, cgroups): it is put
+back when the session ends, and a killed run's leftovers are put back by the next run (or by
+``python -m tests.cluster.realnode --cleanup``).
 
 Mark cluster tests with ``pytestmark = pytest.mark.cluster``.
 """
@@ -24,7 +32,6 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +41,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.cluster.controlplane import Binaries, ControlPlane, ControlPlaneError, load_binaries
-from tests.cluster.nodeagent import NodeAgent, NodeAgentError
+from tests.cluster.realnode import RealNode, RealNodeError, host_ip
 
 T = TypeVar("T")
 
@@ -49,10 +56,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @dataclass
 class Cluster:
-    """A running control plane + node agent and handy ways to talk to it."""
+    """A running control plane + real node and handy ways to talk to it."""
 
     controlplane: ControlPlane
-    agent: NodeAgent
+    node: RealNode
     binaries: Binaries
     api_client: Any  # kubernetes.client.ApiClient (admin)
     startup_seconds: dict[str, float] = field(default_factory=dict)
@@ -67,7 +74,12 @@ class Cluster:
 
     @property
     def node_name(self) -> str:
-        return self.agent.node_name
+        return self.node.name
+
+    def image(self, role: str) -> str:
+        """The name of the image deploy/build-images.sh built for ``role`` (services,
+        operator, redis, pause), imported into the node's containerd."""
+        return self.node.images.names[role]
 
     def kubectl(
         self, *args: str, check: bool = False, input: str | None = None, timeout: float = 60.0
@@ -131,8 +143,17 @@ class Cluster:
         items: list[dict[str, Any]] = json.loads(self.kubectl(*args, check=True).stdout)["items"]
         return items
 
-    def pod_log(self, namespace: str, name: str, container: str | None = None) -> str:
-        return self.agent.pod_log(namespace, name, container)
+    def pod_log(
+        self, namespace: str, name: str, container: str | None = None, previous: bool = False
+    ) -> str:
+        """`kubectl logs` (through the apiserver and the kubelet); "" when there is none."""
+        args = ["logs", name, "-n", namespace]
+        if container:
+            args += ["-c", container]
+        if previous:
+            args.append("--previous")
+        proc = self.kubectl(*args)
+        return proc.stdout if proc.returncode == 0 else ""
 
     def diagnostics(self, namespace: str | None = None) -> str:
         """What to print when something does not converge."""
@@ -146,16 +167,20 @@ class Cluster:
             text = proc.stdout[-12000:] if proc.returncode == 0 else proc.stderr
             parts.append(f"$ kubectl {' '.join(args)}\n{text}")
         if namespace:
-            for pod_dir in sorted(self.agent.logs_dir.glob(f"{namespace}_*")):
-                for cdir in sorted(p for p in pod_dir.iterdir() if p.is_dir()):
-                    files = sorted(cdir.glob("*.log"), key=lambda f: int(f.stem))
-                    tail = files[-1].read_text(errors="replace").splitlines()[-15:] if files else []
-                    name = pod_dir.name.rsplit("_", 1)[0].split("_", 1)[1]
-                    parts.append(
-                        f"--- log of pod {name} container {cdir.name} (restart "
-                        f"{files[-1].stem if files else '-'})\n" + "\n".join(tail)
+            pods = self.kubectl("get", "pods", "-n", namespace, "-o", "json")
+            items = json.loads(pods.stdout)["items"] if pods.returncode == 0 else []
+            for pod in items:
+                pod_name = pod["metadata"]["name"]
+                for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
+                    proc = self.kubectl(
+                        "logs", pod_name, "-n", namespace, "-c", c["name"], "--tail=15"
                     )
-        parts.append(self.agent.log_tail(40))
+                    parts.append(
+                        f"--- log of pod {pod_name} container {c['name']}\n"
+                        + (proc.stdout if proc.returncode == 0 else proc.stderr)
+                    )
+        for name in ("kubelet", "containerd", "kube-proxy"):
+            parts.append(f"--- {name}\n{self.node.log_tail(name, 25)}")
         for name in ControlPlane.COMPONENTS:
             if name != "etcd":
                 parts.append(f"--- {name}\n{self.controlplane.log_tail(name, 15)}")
@@ -221,42 +246,47 @@ def cluster() -> Iterator[Cluster]:
     except ImportError as exc:  # a dev dependency: fail loudly, never skip
         pytest.fail(f"the python kubernetes client is not installed: {exc}", pytrace=False)
 
-    controlplane = ControlPlane(binaries)
+    try:
+        address = host_ip()
+    except (RealNodeError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"no host address for the real node: {exc}", pytrace=False)
+    controlplane = ControlPlane(binaries, advertise_address=address)
     try:
         controlplane.start()
     except ControlPlaneError as exc:
         pytest.fail(f"control plane did not start: {exc}", pytrace=False)
-    agent = NodeAgent(
-        controlplane.kubeconfig,
-        node_name=NODE_NAME,
-        state_dir=controlplane.workdir / "agent",
-        tls_cert=controlplane.kubelet_cert,
-        tls_key=controlplane.kubelet_key,
-        python=sys.executable,
-    )
     try:
-        agent.start()
-    except NodeAgentError as exc:
+        # nice 0: the node's containers are the system under test, not a neighbour to spare.
+        node = RealNode(controlplane, name=NODE_NAME, nice=0, lock_timeout=600).start()
+    except RealNodeError as exc:
         controlplane.stop()
-        pytest.fail(f"node agent did not start: {exc}", pytrace=False)
+        pytest.fail(f"the real node did not start: {exc}", pytrace=False)
     api_client = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
         config_file=str(controlplane.kubeconfig)
     )
     timings = {
         "binaries": t_bin,
         **{f"controlplane_{k}": v for k, v in controlplane.startup_seconds.items()},
-        "agent": agent.startup_seconds,
+        **{f"node_{k}": v for k, v in node.startup_seconds.items()},
         "total": time.monotonic() - t0,
     }
     print(f"\ncluster up: {json.dumps({k: round(v, 2) for k, v in timings.items()})}")
     try:
-        yield Cluster(controlplane, agent, binaries, api_client, timings)
+        yield Cluster(controlplane, node, binaries, api_client, timings)
     finally:
         api_client.close()
-        agent.stop()
-        controlplane.stop()
+        try:
+            node.stop()
+        finally:
+            controlplane.stop()
         if controlplane.keep:
-            print(f"\nkept cluster directory {controlplane.workdir}")
+            print(f"\nkept cluster directory {controlplane.workdir} and node {node.workdir}")
+        if node.host_diff:  # an error of the session's last test, never silent
+            pytest.fail(
+                "the real node left host state changed (repair: python -m "
+                f"tests.cluster.realnode --cleanup): {node.host_diff}",
+                pytrace=False,
+            )
 
 
 @pytest.fixture

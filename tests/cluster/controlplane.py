@@ -246,9 +246,6 @@ class ControlPlane:
         self.issuer = ""
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         self.ca_file = self.pki / "ca.crt"
-        # serving cert + key for the node agent's kubelet endpoint (127.0.0.1, signed by the CA)
-        self.kubelet_cert = self.pki / "kubelet.crt"
-        self.kubelet_key = self.pki / "kubelet.key"
         self.startup_seconds: dict[str, float] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._admin_ssl: ssl.SSLContext | None = None
@@ -387,10 +384,6 @@ class ControlPlane:
         admin_key, admin_cert = _issue(
             ca_key, ca_cert, _name("fedfleet-admin", "system:masters"), server=False
         )
-        # The node agent's kubelet endpoint (container logs for `kubectl logs`).
-        kubelet_key, kubelet_cert = _issue(
-            ca_key, ca_cert, _name("fedfleet-node-agent"), server=True, ips=["127.0.0.1"]
-        )
         sa_key = _key()
         files = {
             "ca.crt": _cert_pem(ca_cert),
@@ -399,8 +392,6 @@ class ControlPlane:
             "apiserver.key": _key_pem(serving_key),
             "admin.crt": _cert_pem(admin_cert),
             "admin.key": _key_pem(admin_key),
-            "kubelet.crt": _cert_pem(kubelet_cert),
-            "kubelet.key": _key_pem(kubelet_key),
             "sa.key": _key_pem(sa_key),
             "sa.pub": sa_key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -457,8 +448,8 @@ class ControlPlane:
         pki = self.pki
         if self.advertise_address is None:
             # The `kubernetes` Service keeps its ClusterIP but gets no Endpoints: Kubernetes
-            # refuses loopback endpoint addresses. Pods reach the apiserver through
-            # KUBERNETES_SERVICE_HOST/PORT, which the node agent points at 127.0.0.1.
+            # refuses loopback endpoint addresses. A control plane alone needs none; a node's
+            # pods do (advertise_address).
             endpoints = ["--endpoint-reconciler-type=none"]
         else:
             endpoints = []  # the default (lease) reconciler publishes advertise_address

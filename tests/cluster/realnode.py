@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -70,7 +71,6 @@ __all__ = [
 POD_CIDR = "10.88.0.0/24"
 BRIDGE_IP = "10.88.0.1"
 BRIDGE = "rnbr0"
-NICE = ["nice", "-n", "19"]
 
 
 class RealNodeError(RuntimeError):
@@ -122,24 +122,28 @@ class NodeBinaries:
 
 @dataclass(frozen=True)
 class NodeImages:
-    """Image name -> docker-archive, from deploy/build-images.sh's env.sh."""
+    """Image name -> docker-archive, from deploy/build-images.sh's env.sh; ``names``: the
+    image's name by its role there (``pause``, ``redis``, ``services``, ``operator``)."""
 
     pause: str
     archives: dict[str, str]
+    names: dict[str, str]
 
     @classmethod
     def load(cls) -> NodeImages:
         v = _read_env(_cache() / "images" / "env.sh", "build them: bash deploy/build-images.sh")
         archives = {}
+        names = {}
         for key, name in v.items():
             if key.startswith("FEDFLEET_IMAGE_") and not key.endswith("_TAR"):
                 tar = v.get(key + "_TAR", "")
                 if not os.path.isfile(tar):
                     raise RealNodeError(f"{key}_TAR={tar!r} is missing; run deploy/build-images.sh")
                 archives[name] = tar
+                names[key.removeprefix("FEDFLEET_IMAGE_").lower()] = name
         if "FEDFLEET_IMAGE_PAUSE" not in v:
             raise RealNodeError("images env.sh names no pause image; run deploy/build-images.sh")
-        return cls(pause=v["FEDFLEET_IMAGE_PAUSE"], archives=archives)
+        return cls(pause=v["FEDFLEET_IMAGE_PAUSE"], archives=archives, names=names)
 
 
 def host_ip() -> str:
@@ -175,6 +179,7 @@ class RealNode:
         startup_timeout: float = 180.0,
         lock_timeout: float = 0.0,
         verbosity: int = 1,
+        nice: int = 19,
     ) -> None:
         if not cp.advertise_address:
             raise RealNodeError("the ControlPlane needs advertise_address= (a non-loopback IP)")
@@ -187,6 +192,9 @@ class RealNode:
         self.startup_timeout = startup_timeout
         self.lock_timeout = lock_timeout
         self.verbosity = verbosity
+        # The node's processes (and so its containers) run at this niceness: 19 beside other
+        # work (the smoke script), 0 for the test tier, whose pods are the system under test.
+        self._nice = ["nice", "-n", str(nice)]
         self.workdir = Path("/nonexistent")
         self.startup_seconds: dict[str, float] = {}
         self.restored: list[str] = []
@@ -318,7 +326,7 @@ class RealNode:
         log = (self.workdir / "logs" / f"{name}.log").open("ab")
         try:
             self._procs[name] = subprocess.Popen(
-                ["setpriv", "--pdeathsig", "KILL", "--", *NICE, *argv],
+                ["setpriv", "--pdeathsig", "KILL", "--", *self._nice, *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -439,16 +447,38 @@ state = "{d}/state"
         raise RealNodeError(f"containerd did not answer in 60 s:\n{self.log_tail('containerd')}")
 
     def _import_images(self) -> None:
-        for name, tar in sorted(self.images.archives.items()):
+        """Import every archive, two at a time (the unpacking is CPU-bound; images that share
+        layers share their content, so the second of them writes only its own)."""
+
+        def one(item: tuple[str, str]) -> tuple[str, float, str]:
+            name, tar = item
             t0 = time.monotonic()
             proc = subprocess.run(
-                [*NICE, *self.ctr_cmd, "images", "import", tar],
+                [*self._nice, *self.ctr_cmd, "images", "import", tar],
                 capture_output=True,
                 text=True,
             )
-            if proc.returncode != 0:
-                raise RealNodeError(f"ctr images import {tar} failed: {proc.stderr.strip()}")
-            self.startup_seconds[f"import {name}"] = time.monotonic() - t0
+            return name, time.monotonic() - t0, proc.stderr.strip() if proc.returncode else ""
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            # biggest first, so the two workers finish close together
+            items = sorted(self.images.archives.items(), key=lambda kv: -os.path.getsize(kv[1]))
+            for name, seconds, error in pool.map(one, items):
+                if error:
+                    raise RealNodeError(f"ctr images import of {name} failed: {error}")
+                self.startup_seconds[f"import {name}"] = seconds
+
+    def tag_image(self, source: str, target: str) -> None:
+        """Give an imported image a second name (a user's image built FROM it unchanged, as
+        their registry would serve it; nothing is pulled: pods use pull policy Never or
+        IfNotPresent)."""
+        proc = subprocess.run(
+            [*self.ctr_cmd, "images", "tag", "--force", source, target],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise RealNodeError(f"ctr images tag {source} {target}: {proc.stderr.strip()}")
 
     def _setup_network(self) -> None:
         # The bridge exists before CoreDNS binds to its address (the CNI plugin adopts it).

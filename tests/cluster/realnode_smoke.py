@@ -11,13 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from tests.cluster.controlplane import ControlPlane, ControlPlaneError
 from tests.cluster.hoststate import STATE_FILE, HostStateError, acquire_host_lock, repair_host
@@ -131,7 +128,7 @@ def _wait(what: str, check: Callable[[], bool], timeout: float) -> float:
     raise RealNodeError(f"timed out after {timeout} s waiting for {what}")
 
 
-def smoke(*, e2e: bool = False, e2e_repo: Path | None = None) -> int:
+def smoke() -> int:
     images = NodeImages.load()
     services = next(n for n in images.archives if "/services:" in n)
     before = _host_view()
@@ -212,10 +209,6 @@ def smoke(*, e2e: bool = False, e2e_repo: Path | None = None) -> int:
                     failures.append(f"DNS web -> {got['dns']}, ClusterIP {svc_ip}")
                 if len(got["backends"]) != 2:
                     failures.append(f"backends {got['backends']}: want both web pods")
-            if e2e:
-                from tests.cluster.realnode_e2e import REPO, fedfleet_end_to_end
-
-                failures += fedfleet_end_to_end(cp, images, e2e_repo or REPO)
         except BaseException as exc:
             failures.append(f"{type(exc).__name__}: {exc}")
             for name in RealNode.COMPONENTS:
@@ -245,13 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--smoke", action="store_true", help="start a cluster, check it, stop")
     group.add_argument("--cleanup", action="store_true", help="repair a host a killed run left")
-    parser.add_argument("--e2e", action="store_true", help="with --smoke: helm + digits FLJob")
-    parser.add_argument(
-        "--e2e-rev",
-        metavar="REV",
-        help="take charts/ and deploy/examples/ from this git revision (the one the images were "
-        "built from) instead of the work tree",
-    )
     args = parser.parse_args(argv)
     if args.cleanup:
         try:
@@ -265,21 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         except HostStateError as exc:
             print(f"FAILED: {exc}", file=sys.stderr)
             return 1
-    repo: Path | None = None
-    if args.e2e_rev:
-        repo = Path(tempfile.mkdtemp(prefix="ffrn-tree-"))
-        top = Path(__file__).resolve().parents[2]
-        archive = subprocess.run(
-            ["git", "-C", str(top), "archive", args.e2e_rev, "charts", "deploy/examples"],
-            capture_output=True,
-            check=True,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(repo)], input=archive, check=True)
     try:
-        return smoke(e2e=args.e2e or repo is not None, e2e_repo=repo)
+        return smoke()
     except (RealNodeError, ControlPlaneError, HostStateError) as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
-    finally:
-        if repo is not None:
-            shutil.rmtree(repo, ignore_errors=True)

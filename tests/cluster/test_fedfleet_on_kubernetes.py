@@ -1,8 +1,8 @@
 """fedfleet on a real control plane: helm install, kubectl apply FLJobs, watch them train.
 
 The chart is installed with the real helm into the test cluster; the operator and the bundled
-Redis run as pods through the node agent; FLJobs are applied with the real kubectl; a
-simulated fleet checks in through the selector pods over HTTP.
+Redis run as real containers (the images deploy/docker/ builds) on the real node; FLJobs are
+applied with the real kubectl; a simulated fleet checks in through the selector pods over HTTP.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +28,7 @@ from fedfleet.cli import main as cli_main
 from fedfleet.core.spec import FLJob, parse_manifest
 from fedfleet.device.http_fleet import HttpFleet
 from fedfleet.service.keys import JobKeys
+from fedfleet.store.base import StoreUnavailable
 from fedfleet.store.factory import open_store
 from fedfleet.store.history.redis_models import models_in_store
 from fedfleet.tasks.weights_file import load_weights
@@ -62,11 +66,38 @@ def _ready_pods(cluster: Cluster, ns: str, selector: str) -> list[dict[str, Any]
     ]
 
 
+def _redis_volume(cluster: Cluster, ns: str) -> str:
+    """A hostPath PersistentVolume on the node, bound in advance to the bundled Redis's claim
+    (the test cluster has no volume provisioner): its append-only file outlives its pod."""
+    path = cluster.node.workdir / "volumes" / ns
+    path.mkdir(parents=True)
+    os.chown(path, 999, 999)  # the chart's redis.runAsUser (hostPath ignores fsGroup)
+    name = f"{ns}-redis"
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": name},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(path), "type": "Directory"},
+                "claimRef": {"namespace": ns, "name": "data-fedfleet-redis-0"},
+            },
+        },
+        ns,
+    )
+    return name
+
+
 @pytest.fixture(scope="module")
 def fedfleet(cluster: Cluster) -> Iterator[Installed]:
     lint = cluster.helm("lint", str(CHART), "--strict", check=True)
     assert "0 chart(s) failed" in lint.stdout
     ns = cluster.create_namespace("fedfleet-system")
+    volume = _redis_volume(cluster, ns)
+    redis_repo, redis_tag = cluster.image("redis").rsplit(":", 1)
     cluster.helm(
         "install",
         "fedfleet",
@@ -74,8 +105,10 @@ def fedfleet(cluster: Cluster) -> Iterator[Installed]:
         "-n",
         ns,
         "--set",
-        # the test node has no volume provisioner: the bundled Redis keeps its data in the pod
-        "redis.bindPodIP=true,redis.persistence.enabled=false",
+        # The locally built images (no registry here): the operator's is the chart's default
+        # name; the bundled Redis is Debian's, from deploy/build-images.sh. Persistence is on
+        # (the chart's default), on the volume above.
+        f"redis.image.repository={redis_repo},redis.image.tag={redis_tag}",
         "--wait",
         "--timeout",
         "300s",
@@ -91,20 +124,26 @@ def fedfleet(cluster: Cluster) -> Iterator[Installed]:
     assert operator[0]["spec"]["securityContext"].get("runAsNonRoot") or operator[0]["spec"][
         "containers"
     ][0]["securityContext"].get("runAsNonRoot")
-    redis = cluster.wait_for(
+    cluster.wait_for(
         lambda: _ready_pods(cluster, ns, "app.kubernetes.io/component=redis"),
         timeout=120,
         what="redis pod ready",
         namespace=ns,
     )
+    claim = cluster.get("persistentvolumeclaim", "data-fedfleet-redis-0", ns)
+    assert claim is not None and claim["spec"]["volumeName"] == volume, claim
     password = _secret(cluster, ns, "fedfleet-redis", "redis-password")
-    url = f"redis://:{password}@{redis[0]['status']['podIP']}:6379/0"
+    # Through the Service's ClusterIP, as the actors reach it (by name): it outlives the pod.
+    service = cluster.get("service", "fedfleet-redis", ns)
+    assert service is not None
+    url = f"redis://:{password}@{service['spec']['clusterIP']}:6379/0"
     test = cluster.helm("test", "fedfleet", "-n", ns, "--timeout", "180s", timeout=240)
     assert test.returncode == 0, test.stdout + test.stderr
     try:
         yield Installed(ns, url)
     finally:
         cluster.helm("uninstall", "fedfleet", "-n", ns, timeout=120)
+        cluster.kubectl("delete", "persistentvolume", volume, "--wait=false")
 
 
 def _example(name: str = "digits", **spec_overrides: Any) -> dict[str, Any]:
@@ -231,19 +270,136 @@ def _drive(
     return final
 
 
+# The simulated fleet as a pod: the job's manifest from a ConfigMap, its secret from the
+# Secret, the selectors through the job's Service by its cluster DNS name.
+FLEET_SCRIPT = """
+import asyncio, os, yaml
+from fedfleet.core.spec import parse_manifest
+from fedfleet.device.http_fleet import HttpFleet
+from fedfleet.service.keys import JobKeys
+from fedfleet.up import UpOptions
+
+doc = yaml.safe_load(open("/fleet/job.yaml"))
+doc["metadata"] = {"name": os.environ["JOB"], "namespace": os.environ["NAMESPACE"]}
+url = os.environ["SELECTORS"]
+print("fleet of", doc["spec"]["fleet"]["devices"], "devices against", url, flush=True)
+options = UpOptions()
+fleet = HttpFleet(
+    parse_manifest(doc),
+    [url],
+    JobKeys.from_secret(bytes.fromhex(os.environ["JOB_SECRET"])),
+    time_scale=0.01,
+    rest_seconds=options.rest_seconds,
+    rest_rounds=options.rest_rounds,
+)
+asyncio.run(fleet.run())
+"""
+
+
+def _drive_in_cluster(
+    cluster: Cluster,
+    ns: str,
+    doc: dict[str, Any],
+    until: Callable[[dict[str, Any]], bool],
+    *,
+    timeout: float,
+) -> tuple[dict[str, Any], str]:
+    """Run the simulated fleet as a Job's pod from the services image (uid 65534, read-only
+    root) until ``until(fljob)`` holds; the FLJob then, and the fleet pod's log. It reaches the
+    selectors as devices reach a job's endpoint: through the job's Service (``<job>-selector``,
+    ClientIP affinity), by name."""
+    name = doc["metadata"]["name"]
+    objects: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": f"{name}-fleet"},
+            "data": {"job.yaml": yaml.safe_dump(doc), "fleet.py": FLEET_SCRIPT},
+        },
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": f"{name}-fleet"},
+            "spec": {
+                "backoffLimit": 3,
+                "template": {
+                    "metadata": {"labels": {"app": f"{name}-fleet"}},
+                    "spec": {
+                        "restartPolicy": "OnFailure",
+                        "automountServiceAccountToken": False,
+                        "securityContext": {
+                            "runAsUser": 65534,
+                            "runAsGroup": 65534,
+                            "runAsNonRoot": True,
+                        },
+                        "volumes": [{"name": "fleet", "configMap": {"name": f"{name}-fleet"}}],
+                        "containers": [
+                            {
+                                "name": "fleet",
+                                "image": cluster.image("services"),
+                                "imagePullPolicy": "IfNotPresent",
+                                "command": ["python3", "/fleet/fleet.py"],
+                                "env": [
+                                    {"name": "JOB", "value": name},
+                                    {"name": "NAMESPACE", "value": ns},
+                                    {"name": "SELECTORS", "value": f"http://{name}-selector:8080"},
+                                    {
+                                        "name": "JOB_SECRET",
+                                        "valueFrom": {
+                                            "secretKeyRef": {
+                                                "name": f"{name}-secret",
+                                                "key": "job-secret",
+                                            }
+                                        },
+                                    },
+                                ],
+                                "volumeMounts": [{"name": "fleet", "mountPath": "/fleet"}],
+                                "securityContext": {
+                                    "readOnlyRootFilesystem": True,
+                                    "allowPrivilegeEscalation": False,
+                                    "capabilities": {"drop": ["ALL"]},
+                                },
+                            }
+                        ],
+                    },
+                },
+            },
+        },
+    ]
+    cluster.apply(objects, ns)
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    try:
+        while time.monotonic() < deadline:
+            last = _fljob(cluster, ns, name)
+            if until(last):
+                pods = cluster.list("pods", ns, f"app={name}-fleet")
+                logs = [cluster.pod_log(ns, p["metadata"]["name"]) for p in pods]
+                return last, "\n".join(logs)
+            time.sleep(2)
+        pytest.fail(
+            f"FLJob {ns}/{name} never got there: {json.dumps(last.get('status'))}\n"
+            f"{cluster.diagnostics(ns)}"
+        )
+    finally:
+        cluster.kubectl("delete", "job", f"{name}-fleet", "-n", ns, "--wait=false")
+
+
 @pytest.mark.timeout(1500)
 def test_digits_reaches_succeeded_with_accuracy_in_status(
     cluster: Cluster, fedfleet: Installed, namespace: str, tmp_path: Path
 ) -> None:
     doc = _example()
     cluster.apply(doc, namespace)
-    final = _drive(
+    final, fleet_log = _drive_in_cluster(
         cluster,
         namespace,
         doc,
         lambda j: j.get("status", {}).get("phase") == "Succeeded",
         timeout=1000,  # a hang bound: ~5 min on a quiet machine; 45 rounds in 10 min at load 15
     )
+    # The devices were a pod: its log shows the fleet against the job's Service.
+    assert "against http://digits-selector:8080" in fleet_log, fleet_log
     status = final["status"]
     assert status["round"] == 50 and status["rounds"] == 50
     assert status["modelVersion"] == 50
@@ -335,6 +491,9 @@ def test_a_users_own_task_runs_from_configmap_volumes_to_succeeded(
     fleet_doc["spec"]["fleet"]["data"]["path"] = str(example / "data" / "train.csv")
     fleet_doc["spec"]["evaluation"]["data"] = str(example / "data" / "test.csv")
     monkeypatch.syspath_prepend(str(example))
+    # The user's image: built FROM fedfleet/services with nothing added (the task's code comes
+    # from the ConfigMaps), under the name their registry would serve it by.
+    cluster.node.tag_image(cluster.image("services"), "registry.example/acme/linreg-task:0.1.0")
     cluster.apply(doc, namespace)
     pods: list[dict[str, Any]] = []  # the actor pods while the job runs (gone once it ends)
 
@@ -860,3 +1019,119 @@ def test_a_ten_times_larger_model_gets_more_aggregators_and_the_pool_shrinks_aga
         assert store.draining(f"{namespace}/pool-large").isdisjoint(survivors)
     finally:
         store.close()
+
+
+# -- real-runtime chaos: containers killed by signal, the store's pod deleted -------------------
+
+
+def _sigkill_container(cluster: Cluster, pod: dict[str, Any]) -> int:
+    """SIGKILL the process of the pod's (first) container from the host, as the kernel's OOM
+    killer or a crash would end it: containerd's task list gives its pid."""
+    [status] = pod["status"]["containerStatuses"]
+    container_id = status["containerID"].removeprefix("containerd://")
+    tasks = subprocess.run(
+        [*cluster.node.ctr_cmd, "tasks", "ls"], capture_output=True, text=True, check=True
+    ).stdout
+    pids = [int(f[1]) for f in (ln.split() for ln in tasks.splitlines()) if f[0] == container_id]
+    assert pids, f"no containerd task {container_id} in:\n{tasks}"
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
+
+
+@pytest.mark.timeout(1200)
+def test_selector_and_aggregator_containers_sigkilled_are_restarted_and_the_job_finishes(
+    cluster: Cluster, fedfleet: Installed, namespace: str
+) -> None:
+    """A selector's and then an aggregator's container process is SIGKILLed mid-job; the
+    kubelet restarts each container in its pod (exit 137 recorded), and the job still reaches
+    its last round with its committed versions never going backwards."""
+    doc = _example(rounds={"total": 20})
+    doc["metadata"] = {"name": "sigkilled"}
+    job = f"{namespace}/sigkilled"
+    cluster.apply(doc, namespace)
+    store = open_store(fedfleet.redis_url)
+    seen: list[int] = []
+    killed: dict[str, str] = {}  # role -> pod name
+    restarted: dict[str, dict[str, Any]] = {}  # role -> the container's status after restart
+
+    def chaos(_: dict[str, Any]) -> None:
+        seen.append(store.model_version(job))
+        for role, at in (("selector", 3), ("aggregator", 8)):
+            if role not in killed and seen[-1] >= at and len(killed) == len(restarted):
+                pods = _ready_pods(
+                    cluster, namespace, f"fedfleet.dev/job=sigkilled,fedfleet.dev/role={role}"
+                )
+                if pods:
+                    _sigkill_container(cluster, pods[0])
+                    killed[role] = pods[0]["metadata"]["name"]
+        for role, name in killed.items():
+            pod = cluster.get("pod", name, namespace) or {}
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                if cs["restartCount"] >= 1 and "running" in cs["state"]:
+                    restarted.setdefault(role, cs)
+
+    final = _drive(
+        cluster,
+        namespace,
+        doc,
+        lambda j: j.get("status", {}).get("phase") == "Succeeded",
+        timeout=900,
+        during=chaos,
+    )
+    store.close()
+    assert set(killed) == {"selector", "aggregator"}, f"killed only {killed} (versions {seen})"
+    assert set(restarted) == set(killed), f"restarts seen: {restarted}, killed: {killed}"
+    for role, cs in restarted.items():
+        # The same pod, its container restarted by the kubelet after a SIGKILL (128 + 9).
+        assert cs["lastState"]["terminated"]["exitCode"] == 137, (role, cs)
+    assert final["status"]["modelVersion"] == 20
+    assert seen == sorted(seen), f"a committed version went backwards: {seen}"
+
+
+@pytest.mark.timeout(1200)
+def test_bundled_redis_pod_deleted_mid_job_keeps_every_committed_version(
+    cluster: Cluster, fedfleet: Installed, namespace: str
+) -> None:
+    """The chart's Redis pod is deleted mid-job. Its StatefulSet starts a new pod on the same
+    PersistentVolume (append-only file, fsync always), the actors reconnect through the
+    Service, and the job finishes from where it was: no committed version is lost."""
+    doc = _example(rounds={"total": 20})
+    doc["metadata"] = {"name": "redis-restart"}
+    job = f"{namespace}/redis-restart"
+    cluster.apply(doc, namespace)
+    store = open_store(fedfleet.redis_url)
+    seen: list[int] = []
+    deleted: list[str] = []  # the deleted pod's uid
+
+    def chaos(_: dict[str, Any]) -> None:
+        try:
+            seen.append(store.model_version(job))
+        except StoreUnavailable:
+            return  # Redis is on its way back
+        if not deleted and seen[-1] >= 5:
+            pod = cluster.get("pod", "fedfleet-redis-0", fedfleet.namespace)
+            assert pod is not None
+            cluster.kubectl(
+                "delete", "pod", "fedfleet-redis-0", "-n", fedfleet.namespace, "--wait=false",
+                check=True,
+            )  # fmt: skip
+            deleted.append(pod["metadata"]["uid"])
+
+    final = _drive(
+        cluster,
+        namespace,
+        doc,
+        lambda j: j.get("status", {}).get("phase") == "Succeeded",
+        timeout=900,
+        during=chaos,
+    )
+    assert deleted, f"the Redis pod was never deleted (versions {seen})"
+    pod = cluster.get("pod", "fedfleet-redis-0", fedfleet.namespace)
+    assert pod is not None and pod["metadata"]["uid"] != deleted[0], "no new Redis pod"
+    assert final["status"]["modelVersion"] == 20
+    assert seen == sorted(seen), f"a committed version went backwards: {seen}"
+    # What each commit recorded before the restart is still there: one metrics row per
+    # committed version, none lost and none repeated.
+    metrics = store.metrics(job)
+    store.close()
+    assert len(metrics) == 20, metrics

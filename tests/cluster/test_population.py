@@ -4,8 +4,8 @@ The chart is installed as in ``test_fedfleet_on_kubernetes.py`` (its ``fedfleet`
 ``FLPopulation`` is applied; the operator makes its enrollment Secret, its gateway (Deployment
 and Secret) and its Service ``<name>-devices`` over the gateway pod, which is Ready before any
 job exists. Four ``fedfleet device run`` processes on this host enroll with the token read from
-the Secret and talk to that Service only (the node agent's loopback proxy for it:
-``tests/cluster/nodeagent.py``, "service proxies"); with no job running the gateway answers
+the Secret and talk to that Service only (its ClusterIP, which kube-proxy on the real node
+routes from this host as from any pod); with no job running the gateway answers
 their check-ins with a reconnect window. Two FLJobs of the population run one after the other;
 the same device processes, with no new token or URL, train both. Deleting the jobs leaves the
 endpoint and the same gateway pod Ready; deleting the FLPopulation removes them all.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
-import re
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -78,16 +78,19 @@ def _wait(
 
 
 def _service_address(cluster: Cluster, namespace: str, name: str) -> str | None:
-    """The loopback address the node agent proxies the Service on (its latest, from its log:
-    the agent gives every Service a 127.0.1.x/127.0.2.x address and a TCP proxy there)."""
-    log = cluster.agent.log_file
-    if not log.exists():
+    """``clusterIP:port`` of the Service once a TCP connection to it reaches a ready endpoint
+    (kube-proxy has programmed it): the address a device outside the pods uses here."""
+    service = cluster.get("service", name, namespace) or {}
+    ip = (service.get("spec") or {}).get("clusterIP")
+    ports = (service.get("spec") or {}).get("ports") or []
+    if not ip or ip == "None" or not ports:
         return None
-    pattern = re.compile(
-        rf"service {re.escape(namespace)}/{re.escape(name)}: proxy (127\.0\.[12]\.\d+):(\d+)"
-    )
-    found = pattern.findall(log.read_text(errors="replace"))
-    return f"{found[-1][0]}:{found[-1][1]}" if found else None
+    address = f"{ip}:{ports[0]['port']}"
+    try:
+        socket.create_connection((ip, int(ports[0]["port"])), timeout=2).close()
+    except OSError:
+        return None
+    return address
 
 
 def _gateway(cluster: Cluster, namespace: str) -> tuple[str, str] | None:
@@ -182,7 +185,7 @@ def test_devices_on_one_population_endpoint_train_two_jobs_in_turn(
     address = cluster.wait_for(
         lambda: _service_address(cluster, namespace, f"{POP}-devices"),
         timeout=60,
-        what="the node agent's proxy for the population's Service",
+        what="the population's Service reachable at its ClusterIP",
         namespace=namespace,
     )
     url = f"http://{address}"
@@ -373,11 +376,11 @@ def test_a_job_created_first_joins_its_population_whose_gateway_then_serves_http
         store.close()
 
     # The same FLPopulation patched with a kubernetes.io/tls Secret of the test's CA, made for
-    # the address the node agent proxies the Service on (and the in-cluster name).
+    # the Service's ClusterIP (and the in-cluster name).
     address = cluster.wait_for(
         lambda: _service_address(cluster, namespace, f"{pop}-devices"),
         timeout=60,
-        what="the node agent's proxy for the population's Service",
+        what="the population's Service reachable at its ClusterIP",
         namespace=namespace,
     )
     host = address.rsplit(":", 1)[0]

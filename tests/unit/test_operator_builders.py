@@ -398,6 +398,8 @@ def test_selector_service_is_the_device_api() -> None:
         "type": "ClusterIP",
         "selector": {"fedfleet.dev/job": "mnist", "fedfleet.dev/role": "selector"},
         "ports": [{"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP"}],
+        # a device's plan poll and report reach the selector that selected it
+        "sessionAffinity": "ClientIP",
     }
 
 
