@@ -162,20 +162,31 @@ setup_typescript() {
 # the background while Debian and Python packages install; the node's binaries (kubelet,
 # kube-proxy, CoreDNS) follow them in the same job, reusing their compiled packages;
 # wait_binaries joins the build.
+# Runs "$@" in the background; its own wall time (not the time until it is joined) goes to
+# the file $1 names, for the summary line.
+timed_bg() {
+  local seconds_file=$1
+  shift
+  rm -f "$seconds_file"
+  { t=$(now); rc=0; "$@" || rc=$?; echo $(($(now) - t)) >"$seconds_file"; exit $rc; } &
+}
+
 binaries_pid=""
 binaries_out="$cache/logs/build-binaries.out"
 node_out="$cache/logs/build-node.out"
+build_binaries_then_node() {
+  bash deploy/build-binaries.sh >"$binaries_out" && bash deploy/build-node.sh >"$node_out"
+}
 start_binaries() {
   mkdir -p "$cache/logs"
-  binaries_t0=$(now)
-  { bash deploy/build-binaries.sh >"$binaries_out" && bash deploy/build-node.sh >"$node_out"; } &
+  timed_bg "$binaries_out.seconds" build_binaries_then_node
   binaries_pid=$!
 }
 
 wait_binaries() {
   local rc=0
   wait "$binaries_pid" || rc=$?
-  took[binaries]=$(($(now) - binaries_t0))
+  took[binaries]=$(cat "$binaries_out.seconds" 2>/dev/null || echo '?')
   ((rc == 0)) || die "building the cluster or node binaries failed (exit $rc): see the [build-binaries] or [build-node] lines above"
   local bin_dir
   bin_dir=$(tail -n 1 "$binaries_out")
@@ -191,16 +202,15 @@ images_pid=""
 images_out="$cache/logs/build-images.out"
 start_images() {
   mkdir -p "$cache/logs"
-  images_t0=$(now)
-  as_root env FEDFLEET_CACHE="$cache" GOMODCACHE="$GOMODCACHE" GOCACHE="$GOCACHE" \
-    bash deploy/build-images.sh >"$images_out" &
+  timed_bg "$images_out.seconds" as_root env FEDFLEET_CACHE="$cache" GOMODCACHE="$GOMODCACHE" \
+    GOCACHE="$GOCACHE" bash deploy/build-images.sh >"$images_out"
   images_pid=$!
 }
 
 wait_images() {
   local rc=0
   wait "$images_pid" || rc=$?
-  took[images]=$(($(now) - images_t0))
+  took[images]=$(cat "$images_out.seconds" 2>/dev/null || echo '?')
   ((rc == 0)) || die "building the container images failed (exit $rc): see the [build-images] lines above"
   [[ -f $(tail -n 1 "$images_out") ]] || die "deploy/build-images.sh printed no env.sh"
 }
@@ -210,15 +220,14 @@ s3_pid=""
 s3_out="$cache/logs/build-s3-server.out"
 start_s3_server() {
   mkdir -p "$cache/logs"
-  s3_t0=$(now)
-  bash deploy/build-s3-server.sh >"$s3_out" &
+  timed_bg "$s3_out.seconds" bash deploy/build-s3-server.sh >"$s3_out"
   s3_pid=$!
 }
 
 wait_s3_server() {
   local rc=0
   wait "$s3_pid" || rc=$?
-  took[s3]=$(($(now) - s3_t0))
+  took[s3]=$(cat "$s3_out.seconds" 2>/dev/null || echo '?')
   ((rc == 0)) || die "building the S3 server failed (exit $rc): see the [build-s3-server] lines above"
 }
 
