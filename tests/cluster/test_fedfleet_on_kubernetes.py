@@ -28,7 +28,7 @@ from fedfleet.cli import main as cli_main
 from fedfleet.core.spec import FLJob, parse_manifest
 from fedfleet.device.http_fleet import HttpFleet
 from fedfleet.service.keys import JobKeys
-from fedfleet.store.base import StoreUnavailable
+from fedfleet.store.base import Store, StoreUnavailable
 from fedfleet.store.factory import open_store
 from fedfleet.store.history.redis_models import models_in_store
 from fedfleet.tasks.weights_file import load_weights
@@ -669,20 +669,54 @@ def test_scale_and_suspend_resume_a_running_job(
     store.close()
 
 
+def _twenty_rounds_through(
+    cluster: Cluster,
+    fedfleet: Installed,
+    ns: str,
+    name: str,
+    chaos: Callable[[int, Store], None],
+) -> dict[str, Any]:
+    """The digits job at 20 rounds, named ``name``, driven to Succeeded while ``chaos`` gets
+    each committed version the test reads from the store (and the store), whenever it can
+    read one. Asserts what every chaos test here must keep: the last round is reached and no
+    committed version is ever read lower than one read before it. Returns the final FLJob."""
+    doc = _example(rounds={"total": 20})
+    doc["metadata"] = {"name": name}
+    cluster.apply(doc, ns)
+    store = open_store(fedfleet.redis_url)
+    seen: list[int] = []
+
+    def look(_: dict[str, Any]) -> None:
+        try:
+            seen.append(store.model_version(f"{ns}/{name}"))
+        except StoreUnavailable:
+            return  # the store is on its way back (the Redis test)
+        chaos(seen[-1], store)
+
+    try:
+        final = _drive(
+            cluster,
+            ns,
+            doc,
+            lambda j: j.get("status", {}).get("phase") == "Succeeded",
+            timeout=900,
+            during=look,
+        )
+    finally:
+        store.close()
+    assert final["status"]["modelVersion"] == 20
+    assert seen == sorted(seen), f"a committed version went backwards: {seen}"
+    return final
+
+
 @pytest.mark.timeout(1200)
 def test_coordinator_pod_deleted_mid_job_finishes_without_losing_a_version(
     cluster: Cluster, fedfleet: Installed, namespace: str
 ) -> None:
-    doc = _example(rounds={"total": 20})
-    doc["metadata"] = {"name": "resilient"}
-    cluster.apply(doc, namespace)
-    store = open_store(fedfleet.redis_url)
-    seen: list[int] = []
     deleted: list[str] = []
 
-    def chaos(job: dict[str, Any]) -> None:
-        seen.append(store.model_version(f"{namespace}/resilient"))
-        if not deleted and seen[-1] >= 5:
+    def chaos(version: int, store: Store) -> None:
+        if not deleted and version >= 5:
             lease = store.lease(f"{namespace}/resilient")
             assert lease is not None
             cluster.kubectl(
@@ -690,18 +724,8 @@ def test_coordinator_pod_deleted_mid_job_finishes_without_losing_a_version(
             )
             deleted.append(lease.holder)
 
-    final = _drive(
-        cluster,
-        namespace,
-        doc,
-        lambda j: j.get("status", {}).get("phase") == "Succeeded",
-        timeout=600,
-        during=chaos,
-    )
+    _twenty_rounds_through(cluster, fedfleet, namespace, "resilient", chaos)
     assert deleted, "the active coordinator was never deleted"
-    assert final["status"]["modelVersion"] == 20
-    assert seen == sorted(seen), f"a committed version went backwards: {seen}"
-    store.close()
 
 
 def _operator_pods(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
@@ -1045,19 +1069,12 @@ def test_selector_and_aggregator_containers_sigkilled_are_restarted_and_the_job_
     """A selector's and then an aggregator's container process is SIGKILLed mid-job; the
     kubelet restarts each container in its pod (exit 137 recorded), and the job still reaches
     its last round with its committed versions never going backwards."""
-    doc = _example(rounds={"total": 20})
-    doc["metadata"] = {"name": "sigkilled"}
-    job = f"{namespace}/sigkilled"
-    cluster.apply(doc, namespace)
-    store = open_store(fedfleet.redis_url)
-    seen: list[int] = []
     killed: dict[str, str] = {}  # role -> pod name
     restarted: dict[str, dict[str, Any]] = {}  # role -> the container's status after restart
 
-    def chaos(_: dict[str, Any]) -> None:
-        seen.append(store.model_version(job))
+    def chaos(version: int, _: Store) -> None:
         for role, at in (("selector", 3), ("aggregator", 8)):
-            if role not in killed and seen[-1] >= at and len(killed) == len(restarted):
+            if role not in killed and version >= at and len(killed) == len(restarted):
                 pods = _ready_pods(
                     cluster, namespace, f"fedfleet.dev/job=sigkilled,fedfleet.dev/role={role}"
                 )
@@ -1070,22 +1087,12 @@ def test_selector_and_aggregator_containers_sigkilled_are_restarted_and_the_job_
                 if cs["restartCount"] >= 1 and "running" in cs["state"]:
                     restarted.setdefault(role, cs)
 
-    final = _drive(
-        cluster,
-        namespace,
-        doc,
-        lambda j: j.get("status", {}).get("phase") == "Succeeded",
-        timeout=900,
-        during=chaos,
-    )
-    store.close()
-    assert set(killed) == {"selector", "aggregator"}, f"killed only {killed} (versions {seen})"
+    _twenty_rounds_through(cluster, fedfleet, namespace, "sigkilled", chaos)
+    assert set(killed) == {"selector", "aggregator"}, f"killed only {killed}"
     assert set(restarted) == set(killed), f"restarts seen: {restarted}, killed: {killed}"
     for role, cs in restarted.items():
         # The same pod, its container restarted by the kubelet after a SIGKILL (128 + 9).
         assert cs["lastState"]["terminated"]["exitCode"] == 137, (role, cs)
-    assert final["status"]["modelVersion"] == 20
-    assert seen == sorted(seen), f"a committed version went backwards: {seen}"
 
 
 @pytest.mark.timeout(1200)
@@ -1095,20 +1102,10 @@ def test_bundled_redis_pod_deleted_mid_job_keeps_every_committed_version(
     """The chart's Redis pod is deleted mid-job. Its StatefulSet starts a new pod on the same
     PersistentVolume (append-only file, fsync always), the actors reconnect through the
     Service, and the job finishes from where it was: no committed version is lost."""
-    doc = _example(rounds={"total": 20})
-    doc["metadata"] = {"name": "redis-restart"}
-    job = f"{namespace}/redis-restart"
-    cluster.apply(doc, namespace)
-    store = open_store(fedfleet.redis_url)
-    seen: list[int] = []
     deleted: list[str] = []  # the deleted pod's uid
 
-    def chaos(_: dict[str, Any]) -> None:
-        try:
-            seen.append(store.model_version(job))
-        except StoreUnavailable:
-            return  # Redis is on its way back
-        if not deleted and seen[-1] >= 5:
+    def chaos(version: int, _: Store) -> None:
+        if not deleted and version >= 5:
             pod = cluster.get("pod", "fedfleet-redis-0", fedfleet.namespace)
             assert pod is not None
             cluster.kubectl(
@@ -1117,21 +1114,15 @@ def test_bundled_redis_pod_deleted_mid_job_keeps_every_committed_version(
             )  # fmt: skip
             deleted.append(pod["metadata"]["uid"])
 
-    final = _drive(
-        cluster,
-        namespace,
-        doc,
-        lambda j: j.get("status", {}).get("phase") == "Succeeded",
-        timeout=900,
-        during=chaos,
-    )
-    assert deleted, f"the Redis pod was never deleted (versions {seen})"
+    _twenty_rounds_through(cluster, fedfleet, namespace, "redis-restart", chaos)
+    assert deleted, "the Redis pod was never deleted"
     pod = cluster.get("pod", "fedfleet-redis-0", fedfleet.namespace)
     assert pod is not None and pod["metadata"]["uid"] != deleted[0], "no new Redis pod"
-    assert final["status"]["modelVersion"] == 20
-    assert seen == sorted(seen), f"a committed version went backwards: {seen}"
     # What each commit recorded before the restart is still there: one metrics row per
     # committed version, none lost and none repeated.
-    metrics = store.metrics(job)
-    store.close()
+    store = open_store(fedfleet.redis_url)
+    try:
+        metrics = store.metrics(f"{namespace}/redis-restart")
+    finally:
+        store.close()
     assert len(metrics) == 20, metrics
