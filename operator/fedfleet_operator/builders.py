@@ -420,10 +420,12 @@ def build_aggregator_deployment(
 def build_selector_service(job: FLJob, namespace: str) -> ServiceBody:
     """The device API: a ClusterIP Service over the selectors, port 8080 ``http``.
 
-    ``sessionAffinity: ClientIP``: a device's ticket names the selector that selected it, so its
-    plan poll and report must reach that selector again, over whatever new connection it
-    opens; per-connection balancing would send some of them to another selector (403). A
-    population's devices go through its gateway instead, which routes by the ticket."""
+    ``sessionAffinity: ClientIP``: the selector that selected a device holds the selection in
+    its memory until the round is configured, so the device's plan poll must reach that
+    selector again, over whatever new connection it opens; per-connection balancing would
+    send some polls to another selector, which answers 404 (no selection held). Reports are
+    checked statelessly and any selector forwards them. A population's devices go through
+    its gateway instead, which routes by the ticket."""
     return {
         "apiVersion": "v1",
         "kind": "Service",

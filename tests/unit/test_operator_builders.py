@@ -398,7 +398,7 @@ def test_selector_service_is_the_device_api() -> None:
         "type": "ClusterIP",
         "selector": {"fedfleet.dev/job": "mnist", "fedfleet.dev/role": "selector"},
         "ports": [{"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP"}],
-        # a device's plan poll and report reach the selector that selected it
+        # a device's plan poll reaches the selector that holds its selection
         "sessionAffinity": "ClientIP",
     }
 
