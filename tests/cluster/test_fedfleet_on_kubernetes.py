@@ -975,7 +975,7 @@ def test_a_ten_times_larger_model_gets_more_aggregators_and_the_pool_shrinks_aga
     small["metadata"] = {"name": "pool-small"}
     large = _example(rounds=rounds, actors=actors, model={"kind": "mlp", "hidden": [86]})
     large["metadata"] = {"name": "pool-large"}  # 6,460 parameters: 9.9x the softmax's 650
-    # One job at a time: the node runs every pod as a process, on a shared machine.
+    # One job at a time: every pod is a container on this one node of a shared 2-core machine.
     cluster.apply(small, namespace)
     small_pool = cluster.wait_for(
         lambda: (p := _pool(cluster, namespace, "pool-small")).get("current") == 1 and p,
@@ -1019,30 +1019,34 @@ def test_a_ten_times_larger_model_gets_more_aggregators_and_the_pool_shrinks_aga
     # Four go; a replica whose registration lapsed (a slow heartbeat on a loaded node) goes
     # first without a drain, as one that never registered would.
     assert 1 <= len(going) <= 4, drained
-    cluster.wait_for(
-        lambda: (
-            (cluster.get("deployment", "pool-large-aggregator", namespace) or {})
-            .get("spec", {})
-            .get("replicas")
-            == 2
-            and _aggregator_pods(cluster, namespace, "pool-large").isdisjoint(going)
-            and len(_aggregator_pods(cluster, namespace, "pool-large")) == 2
-        ),
-        timeout=300,
-        what="the pool down to 2, the drained aggregators' pods gone",
-        namespace=namespace,
-    )
+    store = open_store(fedfleet.redis_url)
+    try:
+        # The pool ends at two aggregator pods, neither of them draining: the drained ones'
+        # pods go (lowest pod-deletion-cost); when the ReplicaSet takes another pod first (a
+        # pod not ready: the spec patch also rolled the pods, so the drains may name pods of
+        # either ReplicaSet), the drained one that stays is taken off the draining set and
+        # serves again (operator/fedfleet_operator/pool.py).
+        def settled() -> set[str] | None:
+            replicas = (
+                (cluster.get("deployment", "pool-large-aggregator", namespace) or {})
+                .get("spec", {})
+                .get("replicas")
+            )
+            pods = _aggregator_pods(cluster, namespace, "pool-large")
+            draining = store.draining(f"{namespace}/pool-large")
+            return pods if replicas == 2 and len(pods) == 2 and draining.isdisjoint(pods) else None
+
+        cluster.wait_for(
+            settled,
+            timeout=300,
+            what="the pool down to 2 aggregator pods, neither draining",
+            namespace=namespace,
+        )
+    finally:
+        store.close()
     events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True)
     reasons = {e.get("reason") for e in json.loads(events.stdout)["items"]}
     assert {"AggregatorsScaledUp", "AggregatorsDraining", "AggregatorsScaledDown"} <= reasons
-    store = open_store(fedfleet.redis_url)
-    try:
-        # The two that stay get rounds: neither is in the draining set (the spec patch also
-        # rolled the pods, so later drains may name pods the first look did not).
-        survivors = _aggregator_pods(cluster, namespace, "pool-large")
-        assert store.draining(f"{namespace}/pool-large").isdisjoint(survivors)
-    finally:
-        store.close()
 
 
 # -- real-runtime chaos: containers killed by signal, the store's pod deleted -------------------
