@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.cluster.controlplane import Binaries, ControlPlane, ControlPlaneError, load_binaries
+from tests.cluster.hoststate import HostStateError
 from tests.cluster.realnode import RealNode, RealNodeError, host_ip
 
 T = TypeVar("T")
@@ -258,9 +259,12 @@ def cluster() -> Iterator[Cluster]:
     try:
         # nice 0: the node's containers are the system under test, not a neighbour to spare.
         node = RealNode(controlplane, name=NODE_NAME, nice=0, lock_timeout=600).start()
-    except RealNodeError as exc:
+    except (RealNodeError, HostStateError) as exc:  # images missing, another node runs, ...
         controlplane.stop()
         pytest.fail(f"the real node did not start: {exc}", pytrace=False)
+    except BaseException:
+        controlplane.stop()
+        raise
     api_client = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
         config_file=str(controlplane.kubeconfig)
     )

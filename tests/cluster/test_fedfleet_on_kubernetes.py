@@ -669,6 +669,13 @@ def test_scale_and_suspend_resume_a_running_job(
     store.close()
 
 
+CHAOS_TIMEOUTS = {"selectionTimeoutSeconds": 20, "reportingTimeoutSeconds": 20}
+"""Round timeouts of the jobs the chaos tests break: a round whose reports were lost (an
+aggregator's container killed, the devices held while the operator is replaced) is abandoned
+and run again after 20 s, not after the example's 120 s for real devices. Rounds here take
+about a second."""
+
+
 def _twenty_rounds_through(
     cluster: Cluster,
     fedfleet: Installed,
@@ -680,7 +687,7 @@ def _twenty_rounds_through(
     each committed version the test reads from the store (and the store), whenever it can
     read one. Asserts what every chaos test here must keep: the last round is reached and no
     committed version is ever read lower than one read before it. Returns the final FLJob."""
-    doc = _example(rounds={"total": 20})
+    doc = _example(rounds={"total": 20, **CHAOS_TIMEOUTS})
     doc["metadata"] = {"name": name}
     cluster.apply(doc, ns)
     store = open_store(fedfleet.redis_url)
@@ -764,7 +771,7 @@ def test_operator_killed_mid_job_and_at_completion_leaves_the_status_right(
     The devices are held from the first kill until the replacement has reported the store's
     version, so the job is still running when it takes over however fast rounds are (a run
     whose remaining rounds took less than the status interval once failed this test)."""
-    doc = _example(rounds={"total": 30})
+    doc = _example(rounds={"total": 30, **CHAOS_TIMEOUTS})
     doc["metadata"] = {"name": "steady"}
     cluster.apply(doc, namespace)
     key = f"{namespace}/steady"
