@@ -7,7 +7,7 @@ starts a ``ControlPlane`` advertising the host's address and a ``RealNode`` (nod
 containerd + runc, the bridge CNI, a kubelet, kube-proxy and CoreDNS; tests/cluster/realnode.py)
 and yields a ``Cluster``. Pods are real containers from the images deploy/docker/ builds
 (``cluster.image("services")``, ``"operator"``, ``"redis"``); pod IPs (10.88.0.0/24) and
-Service ClusterIPs (10.96.0.0/24, through kube-proxy) are reachable from this host:
+Service ClusterIPs (controlplane.SERVICE_CIDR, through kube-proxy) are reachable from this host:
 
     def test_x(cluster, namespace):
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest, check=True)
@@ -145,7 +145,12 @@ class Cluster:
         return items
 
     def pod_log(
-        self, namespace: str, name: str, container: str | None = None, previous: bool = False
+        self,
+        namespace: str,
+        name: str,
+        container: str | None = None,
+        previous: bool = False,
+        tail: int | None = None,
     ) -> str:
         """`kubectl logs` (through the apiserver and the kubelet); "" when there is none."""
         args = ["logs", name, "-n", namespace]
@@ -153,6 +158,8 @@ class Cluster:
             args += ["-c", container]
         if previous:
             args.append("--previous")
+        if tail is not None:
+            args.append(f"--tail={tail}")
         proc = self.kubectl(*args)
         return proc.stdout if proc.returncode == 0 else ""
 
@@ -173,13 +180,8 @@ class Cluster:
             for pod in items:
                 pod_name = pod["metadata"]["name"]
                 for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
-                    proc = self.kubectl(
-                        "logs", pod_name, "-n", namespace, "-c", c["name"], "--tail=15"
-                    )
-                    parts.append(
-                        f"--- log of pod {pod_name} container {c['name']}\n"
-                        + (proc.stdout if proc.returncode == 0 else proc.stderr)
-                    )
+                    log = self.pod_log(namespace, pod_name, c["name"], tail=15)
+                    parts.append(f"--- log of pod {pod_name} container {c['name']}\n{log}")
         for name in ("kubelet", "containerd", "kube-proxy"):
             parts.append(f"--- {name}\n{self.node.log_tail(name, 25)}")
         for name in ControlPlane.COMPONENTS:
