@@ -48,6 +48,8 @@ PRELOAD = (
     "uvicorn.protocols.http.httptools_impl",
     "uvicorn.lifespan.on",
     "pydantic.v1",  # FastAPI asks for it while it builds each route's models
+    "anyio._backends._asyncio",  # on the first sync endpoint's run in the thread pool
+    "uvloop",  # uvicorn's event loop, when installed
     "httpx",
     "certifi",
 )

@@ -77,8 +77,13 @@ def create_app(
 
     ticker = Ticker(f"coordinator-{actor_id}", tick, tick_seconds)
     # Selections and drop-outs counted, reports taken, partial sums (or a refusal) published,
-    # a commit: each may move a round on.
-    ticker.wake_on(events_of(store), job.key, (COUNTS, REPORTS, PARTIALS, COMMITS))
+    # a commit: each may move a round on (for the leader: a standby's timer takes the lease).
+    ticker.wake_on(
+        events_of(store),
+        job.key,
+        (COUNTS, REPORTS, PARTIALS, COMMITS),
+        when=lambda: coordinator.is_leader,
+    )
     Gauge(
         "fedfleet_coordinator_leader", "1 while this replica holds the job lease", registry=registry
     ).set_function(lambda: 1.0 if coordinator.is_leader else 0.0)

@@ -92,7 +92,7 @@ class Ticker:
         self.interval = interval
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._listens: list[tuple[Events, str, tuple[str, ...]]] = []
+        self._listens: list[tuple[Events, str, tuple[str, ...], Callable[[], bool] | None]] = []
         self._unsubscribes: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name=f"tick-{name}", daemon=True)
         self.store_ok = False
@@ -100,17 +100,34 @@ class Ticker:
         self.last_error = ""
         self.ticks = 0
 
-    def wake_on(self, events: Events, job: str, topics: Iterable[str]) -> None:
-        """Tick as soon as one of ``topics`` of ``job`` is announced (from :meth:`start` on)."""
-        self._listens.append((events, job, tuple(topics)))
+    def wake_on(
+        self,
+        events: Events,
+        job: str,
+        topics: Iterable[str],
+        *,
+        when: Callable[[], bool] | None = None,
+    ) -> None:
+        """Tick as soon as one of ``topics`` of ``job`` is announced (from :meth:`start` on);
+        with ``when``, only while it returns true (a standby has nothing to do on a round's
+        events: its timer is what takes the lease over)."""
+        self._listens.append((events, job, tuple(topics), when))
 
     def poke(self, _topic: str = "") -> None:
         """Run the next tick now (or right after the current one); safe from any thread."""
         self._wake.set()
 
+    def _poke_when(self, when: Callable[[], bool]) -> Callable[[str], None]:
+        def poke(topic: str = "") -> None:
+            if when():
+                self.poke(topic)
+
+        return poke
+
     def start(self) -> None:
-        for events, job, topics in self._listens:
-            self._unsubscribes.append(events.subscribe(job, topics, self.poke))
+        for events, job, topics, when in self._listens:
+            poke = self.poke if when is None else self._poke_when(when)
+            self._unsubscribes.append(events.subscribe(job, topics, poke))
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -181,6 +181,8 @@ def server_config(
         "log_config": None,
         "access_log": False,
         "timeout_graceful_shutdown": 10,
+        # No service speaks WebSocket: none is served (and the protocol's modules not loaded).
+        "ws": "none",
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)

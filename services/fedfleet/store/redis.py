@@ -309,6 +309,8 @@ class RedisStore:
         self._clear_round = register(_CLEAR_ROUND)
         self._revoke = register(_REVOKE)
         self._events: RedisEvents | None = None
+        self._parsed_rounds: dict[str, dict[bytes, RoundState]] = {}
+        """Per job, the round states the last :meth:`rounds` read, by their stored bytes."""
 
     def events(self) -> RedisEvents:
         """Pub/sub announcements of the job's writes (:mod:`fedfleet.store.redis_events`)."""
@@ -454,8 +456,13 @@ class RedisStore:
     def rounds(self, job: str) -> list[RoundState]:
         with self._io():
             raw = cast(list[bytes], self._r.hvals(self._key(job, "rounds")))
-        states = [RoundState.from_dict(json.loads(v)) for v in raw]
-        return sorted(states, key=lambda s: (s.round, s.attempt))
+        # Every actor reads the whole hash many times a round, and finished attempts stay in
+        # it for the coordinator's linger (dozens of them when rounds are short): decode only
+        # what changed since the last read. RoundState is frozen, so sharing one is safe.
+        known = self._parsed_rounds.get(job, {})
+        parsed = {v: known.get(v) or RoundState.from_dict(json.loads(v)) for v in raw}
+        self._parsed_rounds[job] = parsed
+        return sorted(parsed.values(), key=lambda s: (s.round, s.attempt))
 
     def clear_round(self, job: str, round_key: str) -> None:
         keys = [
