@@ -88,7 +88,21 @@ class Timeline:
             "configured -> committed",
             [p[Phase.committed] - p[Phase.reporting] for p in rows if Phase.reporting in p],
         )
-        intervals = [b[Phase.committed] - a[Phase.committed] for a, b in itertools.pairwise(rows)]
+        pairs = list(itertools.pairwise(rows))
+        # The gap between a commit and the next round's configuration: selection still running
+        # when the previous round committed (pipelining hid none of it), and the coordinator's
+        # reaction to the commit.
+        fmt(
+            "commit -> next configured",
+            [b[Phase.reporting] - a[Phase.committed] for a, b in pairs if Phase.reporting in b],
+        )
+        late = [b[Phase.waiting] - a[Phase.committed] for a, b in pairs if Phase.waiting in b]
+        if late:
+            lines.append(
+                f"  selection still open at the previous commit in {sum(x > 0 for x in late)}"
+                f" of {len(late)} rounds"
+            )
+        intervals = [b[Phase.committed] - a[Phase.committed] for a, b in pairs]
         fmt("commit interval (round)", intervals)
         slowest = [compute.get(keys[id(p)], 0.0) for p in rows[1:]]
         fmt("slowest device compute", [s for s in slowest if s > 0])

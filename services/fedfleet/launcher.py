@@ -51,7 +51,14 @@ PRELOAD = (
     "anyio._backends._asyncio",  # on the first sync endpoint's run in the thread pool
     "uvloop",  # uvicorn's event loop, when installed
     "httpx",
+    "httpcore",  # on a selector's first httpx.Client
     "certifi",
+    "encodings.idna",
+    "yaml",
+    "numpy.ma",
+    "fedfleet.core.manifest_yaml",
+    "fedfleet.tasks.builtin",
+    "fedfleet.device.datasets",
 )
 """What every actor imports anyway (a module that fails to import is left to the child);
 the launcher also builds the command-line parser once, which imports each command's module."""

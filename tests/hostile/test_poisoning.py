@@ -277,7 +277,12 @@ def test_several_liars_are_bounded_too() -> None:
     """Five percent of the fleet lies about its examples every time it is selected."""
     spy, result = _run("examples", {}, devices=10)
     assert spy.sent >= 10
-    assert result.final_accuracy is not None and result.final_accuracy >= 0.8
+    assert result.succeeded and result.model_version == 50
+    # Unbounded, such claims drive the model below 0.3 (above). Bounded, one round's accuracy
+    # still moves by several points with which devices (liars included) it drew, so the last
+    # ten rounds are judged together, and every round after the twentieth on its own.
+    assert sum(spy.accuracies[-10:]) / 10 >= 0.8
+    assert min(spy.accuracies[20:]) >= 0.7
 
 
 def test_an_embedded_job_that_cannot_commit_ends_failed_and_says_why() -> None:

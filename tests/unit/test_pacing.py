@@ -143,3 +143,63 @@ def test_windows_bounded_by_short_rounds_count_in_the_population_estimate() -> N
     unbounded.update(0.0, 10.0)
     unbounded.update(30.0, 10.0)
     assert unbounded.population == pytest.approx(10.0 * 60.0)  # as before: rate x T
+
+
+def test_short_rounds_send_each_device_to_a_coming_opening_with_room() -> None:
+    """Rounds of 0.1 s: the devices not needed now are shared out over the coming selection
+    openings, at most ``opening_headroom x share`` each, and each is told to arrive just after
+    its opening (expected one round apart from the coordinator's ``next_opening``)."""
+    pacer = PaceSteering()
+    share, now, opening = 5, 100.0, 100.04
+    places = int(pacer.opening_headroom * share)
+    windows = [
+        pacer.window(
+            now,
+            round_share=share,
+            next_open=now,
+            round_seconds=0.1,
+            device_id=f"d{i}",
+            next_attempt=7,
+            next_opening=opening,
+        )
+        for i in range(35)
+    ]
+    starts = [round(w.not_before, 6) for w in windows]
+    expected = [round(opening + k * 0.1, 6) for k in range(4)]
+    assert [starts.count(s) for s in expected] == [places, places, places, 35 - 3 * places]
+    assert all(w.not_after - w.not_before == pytest.approx(0.025) for w in windows)
+    assert all(w.reason == "not-needed" for w in windows)
+
+
+def test_a_device_that_comes_early_keeps_its_opening() -> None:
+    """The round ran late: a device back before its opening is sent to the same opening again,
+    and it does not take a second place there; once that opening has passed (the next attempt
+    is a later one), the places are counted afresh."""
+    pacer = PaceSteering(opening_headroom=1.0)
+    kw = {"round_share": 2, "next_open": 0.0, "round_seconds": 0.1}
+    first = pacer.window(10.0, device_id="a", next_attempt=3, next_opening=10.1, **kw)
+    pacer.window(10.0, device_id="b", next_attempt=3, next_opening=10.1, **kw)
+    late = pacer.window(10.0, device_id="c", next_attempt=3, next_opening=10.1, **kw)
+    assert first.not_before == pytest.approx(10.1) and late.not_before == pytest.approx(10.2)
+    again = pacer.window(10.12, device_id="a", next_attempt=3, next_opening=10.15, **kw)
+    assert again.not_before == pytest.approx(10.15)  # the same opening, now expected later
+    newcomer = pacer.window(10.12, device_id="d", next_attempt=3, next_opening=10.15, **kw)
+    assert newcomer.not_before == pytest.approx(10.25)  # 3 is full (a, b): 4, beside c
+    moved_on = pacer.window(10.3, device_id="e", next_attempt=4, next_opening=10.4, **kw)
+    assert moved_on.not_before == pytest.approx(10.5)  # 4 is full (c, d): 5
+    assert pacer._openings.keys() >= {4, 5} and 3 not in pacer._openings
+
+
+def test_openings_only_for_short_rounds_and_known_devices() -> None:
+    """Rounds as long as the default delays, an unknown next attempt or no device id keep the
+    regimes above; a device is never told to come back before ``now``."""
+    kw = {"round_share": 5, "next_open": 100.0, "device_id": "x", "next_attempt": 2}
+    long_rounds = PaceSteering().window(100.0, round_seconds=30.0, next_opening=130.0, **kw)
+    assert long_rounds.not_before == 100.0 + 2.0  # min(min_delay, round_seconds / 2) later
+    no_attempt = PaceSteering().window(
+        100.0, round_share=5, next_open=100.0, round_seconds=0.1, device_id="x"
+    )
+    assert no_attempt.not_after <= 100.0 + 0.05 + 0.1 + 1e-9
+    assert not PaceSteering()._promised
+    passed = PaceSteering().window(100.0, round_seconds=0.1, next_opening=99.0, **kw)
+    assert passed.not_before == pytest.approx(100.025)  # the opening is due: right after now

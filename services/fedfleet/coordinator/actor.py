@@ -96,6 +96,9 @@ class Coordinator:
         """The same smoothing over measured intervals only (None until the first): pace
         steering's bound for short rounds, which the guess above would hide for many rounds."""
         self._last_commit_at: float | None = None
+        self._first_opened: float | None = None
+        """When this leader opened its first selection: the first commit's interval counts
+        from there, and until then the time since is pace steering's guess of a round."""
         self._commit_failures = 0
         """Consecutive attempts that reached closing but committed nothing."""
         self._last_error = ""
@@ -325,6 +328,8 @@ class Coordinator:
                 opened_at=now,
             )
         )
+        if self._first_opened is None:
+            self._first_opened = now
         self._publish_job(now, JobPhase.running)
 
     def _push_quotas(self, rounds: list[RoundState], now: float) -> None:
@@ -337,6 +342,19 @@ class Coordinator:
         per_rate = rate / len(selectors)
         counted: dict[str, int] = {}
         aggs: tuple[str, ...]
+        # The selection after the one open now (or the next one, when none is) opens when the
+        # round in flight commits and the selected round is configured: expected one measured
+        # round after the last commit (0: not known yet).
+        in_flight = any(r.phase in (Phase.reporting, Phase.closing) for r in rounds)
+        next_opening = (
+            max(now, self._last_commit_at + self._measured)
+            if in_flight and self._measured and self._last_commit_at is not None
+            else 0.0
+        )
+        pace = self._pace_seconds
+        if not pace and self._first_opened is not None:
+            # No round measured yet: the first one has taken at least this long so far.
+            pace = max(0.05, now - self._first_opened)
         if selecting is None:
             shares = dict.fromkeys(selectors, 0)
             attempt, aggs = 0, ()
@@ -365,7 +383,8 @@ class Coordinator:
                     aggregators=aggs,
                     round_share=share,
                     counted=counted.get(s, 0),
-                    round_seconds=self._pace_seconds,
+                    round_seconds=pace,
+                    next_opening=next_opening,
                 )
                 for s in selectors
             },
@@ -388,9 +407,12 @@ class Coordinator:
         if not abandoned:
             history = self.store.metrics(self.name)
             metrics = dict(history[-1]) if history else {}
-            if self._last_commit_at is not None:
-                # Smoothed round duration steers the check-in rate (pace steering).
-                interval = now - self._last_commit_at
+            since = self._last_commit_at if self._last_commit_at is not None else self._first_opened
+            if since is not None:
+                # Smoothed round duration steers the check-in rate (pace steering). The first
+                # commit's round ran from its selection's opening: not yet pipelined, so an
+                # overestimate that the next commits correct.
+                interval = now - since
                 self._round_seconds = 0.7 * self._round_seconds + 0.3 * interval
                 self._measured = (
                     interval if self._measured is None else 0.7 * self._measured + 0.3 * interval

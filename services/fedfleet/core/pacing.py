@@ -11,6 +11,12 @@ Every device that is not needed now is told when to come back. Two regimes:
   would starve every round; windows are instead concentrated just after the next selection
   opens, so enough devices are online at the same time.
 
+Rounds shorter than those delays (seconds: a short task on a small model) get a third rule,
+whatever the population: each device not needed now is sent to one of the coming selection
+openings, the first with room left, so each opening gets a little more than its share of
+devices just after it opens. Selection then fills at once instead of waiting for devices
+spread over several rounds, and the devices not needed do not check in every round.
+
 Pure: time is passed in; the device draws its own time inside the window, which is what
 spreads the herd.
 """
@@ -18,7 +24,7 @@ spreads the herd.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedfleet.core.protocol import Reconnect
 
@@ -52,6 +58,18 @@ class PaceSteering:
     _handed_count: int = 0
     _bounded: bool = False
     """Whether a window since the last update was shortened to the round's duration."""
+    opening_headroom: float = 2.0
+    """Short rounds: devices sent to each coming selection opening, as a multiple of this
+    selector's share of a round."""
+    max_promised: int = 100_000
+    """Devices whose opening is remembered (beyond that, a device that comes early is sent to
+    the next opening with room, as a new one would be)."""
+    _promised: dict[str, int] = field(default_factory=dict)
+    """Short rounds: device -> the attempt whose selection opening it was sent to."""
+    _openings: dict[int, int] = field(default_factory=dict)
+    """Short rounds: attempt -> devices sent to its selection opening."""
+    _first_opening: int = 0
+    """The earliest attempt in ``_openings`` (older ones have opened and are forgotten)."""
 
     def observe(self, now: float, checkins: int = 1) -> None:
         """Count check-ins; re-estimate the delay once per interval."""
@@ -98,6 +116,9 @@ class PaceSteering:
         next_open: float,
         reason: str = "not-needed",
         round_seconds: float = 0.0,
+        device_id: str = "",
+        next_attempt: int = 0,
+        next_opening: float = 0.0,
     ) -> Reconnect:
         """The reconnect window for one rejected check-in; the device picks a time inside it.
 
@@ -105,7 +126,24 @@ class PaceSteering:
         population's windows: when rounds take less than ``min_delay`` or
         ``concentrate_jitter``, a device told to wait that long would miss several rounds
         and selection would starve, so it comes back within about one round instead.
+
+        Given the device and ``next_attempt`` (the attempt whose selection opens next,
+        expected at ``next_opening``; 0: unknown), rounds that short send the device to one of
+        the coming openings instead (:meth:`_opening`): each gets about
+        ``opening_headroom`` times this selector's share of a round, arriving just after it
+        opens, so selection fills at once and the rest of the population is not asked to
+        check in round after round only to be sent away.
         """
+        if (
+            device_id
+            and next_attempt > 0
+            and 0 < round_seconds < min(self.min_delay, self.concentrate_jitter)
+        ):
+            self._bounded = True
+            window = self._opening(
+                now, device_id, next_attempt, next_opening, round_seconds, round_share, reason
+            )
+            return self._handed_out(now, window)
         jitter, delay = self.concentrate_jitter, self.min_delay
         if round_seconds > 0:
             jitter = min(jitter, max(0.05, round_seconds))
@@ -123,6 +161,38 @@ class PaceSteering:
         lo = max(self.min_delay, (1 - self.spread) * self.mean_delay)
         hi = max(lo + 1e-3, (1 + self.spread) * self.mean_delay)
         return self._handed_out(now, Reconnect(now + lo, now + hi, reason))
+
+    def _opening(
+        self,
+        now: float,
+        device_id: str,
+        next_attempt: int,
+        next_opening: float,
+        round_seconds: float,
+        round_share: int,
+        reason: str,
+    ) -> Reconnect:
+        """A window just after one of the coming selection openings: the first whose
+        ``opening_headroom x round_share`` places are not taken yet, or the one this device
+        was already sent to if that has not opened (it came early: the round ran late).
+        Openings are expected ``round_seconds`` apart from ``next_opening`` (or from now)."""
+        if next_attempt > self._first_opening:  # the openings before it have passed
+            self._first_opening = next_attempt
+            self._openings = {a: n for a, n in self._openings.items() if a >= next_attempt}
+            self._promised = {d: a for d, a in self._promised.items() if a >= next_attempt}
+        attempt = self._promised.get(device_id, 0)
+        if attempt < next_attempt:
+            places = max(1, math.ceil(self.opening_headroom * max(1, round_share)))
+            attempt = next_attempt
+            while self._openings.get(attempt, 0) >= places:
+                attempt += 1
+            self._openings[attempt] = self._openings.get(attempt, 0) + 1
+            if len(self._promised) < self.max_promised:
+                self._promised[device_id] = attempt
+        spread = max(0.005, 0.25 * round_seconds)
+        opens = (next_opening or now) + (attempt - next_attempt) * round_seconds
+        start = max(now + spread, opens)
+        return Reconnect(start, start + spread, reason)
 
     def _handed_out(self, now: float, window: Reconnect) -> Reconnect:
         self._handed += 0.5 * (window.not_before + window.not_after) - now

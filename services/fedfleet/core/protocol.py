@@ -177,8 +177,13 @@ class Quota:
     quota; the selector may select ``count`` more beyond that (its own total is exact, the
     coordinator's view lags by one flush)."""
     round_seconds: float = 0.0
-    """The coordinator's smoothed time between commits (0: not measured yet); pace steering
-    keeps a small population's windows within about one round of the next selection."""
+    """The coordinator's smoothed time between commits (before the first, how long the first
+    round has taken so far; 0 before any selection); pace steering keeps a small
+    population's windows within about one round of the next selection."""
+    next_opening: float = 0.0
+    """When the selection after ``attempt``'s (or the next, with none open) is expected to
+    open: one measured round after the last commit (0: not known yet). Short rounds' pace
+    steering sends devices it does not need to that opening or a later one."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -197,6 +202,7 @@ class Quota:
             round_share=int(d.get("round_share", 0)),
             counted=int(d.get("counted", 0)),
             round_seconds=float(d.get("round_seconds", 0.0)),
+            next_opening=float(d.get("next_opening", 0.0)),
         )
 
 

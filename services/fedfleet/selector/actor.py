@@ -107,6 +107,8 @@ class Selector:
             ttl=registration_ttl,
         )
         self._quota: Quota | None = None
+        self._last_attempt = 0
+        """The latest attempt a quota named (pace steering sends devices to the next)."""
         self._selected: dict[str, int] = defaultdict(int)
         """Devices this selector selected per attempt (exact; the store's count lags)."""
         self._chosen: dict[str, set[str]] = defaultdict(set)
@@ -134,6 +136,11 @@ class Selector:
             share = quota.round_share if quota else 1
             next_open = quota.next_open if quota else now
             pace = quota.round_seconds if quota else 0.0
+            if quota is not None and quota.attempt > self._last_attempt:
+                self._last_attempt = quota.attempt
+            # The attempt whose selection opens next: the one after the one open now (this
+            # device is not taken by it), or after the last one this selector saw.
+            upcoming = self._last_attempt + 1 if self._last_attempt else 0
             if msg.population != self.spec.population:
                 return Reconnect(now + 3600.0, now + 7200.0, "unknown-population")
             if not is_eligible(self.spec.eligibility, msg):
@@ -148,7 +155,13 @@ class Selector:
             if state is not None and quota is not None:
                 return self._select(msg.device_id, state, quota, link)
             return self.pacing.window(
-                now, round_share=share, next_open=next_open, round_seconds=pace
+                now,
+                round_share=share,
+                next_open=next_open,
+                round_seconds=pace,
+                device_id=msg.device_id,
+                next_attempt=upcoming,
+                next_opening=quota.next_opening if quota else 0.0,
             )
 
     def _room(self, quota: Quota | None) -> RoundState | None:
