@@ -58,7 +58,7 @@ class PaceSteering:
     _handed_count: int = 0
     _bounded: bool = False
     """Whether a window since the last update was shortened to the round's duration."""
-    opening_headroom: float = 2.0
+    opening_headroom: float = 1.5
     """Short rounds: devices sent to each coming selection opening, as a multiple of this
     selector's share of a round."""
     max_promised: int = 100_000
