@@ -6,8 +6,11 @@ simulated fleet talking real HTTP to the selectors. Its wall time runs from star
 first process to the job's Succeeded in the store, so it includes starting every process,
 as Flower's includes starting Ray. Flower runs its Simulation Engine once, as in
 ``bench/embedded.py``; the numpy floor (``bench/floor.py``) gives the accuracy to stay within
-3 points of. Target: fedfleet up's wall time at most 0.25x Flower's. The fleet simulator makes
-each device take ``fleet.trainSeconds`` of simulated time on top of the real training;
+3 points of, both its own seed-0 run and its mean over 10 draws of the per-round sample (which
+devices train moves this split's final accuracy by several points, and a real-time selection
+is a draw of its own). Target: fedfleet up's wall time at most 0.25x Flower's. The fleet
+simulator makes each device take ``fleet.trainSeconds`` of simulated time on top of the real
+training;
 Flower's clients have no such delay, so it is scaled down to 20 ms here (``--time-scale``).
 
 ``--timeline`` samples the round states in the store and prints where a round's time goes,

@@ -255,13 +255,26 @@ class Coordinator:
                 self._end(r, now, abandoned=True, reason="too-few-reports")
         elif r.phase is Phase.closing:
             if self.store.model_version(self.name) > r.model_version:
-                self._end(r, now, abandoned=False, reason="")
+                # The devices of the round already selected wait on its configuration: give
+                # it before this one's bookkeeping (its record, the job state, the observers).
+                self._put(r.evolve(phase=Phase.committed, reason="", closing_deadline=now))
+                self._configure_next(now)
+                self._end(r, now, abandoned=False, reason="", stored=True)
             elif self._group_failed(r):
                 self._end(r, now, abandoned=True, reason="secagg-group-failed")
             elif (error := self._commit_error(r)) is not None:
                 self._end(r, now, abandoned=True, reason=f"{_COMMIT_REFUSED}: {error}")
             elif now >= r.closing_deadline:
                 self._end(r, now, abandoned=True, reason=_NO_COMMIT)
+
+    def _configure_next(self, now: float) -> None:
+        """Configure the selected round waiting for the pipeline, if nothing is in flight."""
+        rounds = self.store.rounds(self.name)
+        if any(x.phase in (Phase.reporting, Phase.closing) for x in rounds):
+            return
+        waiting = next((x for x in rounds if x.phase is Phase.waiting), None)
+        if waiting is not None:
+            self._configure(waiting, now)
 
     def _commit_error(self, r: RoundState) -> str | None:
         """Why the round's master could not commit, once it published that."""
@@ -396,9 +409,13 @@ class Coordinator:
         return self._measured or 0.0
 
     # -- endings --------------------------------------------------------------------------------
-    def _end(self, r: RoundState, now: float, *, abandoned: bool, reason: str) -> None:
+    def _end(
+        self, r: RoundState, now: float, *, abandoned: bool, reason: str, stored: bool = False
+    ) -> None:
+        """End attempt ``r`` (``stored``: its final state is already in the store)."""
         phase = Phase.abandoned if abandoned else Phase.committed
-        self._put(r.evolve(phase=phase, reason=reason, closing_deadline=now))
+        if not stored:
+            self._put(r.evolve(phase=phase, reason=reason, closing_deadline=now))
         if r.attempt in self._ended:
             return
         self._ended.add(r.attempt)

@@ -391,22 +391,32 @@ class HttpFleet:
         check_every: float,
     ) -> None:
         assert self._stop is not None
-        while True:
-            if stop_when is not None and stop_when():
-                return
-            if isinstance(until, asyncio.Event) and until.is_set():
-                return
-            timeout = check_every
-            if isinstance(until, int | float):
-                left = until - time.monotonic()
-                if left <= 0:
+        # Wake the moment the stop event (or ``until``, when it is one) is set: the caller is
+        # waiting for the fleet to wind down (``fedfleet up`` ends after it), so polling them
+        # every ``check_every`` seconds would add up to that much to every run's end.
+        events = [self._stop] + ([until] if isinstance(until, asyncio.Event) else [])
+        waiters = [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            while True:
+                if stop_when is not None and stop_when():
                     return
-                timeout = min(timeout, left)
-            try:
-                await asyncio.wait_for(self._stop.wait(), timeout)
-                return
-            except TimeoutError:
-                pass
+                if any(e.is_set() for e in events):
+                    return
+                timeout = check_every
+                if isinstance(until, int | float):
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        return
+                    timeout = min(timeout, left)
+                done, _ = await asyncio.wait(
+                    waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    return
+        finally:
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
 
     async def _abort_in_flight(self, timeout: float = 3.0) -> None:
         holding = [d for d in self.devices if d.assignment is not None and d.selector is not None]
