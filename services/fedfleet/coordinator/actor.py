@@ -579,6 +579,8 @@ class _TickReads:
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._store, name)
+        if not callable(method):
+            return method
         memo = self._memo
         if name in self._READS:
 
