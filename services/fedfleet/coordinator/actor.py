@@ -88,6 +88,10 @@ class Coordinator:
         self.token: int | None = None
         self._next_attempt = 1
         self._ended: set[int] = set()
+        self._unrecorded: dict[int, tuple[RoundState, float, bool, str]] = {}
+        """Attempts ended in the store whose record is not written yet (retried each tick)."""
+        self._ends: dict[int, AttemptEnd] = {}
+        """The records of those attempts, once made (so a retry does not count them twice)."""
         self._last_quotas: dict[str, tuple[int, int, int]] = {}
         self._round_seconds = min(
             self.spec.rounds.selection_timeout_seconds, self.spec.rounds.reporting_timeout_seconds
@@ -203,6 +207,8 @@ class Coordinator:
             self.store = store
 
     def _tick_once(self, now: float) -> None:
+        for r, ended_at, abandoned, reason in list(self._unrecorded.values()):
+            self._end(r, ended_at, abandoned=abandoned, reason=reason, stored=True)
         state = self.store.job_state(self.name)
         self.job_state = state
         phase = JobPhase(state.get("phase", JobPhase.running.value))
@@ -418,12 +424,36 @@ class Coordinator:
             self._put(r.evolve(phase=phase, reason=reason, closing_deadline=now))
         if r.attempt in self._ended:
             return
+        # Until its record is written, the ending is retried at the start of every tick: the
+        # attempt's final state is already stored, so a store outage between the two would
+        # otherwise lose the record of a committed version for good.
+        self._unrecorded.setdefault(r.attempt, (r, now, abandoned, reason))
+        end = self._ends.get(r.attempt)
+        if end is None:
+            end = self._attempt_end(r, now, abandoned=abandoned, reason=reason)
+            self._count_commit_failure(r, end)
+            self._ends[r.attempt] = end
+        self.store.record_attempt(self.name, self._token(), asdict(end))
         self._ended.add(r.attempt)
-        metrics: dict[str, Any] = {}
+        del self._unrecorded[r.attempt], self._ends[r.attempt]
+        self._publish_job(now, JobPhase.running, last=end)
+        if self.on_attempt_end is not None:
+            self.on_attempt_end(end)
+        if self._commit_failures >= self.spec.rounds.max_commit_failures and not self._failed:
+            self._fail(now)
+
+    def _attempt_end(
+        self, r: RoundState, now: float, *, abandoned: bool, reason: str
+    ) -> AttemptEnd:
+        """The attempt's record (its store reads first, then the round-duration bookkeeping)."""
         version = self.store.model_version(self.name)
+        history = [] if abandoned else self.store.metrics(self.name)
+        counts = [
+            sum(self.store.counts(self.name, r.key, kind).values())
+            for kind in ("selected", "reported", "dropped")
+        ]
+        metrics: dict[str, Any] = dict(history[-1]) if history else {}
         if not abandoned:
-            history = self.store.metrics(self.name)
-            metrics = dict(history[-1]) if history else {}
             since = self._last_commit_at if self._last_commit_at is not None else self._first_opened
             if since is not None:
                 # Smoothed round duration steers the check-in rate (pace steering). The first
@@ -435,12 +465,12 @@ class Coordinator:
                     interval if self._measured is None else 0.7 * self._measured + 0.3 * interval
                 )
             self._last_commit_at = now
-        end = AttemptEnd(
+        return AttemptEnd(
             round=r.round,
             attempt=r.attempt,
-            selected=sum(self.store.counts(self.name, r.key, "selected").values()),
-            reported=sum(self.store.counts(self.name, r.key, "reported").values()),
-            dropped=sum(self.store.counts(self.name, r.key, "dropped").values()),
+            selected=counts[0],
+            reported=counts[1],
+            dropped=counts[2],
             abandoned=abandoned,
             reason=reason,
             opened_at=r.opened_at,
@@ -448,13 +478,6 @@ class Coordinator:
             model_version=version,
             metrics=metrics,
         )
-        self._count_commit_failure(r, end)
-        self.store.record_attempt(self.name, self._token(), asdict(end))
-        self._publish_job(now, JobPhase.running, last=end)
-        if self.on_attempt_end is not None:
-            self.on_attempt_end(end)
-        if self._commit_failures >= self.spec.rounds.max_commit_failures and not self._failed:
-            self._fail(now)
 
     def _count_commit_failure(self, r: RoundState, end: AttemptEnd) -> None:
         """A commit resets the count; an attempt that closed with its reports but committed
