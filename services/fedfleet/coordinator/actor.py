@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+from fedfleet.coordinator.tick_reads import TickReads
 from fedfleet.core.autoscale import round_aggregator_limit
 from fedfleet.core.commitcheck import COMMIT_ERROR_FIELD, COMMIT_REFUSED_COUNT
 from fedfleet.core.dp import PrivacyAccountant
@@ -200,7 +201,7 @@ class Coordinator:
         # version: ~120 store calls a round when read afresh each time); within a tick each
         # read is made once, until the tick's own next write.
         store = self.store
-        self.store = cast(Store, _TickReads(store))
+        self.store = cast(Store, TickReads(store))
         try:
             self._tick_once(now)
         finally:
@@ -583,40 +584,3 @@ class Coordinator:
             state["completion_time"] = completed
         self.store.put_job_state(self.name, self._token(), state)
         self.job_state = state
-
-
-class _TickReads:
-    """The store as one tick of the coordinator sees it: each read (same method, same
-    arguments) is made once and remembered until the tick writes anything, which forgets them
-    all. Other actors' writes during the tick show at the next tick, as they would if they
-    landed a moment later; every event still pokes a next tick, so none is missed.
-    """
-
-    _READS = frozenset(
-        {"rounds", "counts", "model_version", "job_state", "members", "draining", "metrics"}
-    )
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._memo: dict[tuple[Any, ...], Any] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._store, name)
-        if not callable(method):
-            return method
-        memo = self._memo
-        if name in self._READS:
-
-            def read(*args: Any) -> Any:
-                key = (name, *args)
-                if key not in memo:
-                    memo[key] = method(*args)
-                return memo[key]
-
-            return read
-
-        def write(*args: Any, **kwargs: Any) -> Any:
-            memo.clear()
-            return method(*args, **kwargs)
-
-        return write
